@@ -254,11 +254,17 @@ def forward_at(model: DLM, x: Tensor, valid: Tensor | None, query: Tensor | None
 
 
 class Forward:
-    """The model as the sampler sees it: logits at a block's positions, with CFG and caching."""
+    """The model as the sampler sees it: logits at a block's positions, with CFG and caching.
+
+    With CFG (cfg_scale > 0) every forward runs the conditional rows and, below them, the same rows
+    with the prompt masked; with a KV cache both halves keep their own stored K/V.
+    """
 
     def __init__(self, model: DLM, canvas: Canvas, cfg: SampleConfig) -> None:
         self.model, self.cfg = model, cfg
-        self.valid = None if bool(canvas.valid.all()) else canvas.valid
+        self.guided = cfg.cfg_scale > 0
+        valid = None if bool(canvas.valid.all()) else canvas.valid
+        self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
         self.is_prompt = canvas.is_prompt
         self.kv: list[tuple[Tensor, Tensor]] = []
         # the KV-cache path reads the sink's constant K/V itself; full forwards use model.sink_cache()
@@ -266,29 +272,33 @@ class Forward:
         self.sink_kv = model.sink_kv(canvas.x.shape[1]) if cached else None
         self.calls = 0
 
-    def __call__(self, x: Tensor, window: Tensor, queries: Tensor | None, refresh: bool) -> Tensor:
+    def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool) -> Tensor:
         """Logits (B, Bl, V) at `window` positions. queries: cached-path positions (window first)."""
         self.calls += 1
-        if self.cfg.cache != "none":
-            if refresh:
-                self.kv = []
-                logits = forward_at(self.model, x, self.valid, None, self.kv, self.sink_kv)
-                return _gather_rows(logits, window)
-            logits = forward_at(self.model, x, self.valid, queries, self.kv, self.sink_kv)
-            return logits[:, : window.shape[1]]
-        if self.cfg.cfg_scale > 0:
-            un = x.masked_fill(self.is_prompt, self.model.mask_id)
-            mask = None if self.valid is None else self.valid.repeat(2, 1)
-            cond, uncond = self._window_logits(torch.cat([x, un]), mask, window.repeat(2, 1)).chunk(2)
-            return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
-        return self._window_logits(x, self.valid, window)
+        if self.guided:
+            x = torch.cat([x, x.masked_fill(self.is_prompt, self.model.mask_id)])
+            window, queries = window.repeat(2, 1), queries.repeat(2, 1)
+        logits = self._logits(x, window, queries, refresh)
+        if not self.guided:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
 
-    def _window_logits(self, x: Tensor, attention: Tensor | None, window: Tensor) -> Tensor:
+    def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool) -> Tensor:
+        if self.cfg.cache == "none":
+            return self._window_logits(x, window)
+        if refresh:
+            self.kv = []
+            return _gather_rows(forward_at(self.model, x, self.valid, None, self.kv, self.sink_kv), window)
+        logits = forward_at(self.model, x, self.valid, queries, self.kv, self.sink_kv)
+        return logits[:, : window.shape[1]]
+
+    def _window_logits(self, x: Tensor, window: Tensor) -> Tensor:
         """Logits (B, Bl, V) at each row's window positions; the LM head runs on those rows only."""
         b, n = window.shape
         rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
         wanted = torch.stack([rows.flatten(), window.flatten()], dim=1)
-        return self.model(x, attention_mask=attention, positions=wanted).view(b, n, -1)
+        return self.model(x, attention_mask=self.valid, positions=wanted).view(b, n, -1)
 
 
 def _gather_rows(logits: Tensor, index: Tensor) -> Tensor:
@@ -301,8 +311,6 @@ def _gather_rows(logits: Tensor, index: Tensor) -> Tensor:
 
 def _check_model(model: DLM, cfg: SampleConfig) -> None:
     if cfg.cache != "none":
-        if cfg.cfg_scale > 0:
-            raise UserError("cache=prefix|dual does not combine with cfg_scale > 0; use cache=none for CFG")
         if model.cfg.causal or model.cfg.logit_shift or (model.cfg.sink_tokens and not model.cfg.sink_self_only):
             raise UserError("cache=prefix|dual needs a bidirectional, unshifted model whose sinks attend "
                             "only to themselves; use cache=none for this checkpoint")
