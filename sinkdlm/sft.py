@@ -149,10 +149,26 @@ def synthetic_gsm8k_line(rng: random.Random) -> str:
     return f"{question}{FIELD_SEP}{cot} {FINAL_MARK} {total}"
 
 
-def synthetic_gsm8k(n: int, seed: int = 0) -> list[str]:
+def synthetic_gsm8k(n: int, seed: int | str = 0) -> list[str]:
     """n synthetic GSM8K-format lines (NOT GSM8K: for offline runs and tests only)."""
     rng = random.Random(seed)
     return [synthetic_gsm8k_line(rng) for _ in range(n)]
+
+
+SYNTHETIC_TEST_SEED = "held-out test"  # SFT runs seed the train set with ints: never this stream
+
+
+def synthetic_gsm8k_test(n: int) -> list[dict[str, str]]:
+    """n held-out synthetic problems as GSM8K test rows {"question", "answer": "cot #### N"}.
+
+    The problem space holds ~230k problems, so a 2,000-line synthetic train set overlaps ~1% of them.
+    For checking that SFT + decoding work end to end offline; it says nothing about GSM8K.
+    """
+    rows = []
+    for line in synthetic_gsm8k(n, SYNTHETIC_TEST_SEED):
+        question, cot, answer = parse_gsm8k_line(line)
+        rows.append({"question": question, "answer": f"{cot.strip()} {FINAL_MARK} {answer.strip()}"})
+    return rows
 
 
 def write_synthetic_gsm8k(path: str | Path, n: int = 2000, seed: int = 0) -> Path:

@@ -118,6 +118,17 @@ def test_cli_eval_gsm8k(checkpoint, tmp_path, monkeypatch, capsys):
     assert "preset" in capsys.readouterr().err
 
 
+def test_cli_eval_gsm8k_on_synthetic_held_out_problems(checkpoint, tmp_path, monkeypatch, capsys):
+    from sinkdlm.cli import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert main(["eval-gsm8k", "--checkpoint", str(checkpoint), "--data", "synthetic", "--limit", "3",
+                 "--out", str(tmp_path), "--one-stage", "--gen-length", "4", "--steps", "4", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "gsm8k_summary.json").read_text())
+    assert summary["n"] == 3 and "NOT GSM8K" in summary["data"]
+    assert "synthetic (NOT GSM8K) accuracy" in capsys.readouterr().out
+
+
 def test_problems_too_long_for_the_model_are_skipped_and_wrong(checkpoint):
     from sinkdlm.checkpoint import load_model
 

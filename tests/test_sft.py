@@ -7,7 +7,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from sinkdlm.diffusion import draw_uniforms, elbo_loss, mask_tokens, sft_weights
 from sinkdlm.errors import UserError
-from sinkdlm.sft import SFTData, parse_gsm8k_line, sft_indices, synthetic_gsm8k, write_synthetic_gsm8k
+from sinkdlm.sft import (SFTData, parse_gsm8k_line, sft_indices, synthetic_gsm8k, synthetic_gsm8k_test,
+                         write_synthetic_gsm8k)
 
 EOS = 0
 
@@ -90,6 +91,19 @@ def test_synthetic_gsm8k_is_well_formed_and_correct(tmp_path):
         assert int(answer) == int("".join(ch for ch in last_equation if ch.isdigit()))
     path = write_synthetic_gsm8k(tmp_path / "synthetic.txt", n=10)
     assert len(path.read_text().splitlines()) == 10
+
+
+def test_synthetic_test_problems_are_held_out_and_scorable():
+    from sinkdlm.eval.gsm8k import extract_answer
+
+    rows = synthetic_gsm8k_test(200)
+    assert rows == synthetic_gsm8k_test(200)
+    for row in rows:
+        cot, answer = row["answer"].split(" #### ")
+        assert extract_answer(row["answer"]) == answer == extract_answer(cot)  # the cot ends on the answer
+    train = {parse_gsm8k_line(line)[0] for seed in range(3) for line in synthetic_gsm8k(2000, seed)}
+    overlap = sum(r["question"] in train for r in rows) / len(rows)
+    assert overlap < 0.05  # another random stream, a large problem space
 
 
 def test_sft_command_trains_from_a_checkpoint_with_held_out_validation(tiny_data, tmp_path):

