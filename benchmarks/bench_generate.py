@@ -10,7 +10,12 @@ the full-recompute output (exact settings must show 100%).
 
 A random model's predictions are near uniform, so argmax ties flip under the tiny numerical changes
 of an approximate cache (low agreement) and no confidence passes a threshold (no saved steps).
-`--checkpoint DIR` measures a trained model instead (its block_size bounds prompt + gen length).
+`--checkpoint DIR` measures a trained model instead (its block_size bounds prompt + gen length), on
+random-token prompts, or with `--synthetic-gsm8k N` on N held-out problems of the synthetic SFT set
+(for a checkpoint fine-tuned on it, i.e. a model that is confident where it should be); the table
+then also gives each setting's answer accuracy:
+
+    python benchmarks/bench_generate.py --checkpoint runs/sft-synth --synthetic-gsm8k 64 --gen-length 64
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def settings(gen_length: int) -> dict[str, tuple[SampleConfig, bool]]:
         "prefix cache": (base.replace(cache="prefix"), True),
         "dual cache": (base.replace(cache="dual"), True),
         f"threshold {THRESHOLD}": (base.replace(threshold=THRESHOLD), True),
+        f"threshold {THRESHOLD} + prefix": (base.replace(threshold=THRESHOLD, cache="prefix"), True),
         f"threshold {THRESHOLD} + dual": (base.replace(threshold=THRESHOLD, cache="dual"), True),
     }
 
@@ -52,17 +58,22 @@ def build(sink: int, gen_length: int, device: str) -> DLM:
     return DLM(cfg).to(device).eval()
 
 
-def run_once(model: DLM, prompts: list[list[int]], cfg: SampleConfig, sink_cache: bool) -> tuple[float, int, list]:
+def run_once(model: DLM, batches: list[list[list[int]]], cfg: SampleConfig, sink_cache: bool,
+             eos: int) -> tuple[float, int, list]:
+    """Seconds, forward calls and outputs of generating for every batch of prompts."""
     original = type(model).sink_cache
     if not sink_cache:  # the model recomputes the sink stream in every forward
         type(model).sink_cache = lambda self: contextlib.nullcontext()
     try:
-        stats: dict = {}
+        calls, out = 0, []
         started = time.perf_counter()
-        out = generate(model, prompts, cfg, model.mask_id, EOS, stats=stats)
+        for prompts in batches:
+            stats: dict = {}
+            out += generate(model, prompts, cfg, model.mask_id, eos, stats=stats)
+            calls += stats["forward_calls"]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter() - started, stats["forward_calls"], out
+        return time.perf_counter() - started, calls, out
     finally:
         type(model).sink_cache = original
 
@@ -70,6 +81,25 @@ def run_once(model: DLM, prompts: list[list[int]], cfg: SampleConfig, sink_cache
 def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
     same = sum(a == b for row, ref_row in zip(out, ref) for a, b in zip(row, ref_row))
     return same / sum(len(r) for r in ref)
+
+
+def synthetic_problems(checkpoint: str, n: int, device: str):
+    """(model, eos id, prompts, gold answers, tokenizer) for n held-out synthetic GSM8K-format problems."""
+    from sinkdlm.commands.generate import load_for_sampling
+    from sinkdlm.eval.gsm8k import extract_answer
+    from sinkdlm.sft import gsm8k_prompt, synthetic_gsm8k_test
+
+    model, tok, eos = load_for_sampling(checkpoint, device)
+    rows = synthetic_gsm8k_test(n)
+    prompts = [tok.encode(gsm8k_prompt(r["question"])).ids for r in rows]
+    return model, eos, prompts, [extract_answer(r["answer"]) for r in rows], tok
+
+
+def accuracy(out: list[list[int]], gold: list[str], tok) -> float:
+    from sinkdlm.eval.gsm8k import equivalent, extract_answer
+
+    texts = [tok.decode(tokens, skip_special_tokens=True) for tokens in out]
+    return sum(equivalent(extract_answer(t), g) for t, g in zip(texts, gold)) / len(gold)
 
 
 def main() -> None:
@@ -80,12 +110,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random plain/sink pair")
+    parser.add_argument("--synthetic-gsm8k", type=int, metavar="N",
+                        help="with --checkpoint: prompts = N held-out synthetic SFT problems; adds accuracy")
     args = parser.parse_args()
+    if args.synthetic_gsm8k and not args.checkpoint:
+        parser.error("--synthetic-gsm8k needs --checkpoint (a model fine-tuned with sinkdlm sft)")
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, VOCAB, (args.batch, PROMPT_LEN), generator=gen).tolist()
-    if args.checkpoint:
+    eos, gold, tok = EOS, None, None
+    if args.synthetic_gsm8k:
+        model, eos, prompts, gold, tok = synthetic_problems(args.checkpoint, args.synthetic_gsm8k, args.device)
+        models = {f"SFT checkpoint (sink_tokens={model.cfg.sink_tokens})": model}
+    elif args.checkpoint:
         from sinkdlm.checkpoint import load_model
 
         model, cfg = load_model(args.checkpoint, args.device)
@@ -93,19 +131,22 @@ def main() -> None:
         prompts = [[t % cfg.model.vocab_size for t in p] for p in prompts]
     else:
         models = {"plain": build(0, args.gen_length, args.device), "sink": build(1, args.gen_length, args.device)}
+    batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
     table = settings(args.gen_length)
     times = {(m, s): [] for m in models for s in table}
     calls, outputs = {}, {}
     for _ in range(args.repeats):
         for m, model in models.items():
             for s, (cfg, sink_cache) in table.items():
-                seconds, calls[m, s], outputs[m, s] = run_once(model, prompts, cfg, sink_cache)
+                seconds, calls[m, s], outputs[m, s] = run_once(model, batches, cfg, sink_cache, eos)
                 times[m, s].append(seconds)
-    tokens = args.batch * args.gen_length
-    print(f"gen length {args.gen_length}, block {BLOCK}, batch {args.batch}, {args.repeats} repeats, "
-          f"device {args.device}, threads {torch.get_num_threads()}\n")
-    print("| model | setting | tokens/s (median) | spread (min-max) | forward calls | speed-up | agreement |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    tokens = len(prompts) * args.gen_length
+    print(f"gen length {args.gen_length}, block {BLOCK}, {len(prompts)} prompts in batches of {args.batch}, "
+          f"{args.repeats} repeats, device {args.device}, threads {torch.get_num_threads()}\n")
+    extra = (" accuracy |", "---:|") if gold else ("", "")
+    print("| model | setting | tokens/s (median) | spread (min-max) | forward calls | speed-up | agreement |"
+          + extra[0])
+    print("|---|---|---:|---:|---:|---:|---:|" + extra[1])
     for m in models:
         ref_median = statistics.median(times[m, "full recompute"])
         for s in table:
@@ -113,7 +154,8 @@ def main() -> None:
             rates = sorted(tokens / x for x in t)
             print(f"| {m} | {s} | {tokens / statistics.median(t):.0f} | {rates[0]:.0f}-{rates[-1]:.0f} | "
                   f"{calls[m, s]} | {ref_median / statistics.median(t):.2f}x | "
-                  f"{100 * agreement(outputs[m, s], outputs[m, 'full recompute']):.1f}% |")
+                  f"{100 * agreement(outputs[m, s], outputs[m, 'full recompute']):.1f}% |"
+                  + (f" {100 * accuracy(outputs[m, s], gold, tok):.1f}% |" if gold else ""))
 
 
 if __name__ == "__main__":

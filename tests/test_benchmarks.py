@@ -51,3 +51,15 @@ def test_train_step_variants_give_the_same_loss():
         _, step = bench_train.make_step(cfg, batch=2, device=torch.device("cpu"), dtype=torch.float32)
         losses[name] = step().item()
     assert abs(losses["sink-fast"] - losses["sink-dense"]) < 1e-5  # fp32 summation order only
+
+
+def test_generation_agreement_and_answer_accuracy():
+    from benchmarks import bench_generate
+
+    assert bench_generate.agreement([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 5]]) == 4 / 5
+
+    class Digits:  # token i decodes to the digit i; 0 is EOS (skipped)
+        def decode(self, tokens, skip_special_tokens=True):
+            return "".join(str(t) for t in tokens if t)
+
+    assert bench_generate.accuracy([[4, 2], [4, 0], [7]], ["42", "4", "8"], Digits()) == 2 / 3
