@@ -85,6 +85,13 @@ def train_runs(base: Config, variants: list[str], seeds: list[int], out: Path,
     return runs
 
 
+def is_global_zero() -> bool:
+    """True unless this is a non-zero rank of a multi-process run (the trainer set up the group)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def evaluate_runs(runs: list[Run], evaluators: list[Callable[[Run], dict[str, float]]]) -> None:
     for run in runs:
         for evaluate in evaluators:

@@ -1,6 +1,7 @@
 """`sinkdlm study`: variants share data order and budget; one table and plots come out."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,19 @@ def test_study_end_to_end_on_tiny_runs(tiny_data, tmp_path):
     # a second call resumes the finished runs instead of training again
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and "already holds" not in again.stderr
+
+
+def test_study_under_torchrun_trains_on_two_processes_and_rank_zero_alone_reports(tiny_data, tmp_path):
+    """The documented multi-GPU launch, on 2 gloo CPU processes: every rank trains, one writes."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sinkdlm", "study", "--preset", "demo", "--data", str(tiny_data), "--variants", "plain,sink",
+           "--steps", "2", "--tasks", "", "--out", str(out), "--analysis-texts", "1", "model.preset=tiny",
+           "data.seq_len=32", "data.val_windows=4", "train.global_batch=4", "train.micro_batch=2",
+           "train.progress=false", "optim.warmup_min_steps=1", "train.accelerator=cpu", "train.devices=2",
+           "train.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("table, plots and results in") == 1
+    assert [r["variant"] for r in json.loads((out / "study.json").read_text())] == ["plain", "sink"]

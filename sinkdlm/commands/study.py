@@ -1,7 +1,8 @@
 """`sinkdlm study --preset demo --variants plain,gate,sink [--seeds 1,2,3]`: the paper's ablation.
 
 At `--preset demo` it runs on a 2-core CPU; at `--preset 472` it is the paper's experiment (launch it
-on GPUs with `torchrun --nproc-per-node N -m sinkdlm study ...` so every rank runs the same loop).
+on GPUs with `torchrun --nproc-per-node N -m sinkdlm study ... train.devices=N` so every rank runs the
+same training loop; rank 0 alone then evaluates and writes the table).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
         overrides.insert(0, f"data.path={ensure_demo_data(base.data.path, vocab_size=DEMO_VOCAB)}")
     runs = S.train_runs(base, variants, seeds, out, overrides)
+    if not S.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
+        return 0
     S.evaluate_runs(runs, S.default_evaluators(args))
     columns, table = S.summarise(runs)
     write_outputs(out, args, runs, columns, table)
