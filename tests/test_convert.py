@@ -119,7 +119,7 @@ def test_cli_convert_folder_then_export_round_trips(tmp_path):
     state, state_again = model.state_dict(), again.state_dict()
     assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
     card = (published / "README.md").read_text()
-    assert "2 sink token(s)" in card and "0 diffusion training steps" in card
+    assert "sink x2 (front); sink init" in card and "0 diffusion training steps" in card
     assert main(["export", "--checkpoint", str(out), "--out", str(published)]) == 2  # not empty
 
 

@@ -54,15 +54,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False)
 
 
 def variant(cfg: Config, meta: dict[str, Any]) -> str:
+    """ModelConfig.variant() (the label eval and analysis use) plus what a reader of a card also needs."""
     m = cfg.model
     init = meta.get("sink_init") or m.sink_init  # convert records its finer choice (mean, bos, ...)
-    parts = [f"{m.sink_tokens} sink token(s) ({m.sink_position}, init {init}"
-             + (", zero value" if m.sink_zero_value else "")
-             + ("" if m.sink_self_only else ", sink attends to all") + ")" if m.sink_tokens else "no sink"]
-    if m.attn_gate != "none":
-        parts.append(f"{m.attn_gate} gated attention")
-    parts.append("causal attention" if m.causal else "bidirectional attention")
-    return ", ".join(parts)
+    extras = ([f"sink init {init}"] if m.sink_tokens else []) + \
+        ["causal attention" if m.causal else "bidirectional attention"]
+    return f"{m.variant()}; {', '.join(extras)}"
 
 
 def training_budget(cfg: Config, meta: dict[str, Any]) -> str:
