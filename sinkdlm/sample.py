@@ -175,7 +175,7 @@ def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator) -> T
 
 
 def propose(logits: Tensor, cfg: SampleConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """logits (B, N, V) -> x0 (B, N), confidence p(x0) (B, N), ranking score (B, N); float64."""
+    """logits (..., V) -> x0, confidence p(x0), ranking score, each (...); float64."""
     logits = filter_logits(logits.double(), cfg.top_k, cfg.top_p)
     x0 = gumbel_argmax(logits, cfg.temperature, gen)
     probs = logits.softmax(-1)
@@ -217,13 +217,15 @@ def scheduled_count(remaining: Tensor, steps_left: int) -> Tensor:
 
 @torch.no_grad()
 def forward_at(model: DLM, x: Tensor, valid: Tensor | None, query: Tensor | None,
-               kv: list[tuple[Tensor, Tensor]], sink_kv: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+               kv: list[tuple[Tensor, Tensor]], sink_kv: list[tuple[Tensor, Tensor]] | None,
+               head: Tensor | None = None) -> Tensor:
     """Logits (B, N, V) at positions `query` (B, N) of x (B, W), reading and updating a K/V store.
 
     query None: every position is computed and `kv` (empty list) is filled with per-layer (K, V)
     of shape (B, H, W, D). Otherwise only the query positions are recomputed; their new K/V are
     written into the store and every other position attends from the stored (possibly stale) K/V.
     The layer maths is DLM's fast path (model.Block.forward) restricted to the query rows.
+    head: a (B, N) bool mask of the query positions that need logits; then (n, V), row-major.
     """
     cfg = model.cfg
     b, w = x.shape
@@ -250,7 +252,7 @@ def forward_at(model: DLM, x: Tensor, valid: Tensor | None, query: Tensor | None
             values = torch.cat([vs.expand(b, -1, -1, -1), values], dim=2)
         h = h + block.attn.out(A.sdpa(q, keys, values, mask), hn)
         h = h + block.mlp(block.norm_mlp(h))
-    return model.head(model.norm(h))
+    return model.head(model.norm(h if head is None else h[head]))
 
 
 class Forward:
@@ -272,37 +274,31 @@ class Forward:
         self.sink_kv = model.sink_kv(canvas.x.shape[1]) if cached else None
         self.calls = 0
 
-    def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool) -> Tensor:
-        """Logits (B, Bl, V) at `window` positions. queries: cached-path positions (window first)."""
+    def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
+        """Logits (n, V) at the `wanted` (B, Bl) window positions, row-major: the LM head runs there
+        only. queries: the cached path's recomputed positions (window first)."""
         self.calls += 1
         if self.guided:
             x = torch.cat([x, x.masked_fill(self.is_prompt, self.model.mask_id)])
-            window, queries = window.repeat(2, 1), queries.repeat(2, 1)
-        logits = self._logits(x, window, queries, refresh)
+            window, queries, wanted = window.repeat(2, 1), queries.repeat(2, 1), wanted.repeat(2, 1)
+        logits = self._logits(x, window, queries, refresh, wanted)
         if not self.guided:
             return logits
-        cond, uncond = logits.chunk(2)
+        cond, uncond = logits.chunk(2)  # both halves want the same number of positions
         return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
 
-    def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool) -> Tensor:
+    def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
         if self.cfg.cache == "none":
-            return self._window_logits(x, window)
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
+            return self.model(x, attention_mask=self.valid,
+                              positions=torch.stack([rows[wanted], window[wanted]], dim=1))
         if refresh:
             self.kv = []
-            return _gather_rows(forward_at(self.model, x, self.valid, None, self.kv, self.sink_kv), window)
-        logits = forward_at(self.model, x, self.valid, queries, self.kv, self.sink_kv)
-        return logits[:, : window.shape[1]]
-
-    def _window_logits(self, x: Tensor, window: Tensor) -> Tensor:
-        """Logits (B, Bl, V) at each row's window positions; the LM head runs on those rows only."""
-        b, n = window.shape
-        rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
-        wanted = torch.stack([rows.flatten(), window.flatten()], dim=1)
-        return self.model(x, attention_mask=self.valid, positions=wanted).view(b, n, -1)
-
-
-def _gather_rows(logits: Tensor, index: Tensor) -> Tensor:
-    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
+            at = torch.zeros_like(x, dtype=torch.bool).index_put_((rows[wanted], window[wanted]), wanted[wanted])
+            return forward_at(self.model, x, self.valid, None, self.kv, self.sink_kv, head=at)
+        at = torch.cat([wanted, wanted.new_zeros(wanted.shape[0], queries.shape[1] - wanted.shape[1])], dim=1)
+        return forward_at(self.model, x, self.valid, queries, self.kv, self.sink_kv, head=at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,14 +312,14 @@ def _check_model(model: DLM, cfg: SampleConfig) -> None:
                             "only to themselves; use cache=none for this checkpoint")
 
 
-def _suppress_eos(logits: Tensor, window: Tensor, start: Tensor, step: int, cfg: SampleConfig,
-                  eos_id: int) -> Tensor:
-    early = (window - start[:, None]) < cfg.min_length
+def _suppress_eos(logits: Tensor, offset: Tensor, step: int, cfg: SampleConfig, eos_id: int) -> Tensor:
+    """logits (n, V) at generated positions `offset` (n,) from their sequence's start."""
+    early = offset < cfg.min_length
     if step < cfg.suppress_eos_steps:
         early = torch.ones_like(early)
     if early.any():
         logits = logits.clone()
-        logits[..., eos_id] = logits[..., eos_id].masked_fill(early, float("-inf"))
+        logits[:, eos_id] = logits[:, eos_id].masked_fill(early, float("-inf"))
     return logits
 
 
@@ -351,9 +347,10 @@ def _decode_block(x: Tensor, b: int, canvas: Canvas, forward: Forward, cfg: Samp
         candidate = (x.gather(1, window) == mask_id) & in_block
         if not candidate.any():
             break
-        logits = forward(x, window, queries, refresh=s == 0)
-        logits = _suppress_eos(logits, window, canvas.start, step, cfg, eos_id)
-        x0, confidence, score = propose(logits, cfg, gen)
+        logits = forward(x, window, queries, s == 0, candidate)  # (n, V) at the masked positions
+        logits = _suppress_eos(logits, (window - canvas.start[:, None])[candidate], step, cfg, eos_id)
+        x0, confidence, score = (torch.zeros(candidate.shape, dtype=t.dtype, device=t.device)
+                                 .masked_scatter(candidate, t) for t in propose(logits, cfg, gen))
         per_row = cfg.batch_ranking == "per_sequence"
         n = scheduled_count(candidate.sum(1) if per_row else candidate.sum(), steps - s)
         chosen = select(score, candidate, n, cfg.batch_ranking)
