@@ -35,10 +35,9 @@ VOCAB = 4096
 EOS = 0
 BLOCK = 32
 PROMPT_LEN = 16
-THRESHOLD = 0.9
 
 
-def settings(gen_length: int) -> dict[str, tuple[SampleConfig, bool]]:
+def settings(gen_length: int, thresholds: list[float]) -> dict[str, tuple[SampleConfig, bool]]:
     """name -> (sampling config, use the sink K/V constant cache)."""
     base = SampleConfig(gen_length=gen_length, steps=gen_length, block_length=BLOCK, eos="fill")
     return {
@@ -46,9 +45,9 @@ def settings(gen_length: int) -> dict[str, tuple[SampleConfig, bool]]:
         "sink K/V constant": (base, True),
         "prefix cache": (base.replace(cache="prefix"), True),
         "dual cache": (base.replace(cache="dual"), True),
-        f"threshold {THRESHOLD}": (base.replace(threshold=THRESHOLD), True),
-        f"threshold {THRESHOLD} + prefix": (base.replace(threshold=THRESHOLD, cache="prefix"), True),
-        f"threshold {THRESHOLD} + dual": (base.replace(threshold=THRESHOLD, cache="dual"), True),
+    } | {
+        f"threshold {t}{' + ' + cache if cache != 'none' else ''}": (base.replace(threshold=t, cache=cache), True)
+        for t in thresholds for cache in ("none", "prefix", "dual")
     }
 
 
@@ -109,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9],
+                        help="confidence thresholds to measure (each alone, + prefix, + dual cache)")
     parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random plain/sink pair")
     parser.add_argument("--synthetic-gsm8k", type=int, metavar="N",
                         help="with --checkpoint: prompts = N held-out synthetic SFT problems; adds accuracy")
@@ -132,7 +133,7 @@ def main() -> None:
     else:
         models = {"plain": build(0, args.gen_length, args.device), "sink": build(1, args.gen_length, args.device)}
     batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
-    table = settings(args.gen_length)
+    table = settings(args.gen_length, args.thresholds)
     times = {(m, s): [] for m in models for s in table}
     calls, outputs = {}, {}
     for _ in range(args.repeats):
