@@ -1,7 +1,8 @@
 """Generation speed: full recompute vs sink-constant K/V vs prefix/dual KV cache vs threshold decoding.
 
 A demo-preset-shaped random model (vocab 4096), plain and with one sink, generates `--gen-length`
-tokens (block 32) with one token per step. Settings are interleaved within each repeat so machine
+tokens (block 32), scheduled one token per step (steps = length; threshold decoding may unmask more
+per step, and rows that hit EOS stop early: eos=fill). Settings are interleaved within each repeat so machine
 load hits them alike; the table gives median tokens/s, its spread (min-max over repeats), forward
 calls, the speed-up over full recompute of the same model, and the share of generated tokens equal to
 the full-recompute output (exact settings must show 100%).
@@ -133,7 +134,7 @@ def main() -> None:
     else:
         models = {"plain": build(0, args.gen_length, args.device), "sink": build(1, args.gen_length, args.device)}
     batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
-    table = settings(args.gen_length, args.thresholds)
+    table = settings(args.gen_length, sorted(set(args.thresholds)))
     times = {(m, s): [] for m in models for s in table}
     calls, outputs = {}, {}
     for _ in range(args.repeats):

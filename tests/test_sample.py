@@ -11,7 +11,8 @@ from sinkdlm.config import Config
 from sinkdlm.diffusion import elbo_loss, mask_tokens, noise_level, pretrain_weights
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
-from sinkdlm.sample import SampleConfig, forward_at, generate, generate_two_stage, scheduled_count
+from sinkdlm.sample import (Forward, SampleConfig, build_canvas, forward_at, generate, generate_two_stage,
+                            scheduled_count)
 from tests.conftest import tiny
 
 MASK = 50
@@ -165,6 +166,28 @@ def test_cfg_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
     cfg = SampleConfig(gen_length=6, steps=6, block_length=1, temperature=1.0, cfg_scale=1.5, seed=3)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     assert generate(model, prompts, cfg.replace(cache=cache), MASK, EOS) == generate(model, prompts, cfg, MASK, EOS)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_cached_step_with_nothing_decoded_since_the_refresh_gives_the_refresh_logits(cache, cfg_scale):
+    """The cached path (head at the masked positions only, CFG twins, padding) reads K/V that are not
+    stale here, so it must reproduce the full forward of the refresh."""
+    model = random_model(sink=1)
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, cache=cache, cfg_scale=cfg_scale)
+    canvas = build_canvas([[1, 2, 3], [4, 5, 6, 7, 8]], [8, 8], "right", MASK, EOS, torch.device("cpu"))
+    forward = Forward(model, canvas, cfg)
+    window = canvas.start[:, None] + torch.arange(4)
+    queries = canvas.start[:, None] + torch.arange(8 if cache == "prefix" else 4)
+    wanted = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    refreshed = forward(canvas.x, window, queries, True, wanted)
+    cached = forward(canvas.x, window, queries, False, wanted)
+    assert refreshed.shape == (5, MASK) and torch.allclose(cached, refreshed, atol=1e-5)
+    with torch.no_grad():  # the head mask picks the same rows as the full output
+        full = forward_at(model, canvas.x, canvas.valid, None, [], model.sink_kv(canvas.x.shape[1]))
+        at = torch.zeros_like(canvas.valid).scatter_(1, window[:, :2], True)
+        picked = forward_at(model, canvas.x, canvas.valid, None, [], model.sink_kv(canvas.x.shape[1]), head=at)
+    assert torch.allclose(picked, full[at], atol=1e-6)
 
 
 def test_same_seed_same_output_and_other_seed_differs():

@@ -70,3 +70,13 @@ def test_study_under_torchrun_trains_on_two_processes_and_rank_zero_alone_report
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("table, plots and results in") == 1
     assert [r["variant"] for r in json.loads((out / "study.json").read_text())] == ["plain", "sink"]
+
+
+def test_study_under_torchrun_refuses_to_prepare_the_demo_corpus_on_every_rank(tmp_path, monkeypatch, capsys):
+    from sinkdlm.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no runs/demo-data here
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["study", "--preset", "demo", "--out", str(tmp_path / "s")]) == 2
+    assert "sinkdlm prepare --source demo" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from sinkdlm import study as S
@@ -54,9 +55,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.insert(0, f"data.path={args.data}")
     elif args.preset == "demo":
         from sinkdlm.commands.demo import DEMO_VOCAB
-        from sinkdlm.data.prepare import ensure_demo_data
+        from sinkdlm.data.prepare import demo_data_ready, ensure_demo_data
 
-        overrides.insert(0, f"data.path={ensure_demo_data(base.data.path, vocab_size=DEMO_VOCAB)}")
+        path = Path(base.data.path)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not demo_data_ready(path, DEMO_VOCAB):
+            raise UserError(f"under torchrun every rank would prepare the demo corpus at once; run `sinkdlm "
+                            f"prepare --source demo --tokenizer bpe:{DEMO_VOCAB} --out {path}` first")
+        overrides.insert(0, f"data.path={ensure_demo_data(path, vocab_size=DEMO_VOCAB)}")
     runs = S.train_runs(base, variants, seeds, out, overrides)
     if not S.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
         return 0

@@ -95,16 +95,23 @@ def ensure_demo_data(out_dir: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB,
                      val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_SEED,
                      progress: bool = True) -> Path:
     """The demo corpus prepared in `out_dir`, reusing it when it was prepared with the same settings."""
-    out, tokenizer = Path(out_dir).expanduser(), f"bpe:{vocab_size}"
-    wanted = _settings("demo", tokenizer, "text", val_fraction, seed, None)
-    if (out / META_FILE).is_file():
-        try:
-            if PackedData(out).meta.get("settings") == wanted:
-                return out
-        except UserError:
-            pass  # an old or broken folder: prepare it again
-    return prepare("demo", out, tokenizer, val_fraction=val_fraction, seed=seed, overwrite=True,
+    out = Path(out_dir).expanduser()
+    if demo_data_ready(out, vocab_size, val_fraction, seed):
+        return out
+    return prepare("demo", out, f"bpe:{vocab_size}", val_fraction=val_fraction, seed=seed, overwrite=True,
                    progress=progress)
+
+
+def demo_data_ready(out: Path, vocab_size: int = DEFAULT_BPE_VOCAB, val_fraction: float = DEFAULT_VAL_FRACTION,
+                    seed: int = DEFAULT_SEED) -> bool:
+    """Whether `out` holds the demo corpus prepared with these settings (an old or broken folder: no)."""
+    if not (out / META_FILE).is_file():
+        return False
+    try:
+        return PackedData(out).meta.get("settings") == _settings("demo", f"bpe:{vocab_size}", "text",
+                                                                 val_fraction, seed, None)
+    except UserError:
+        return False
 
 
 def _settings(source: str, tokenizer: str, text_field: str, val_fraction: float, seed: int,
