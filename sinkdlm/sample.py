@@ -175,7 +175,11 @@ def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator) -> T
 
 
 def propose(logits: Tensor, cfg: SampleConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """logits (..., V) -> x0, confidence p(x0), ranking score, each (...); float64."""
+    """logits (..., V) -> x0, confidence p(x0), ranking score, each (...); float64.
+
+    The sampler passes the still-masked positions of a step, so Gumbel (and random-remasking) draws
+    are per masked position: a fixed seed and batch give fixed outputs, but not the same ones as
+    drawing over the whole block."""
     logits = filter_logits(logits.double(), cfg.top_k, cfg.top_p)
     x0 = gumbel_argmax(logits, cfg.temperature, gen)
     probs = logits.softmax(-1)

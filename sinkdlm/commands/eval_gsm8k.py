@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="SFT checkpoint (sinkdlm sft) or its run folder")
     parser.add_argument("--preset", default="demo", help="paper | demo (decoding settings)")
     parser.add_argument("--data", help="JSONL with question/answer, or 'synthetic' (held-out problems of the "
-                                       "synthetic SFT set, NOT GSM8K; default: the GSM8K test set, fetched once)")
+                                       "synthetic SFT set, NOT GSM8K: --limit of them, 500 by default; default: the GSM8K test set, fetched once)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems")
     parser.add_argument("--out", help="output folder (default: <checkpoint>/gsm8k)")
     parser.add_argument("--one-stage", action="store_true", help="skip the second stage")
