@@ -292,13 +292,12 @@ class Forward:
         return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
 
     def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
         if self.cfg.cache == "none":
-            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
             return self.model(x, attention_mask=self.valid,
                               positions=torch.stack([rows[wanted], window[wanted]], dim=1))
         if refresh:
             self.kv = []
-            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
             at = torch.zeros_like(x, dtype=torch.bool).index_put_((rows[wanted], window[wanted]), wanted[wanted])
             return forward_at(self.model, x, self.valid, None, self.kv, self.sink_kv, head=at)
         at = torch.cat([wanted, wanted.new_zeros(wanted.shape[0], queries.shape[1] - wanted.shape[1])], dim=1)
