@@ -43,10 +43,19 @@ def content_mask(attention_mask: Tensor | None, causal: bool, t: int, device: to
     return mask
 
 
+def query_rows(mask: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    """The rows of a content mask that belong to the queries being computed, (B, N) positions;
+    a mask of keys only, (B|1, 1, 1, T), holds for every query as it is."""
+    if mask is None or rows is None or mask.shape[-2] == 1:
+        return mask
+    t = mask.shape[-1]
+    return mask.expand(rows.shape[0], 1, t, t).gather(2, rows[:, None, :, None].expand(-1, 1, -1, t))
+
+
 def with_sink_columns(mask: Tensor | None, n_sink: int) -> Tensor | None:
     """Prepend n_sink always-visible key columns (the fast layout puts sink keys first)."""
-    if mask is None:
-        return None
+    if mask is None or not n_sink:
+        return mask
     ones = torch.ones(*mask.shape[:-1], n_sink, dtype=torch.bool, device=mask.device)
     return torch.cat([ones, mask], dim=-1)
 

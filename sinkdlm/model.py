@@ -1,11 +1,16 @@
 """The Transformer: LLaMA-style, pre-norm, bidirectional, with optional sink tokens and gated attention.
 
 Sink tokens (cfg.sink_tokens > 0) are learned vectors outside the vocabulary. Content tokens attend
-to them; with cfg.sink_self_only each sink attends only to itself, so its hidden state in every layer
-is the same for every input. The fast path uses that: the sink stream is run once per forward with
-batch size 1, and content queries attend, unmasked, over [sink keys; content keys]. The reference path
-is the paper code's: sinks spliced into the sequence with a dense (S+T)^2 mask. Sinks are dropped
-before the final norm, so logits cover only the real tokens.
+to them; with cfg.sink_self_only each sink attends only to itself, so its hidden state, and hence
+its keys (before RoPE) and values, in every layer are the same for every input. The fast path uses
+that: the sink stream is run once per forward with batch size 1 (once per `sink_cache()` at
+inference), and content queries attend, unmasked, over [sink keys; content keys]. The reference
+path is the paper code's: sinks spliced into the sequence with a dense (S+T)^2 mask; it is the test
+oracle. Sinks are dropped before the final norm, so logits cover only the real tokens.
+
+`DLM.forward` is the one forward of the network: training, likelihood scoring (logits only where
+asked), the sampler's approximate KV caches (a `KVCache` and the rows being recomputed) and
+analysis (an observer of each layer's attention) all run it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from torch import Tensor
 from sinkdlm import attention as A
 from sinkdlm.config import ModelConfig
 
-# observer(layer, probs (B, H, T, S+T), values (B|1, H, S+T, D), n_sink): keys are [sinks; content]
-Observer = Callable[[int, Tensor, Tensor, int], None]
+Rope = tuple[Tensor, Tensor]  # cos, sin, broadcastable to (B, H, T, D)
+KV = tuple[Tensor, Tensor]  # keys, values (B|1, H, T, D)
+# observer(layer, probs (B, H, T, K), keys (B, H, K, D), values (B, H, K, D), n_sink): the K = S + T
+# keys are [sinks; content], after RoPE (as attention scores them)
+Observer = Callable[[int, Tensor, Tensor, Tensor, int], None]
 
 
 class RMSNorm(nn.Module):
@@ -63,18 +71,20 @@ class Attention(nn.Module):
         gate_out = {"none": 0, "elementwise": h * d, "headwise": h}[cfg.attn_gate]
         self.gate = nn.Linear(cfg.n_embd, gate_out, bias=False) if gate_out else None
 
-    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, E) -> q (B, H, T, D), k and v (B, H, T, D) with grouped heads repeated."""
+    def _heads(self, linear: nn.Linear, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q(x).view(b, t, -1, self.cfg.hd).transpose(1, 2), cos, sin)
-        return (q, *self.kv(x, cos, sin))
+        return linear(x).view(b, t, -1, self.cfg.hd).transpose(1, 2)
 
-    def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values only: a self-only sink never uses its query."""
-        b, t, _ = x.shape
-        d, rep = self.cfg.hd, self.cfg.n_head // self.cfg.groups
-        k = apply_rope(self.k(x).view(b, t, -1, d).transpose(1, 2), cos, sin)
-        v = self.v(x).view(b, t, -1, d).transpose(1, 2)
+    def qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, E) -> q (B, H, T, D), k and v (B, H, T, D) with grouped heads repeated."""
+        return (apply_rope(self._heads(self.q, x), *rope), *self.kv(x, rope))
+
+    def kv(self, x: Tensor, rope: Rope | None = None) -> KV:
+        """Keys (rotated when `rope` is given) and values only: a self-only sink never uses its query."""
+        k, v = self._heads(self.k, x), self._heads(self.v, x)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        rep = self.cfg.n_head // self.cfg.groups
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return k, v
@@ -94,7 +104,7 @@ class Attention(nn.Module):
             return A.sdpa(q, k, v, mask)
         y, probs = A.eager(q, k, v, mask)
         if observer is not None:
-            observer(layer, probs, v, n_sink)
+            observer(layer, probs, k, v, n_sink)
         return y
 
 
@@ -111,6 +121,27 @@ class MLP(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+class KVCache:
+    """Per layer the keys and values (B, H, W, D) of every position of the input: Fast-dLLM's
+    approximate cache. A forward given the cache and no query rows fills it; one given query rows
+    (B, N) recomputes only those, writes their new keys/values, and attends to the stored ones
+    elsewhere (stale where a token has changed since they were stored)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, KV] = {}
+
+    def update(self, layer: int, k: Tensor, v: Tensor, rows: Tensor | None) -> KV:
+        """Store (rows None) or overwrite the query rows' keys/values; return the whole layer's."""
+        if rows is None:
+            self.layers[layer] = (k.clone(), v.clone())
+            return k, v
+        keys, values = self.layers[layer]
+        where = rows[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        keys.scatter_(2, where, k)
+        values.scatter_(2, where, v)
+        return keys, values
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -121,46 +152,59 @@ class Block(nn.Module):
         self.norm_mlp = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                sink: Tensor | None = None, sink_rope: tuple[Tensor, Tensor] | None = None,
-                sink_kv: tuple[Tensor, Tensor] | None = None, zero_value_at: Tensor | None = None,
-                observer: Observer | None = None) -> tuple[Tensor, Tensor | None]:
-        """x: content (B, T, E) (reference layout: sinks spliced in). sink: (B|1, S, E) or None.
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, sink_kv: KV | None = None,
+                cache: KVCache | None = None, rows: Tensor | None = None, observer: Observer | None = None,
+                zero_value_at: Tensor | None = None) -> Tensor:
+        """x (B, N, E): the rows computed (the reference layout splices the sinks in).
 
-        `sink_kv` are this layer's sink keys/values when already known (cached at inference).
+        sink_kv: this layer's sink keys (rotated) and values, (B|1, H, S, D), put before the content's.
+        cache/rows: the other positions' keys/values are read from the cache (see KVCache).
         """
+        return self._layer(x, rope, mask, sink_kv, cache, rows, observer, zero_value_at)[0]
+
+    def _layer(self, x: Tensor, rope: Rope, mask: Tensor | None, sink_kv: KV | None, cache: KVCache | None,
+               rows: Tensor | None, observer: Observer | None, zero_value_at: Tensor | None) -> tuple[Tensor, KV]:
+        """The layer's output and the keys/values its queries attended over."""
         h = self.norm_attn(x)
-        q, k, v = self.attn.qkv(h, *rope)
+        q, k, v = self.attn.qkv(h, rope)
         if zero_value_at is not None:  # reference layout, zero-value sink
             v = v.masked_fill(zero_value_at[None, None, :, None], 0.0)
-        if sink is None:
-            y = self.attn.attend(q, k, v, mask, observer, self.index, 0)
-            x = x + self.attn.out(y, h)
-            return x + self.mlp(self.norm_mlp(x)), None
-        if sink_kv is not None:  # inference: the sink stream is not needed, only its K/V
+        if cache is not None:
+            k, v = cache.update(self.index, k, v, rows)
+        n_sink = 0
+        if sink_kv is not None:
             ks, vs = sink_kv
-        else:
-            hs = self.norm_attn(sink)
-            if self.cfg.sink_self_only:
-                ks, vs = self.attn.kv(hs, *sink_rope)
-            else:
-                qs, ks, vs = self.attn.qkv(hs, *sink_rope)
-            if self.cfg.sink_zero_value:
-                vs = torch.zeros_like(vs)
-        b, n_sink = q.shape[0], ks.shape[2]
-        k_all = torch.cat([ks.expand(b, -1, -1, -1), k], dim=2)
-        v_all = torch.cat([vs.expand(b, -1, -1, -1), v], dim=2)
-        y = self.attn.attend(q, k_all, v_all, mask, observer, self.index, n_sink)
+            n_sink, b = ks.shape[2], q.shape[0]
+            k = torch.cat([ks.expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([vs.expand(b, -1, -1, -1), v], dim=2)
+        y = self.attn.attend(q, k, v, mask, observer, self.index, n_sink)
         x = x + self.attn.out(y, h)
-        x = x + self.mlp(self.norm_mlp(x))
-        if sink_kv is not None or self.index == self.cfg.n_layer - 1:  # no later layer reads the sink
+        return x + self.mlp(self.norm_mlp(x)), (k, v)
+
+    def self_only_sink(self, sink: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sinks (1, S, E) that attend only to themselves through this layer: their keys before RoPE
+        and values (1, H, S, D), and their residual stream leaving the layer. Attending to itself
+        alone returns a sink's own value whatever its position, so nothing here depends on RoPE."""
+        h = self.norm_attn(sink)
+        k, v = self.attn.kv(h)
+        if self.cfg.sink_zero_value:
+            v = torch.zeros_like(v)
+        sink = sink + self.attn.out(v, h)
+        return k, v, sink + self.mlp(self.norm_mlp(sink))
+
+    def with_sink_seeing_all(self, x: Tensor, sink: Tensor, rope: Rope, sink_rope: Rope, mask: Tensor | None,
+                             observer: Observer | None) -> tuple[Tensor, Tensor]:
+        """The `sink_self_only=False` ablation: the sinks (B, S, E) are a residual stream whose
+        queries see every key that is not padding, so they run beside the content, layer by layer."""
+        hs = self.norm_attn(sink)
+        qs, ks, vs = self.attn.qkv(hs, sink_rope)
+        if self.cfg.sink_zero_value:
+            vs = torch.zeros_like(vs)
+        x, (keys, values) = self._layer(x, rope, mask, (ks, vs), None, None, observer, None)
+        if self.index == self.cfg.n_layer - 1:  # no later layer reads the sink
             return x, sink
-        if self.cfg.sink_self_only:
-            ys = vs  # attending to itself alone returns its own value
-        else:  # ablation: the sink sees every key that is not padding
-            keys_seen = None if mask is None else mask.any(dim=-2, keepdim=True)
-            ys = A.sdpa(qs, k_all, v_all, keys_seen)
-        sink = sink + self.attn.out(ys, hs)
+        keys_seen = None if mask is None else mask.any(dim=-2, keepdim=True)
+        sink = sink + self.attn.out(A.sdpa(qs, keys, values, keys_seen), hs)
         return x, sink + self.mlp(self.norm_mlp(sink))
 
 
@@ -176,7 +220,7 @@ class DLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, vocab, bias=False)
-        self._sink_kv: dict[tuple, list[tuple[Tensor, Tensor]]] | None = None
+        self._sink_kv: list[KV] | None = None  # within sink_cache(): [] until first computed
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -211,30 +255,37 @@ class DLM(nn.Module):
             return ar[s:], ar[:s]
         return ar[:t], ar[t:]
 
-    def forward(self, idx: Tensor, attention_mask: Tensor | None = None,
-                observer: Observer | None = None, positions: Tensor | None = None) -> Tensor:
-        """idx (B, T) token ids (mask id = vocab_size) -> logits (B, T, vocab).
+    def forward(self, idx: Tensor, attention_mask: Tensor | None = None, logits_at: Tensor | None = None,
+                kv: KVCache | None = None, query_index: Tensor | None = None,
+                observer: Observer | None = None) -> Tensor:
+        """idx (B, W) token ids (mask id = vocab_size) -> logits (B, W, vocab).
 
-        attention_mask: (B, T) with 1 = real, 0 = padding, or a (B|1, 1, T, T) bool matrix of the
-        content keys each query may see. positions: (N, 2) (row, column) pairs; when given, only
-        those logits are computed and (N, vocab) is returned (the head is a large share of the cost).
+        attention_mask: (B, W) with 1 = real, 0 = padding, or a (B|1, 1, W, W) bool matrix of the
+        content keys each query may see.
+        kv: a KVCache to fill, or with query_index (B, N) positions of idx, to read: only those
+        positions are computed (self-only sinks; the reference layout is not used), (B, N, vocab).
+        logits_at: (N, 2) (row, column) pairs of the computed positions (columns of idx, or of
+        query_index when given): only those logits are computed, (N, vocab) row by row (the LM head
+        is a large share of the cost).
+        observer: sees every layer's attention (see Observer); attention then runs eagerly.
         """
-        b, t = idx.shape
-        x = self.wte(idx)
-        cmask = A.content_mask(attention_mask, self.cfg.causal, t, idx.device)
-        if not self.cfg.sink_tokens:
-            x = self._run_plain(x, cmask, observer)
-        elif self.cfg.attn_impl == "reference" and observer is None:
+        if query_index is not None and (kv is None or self.cfg.logit_shift):
+            raise ValueError("query_index needs a KVCache and an unshifted model")
+        x = self.wte(idx if query_index is None else idx.gather(1, query_index))
+        cmask = A.content_mask(attention_mask, self.cfg.causal, idx.shape[1], idx.device)
+        if self.cfg.sink_tokens and self.cfg.attn_impl == "reference" and observer is None and kv is None:
             x = self._run_reference(x, cmask)
         else:
-            x = self._run_fast(x, cmask, observer)
-        x = self.norm(x)
-        if positions is not None:
-            rows, cols = positions.unbind(-1)
+            x = self._run_fast(x, idx.shape[1], cmask, kv, query_index, observer)
+        return self._logits(x, logits_at)
+
+    def _logits(self, x: Tensor, logits_at: Tensor | None) -> Tensor:
+        if logits_at is not None:
+            rows, cols = logits_at.unbind(-1)
             if self.cfg.logit_shift:
                 cols = (cols - 1).clamp(min=0)
-            return self.head(x[rows, cols])
-        logits = self.head(x)
+            return self.head(self.norm(x[rows, cols]))
+        logits = self.head(self.norm(x))
         if self.cfg.logit_shift:  # the AR habit kept: hidden state i predicts token i+1
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
@@ -244,24 +295,32 @@ class DLM(nn.Module):
             return F.linear(x, self.wte.weight[: self.cfg.require_vocab()])
         return self.lm_head(x)
 
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def _rope(self, positions: Tensor) -> Rope:
         return rope_cache(positions, self.cfg.hd, self.cfg.rope_base)
 
-    def _run_plain(self, x: Tensor, cmask: Tensor | None, observer: Observer | None) -> Tensor:
-        rope = self._rope(torch.arange(x.shape[1], device=x.device))
-        for block in self.blocks:
-            x, _ = block(x, rope, cmask, observer=observer)
+    def _run_fast(self, x: Tensor, w: int, cmask: Tensor | None, kv: KVCache | None, rows: Tensor | None,
+                  observer: Observer | None) -> Tensor:
+        """Content rows x (B, N, E) of a width-w input; sinks as [sink keys; content keys]."""
+        pos_c, pos_s = self.positions(w, x.device)
+        cos, sin = self._rope(pos_c)
+        rope = (cos, sin) if rows is None else (cos[rows][:, None], sin[rows][:, None])  # (B, 1, N, D)
+        mask = A.with_sink_columns(A.query_rows(cmask, rows), self.cfg.sink_tokens)
+        if self.cfg.sink_tokens and not self.cfg.sink_self_only:
+            if kv is not None:
+                raise ValueError("a KV cache needs sinks that attend only to themselves")
+            return self._run_sink_seeing_all(x, rope, self._rope(pos_s), mask, observer)
+        sink_rope = self._rope(pos_s)
+        sinks = [(apply_rope(k, *sink_rope), v) for k, v in self.sink_kv()] if self.cfg.sink_tokens else \
+            [None] * self.cfg.n_layer
+        for block, sink_kv in zip(self.blocks, sinks):
+            x = block(x, rope, mask, sink_kv, kv, rows, observer)
         return x
 
-    def _run_fast(self, x: Tensor, cmask: Tensor | None, observer: Observer | None) -> Tensor:
-        pos_c, pos_s = self.positions(x.shape[1], x.device)
-        rope, sink_rope = self._rope(pos_c), self._rope(pos_s)
-        mask = A.with_sink_columns(cmask, self.cfg.sink_tokens)
-        self_only = self.cfg.sink_self_only
-        sink = self.sink[None] if self_only else self.sink[None].expand(x.shape[0], -1, -1)
-        cached = self._cached_sink_kv(x.shape[1], x)
-        for i, block in enumerate(self.blocks):
-            x, sink = block(x, rope, mask, sink, sink_rope, cached[i] if cached else None, observer=observer)
+    def _run_sink_seeing_all(self, x: Tensor, rope: Rope, sink_rope: Rope, mask: Tensor | None,
+                             observer: Observer | None) -> Tensor:
+        sink = self.sink[None].expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            x, sink = block.with_sink_seeing_all(x, sink, rope, sink_rope, mask, observer)
         return x
 
     def _run_reference(self, x: Tensor, cmask: Tensor | None) -> Tensor:
@@ -275,49 +334,41 @@ class DLM(nn.Module):
         is_sink[slice(0, s) if front else slice(t, t + s)] = True
         zero_at = is_sink if self.cfg.sink_zero_value else None
         for block in self.blocks:
-            seq, _ = block(seq, rope, mask, zero_value_at=zero_at)
+            seq = block(seq, rope, mask, zero_value_at=zero_at)
         return seq[:, s:] if front else seq[:, :t]
 
-    # ---- inference: the sink's per-layer keys/values are constants of the model ----
+    # ---- the self-only sink's per-layer keys/values are constants of the model ----
 
     @contextlib.contextmanager
     def sink_cache(self) -> Iterator[None]:
-        """Within this context (no grad, weights fixed) compute the sink's K/V once per length."""
-        self._sink_kv = {}
+        """Within this context (no grad, weights fixed) compute the sinks' keys/values once."""
+        self._sink_kv = []
         try:
             yield
         finally:
             self._sink_kv = None
 
-    def _cached_sink_kv(self, t: int, x: Tensor) -> list[tuple[Tensor, Tensor]] | None:
-        if self._sink_kv is None or not self.cfg.sink_self_only or torch.is_grad_enabled():
-            return None
-        key = (t, x.device, x.dtype)
-        if key not in self._sink_kv:
-            self._sink_kv[key] = self.sink_kv(t)
-        return self._sink_kv[key]
-
-    def _sink_stream(self, t: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Per layer: the self-only sink's residual stream entering it, and its keys and values."""
-        rope = self._rope(self.positions(t, self.sink.device)[1])
+    def _self_only_sink_stream(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Per layer: the self-only sinks' residual stream entering it (1, S, E), their keys before
+        RoPE and their values (1, H, S, D)."""
         sink = self.sink[None]
         for block in self.blocks:
-            h = block.norm_attn(sink)
-            ks, vs = block.attn.kv(h, *rope)
-            if self.cfg.sink_zero_value:
-                vs = torch.zeros_like(vs)
-            yield sink, ks, vs
-            sink = sink + block.attn.out(vs, h)
-            sink = sink + block.mlp(block.norm_mlp(sink))
+            k, v, leaving = block.self_only_sink(sink)
+            yield sink, k, v
+            sink = leaving
 
-    @torch.no_grad()
-    def sink_kv(self, t: int) -> list[tuple[Tensor, Tensor]]:
-        """Per layer (keys, values) of the sinks, each (1, H, S, D), for content length t."""
-        return [(ks, vs) for _, ks, vs in self._sink_stream(t)]
+    def sink_kv(self) -> list[KV]:
+        """Per layer the self-only sinks' (keys before RoPE, values), (1, H, S, D) each; computed
+        once within sink_cache() when no gradient is needed."""
+        if self._sink_kv is None or torch.is_grad_enabled():
+            return [(k, v) for _, k, v in self._self_only_sink_stream()]
+        if not self._sink_kv:
+            self._sink_kv.extend((k, v) for _, k, v in self._self_only_sink_stream())
+        return self._sink_kv
 
     def sink_hidden_states(self) -> list[Tensor]:
         """The self-only sink's residual stream entering each layer, (1, S, E) each."""
-        return [sink for sink, _, _ in self._sink_stream(1)]
+        return [sink for sink, _, _ in self._self_only_sink_stream()]
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

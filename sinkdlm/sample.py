@@ -31,9 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sinkdlm import attention as A
 from sinkdlm.errors import UserError
-from sinkdlm.model import DLM, rope_cache
+from sinkdlm.model import DLM, KVCache
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 EOS_MODES = ("stop", "fill")
@@ -219,46 +218,6 @@ def scheduled_count(remaining: Tensor, steps_left: int) -> Tensor:
 # forward passes: full recompute, or Fast-dLLM's approximate KV cache
 
 
-@torch.no_grad()
-def forward_at(model: DLM, x: Tensor, valid: Tensor | None, query: Tensor | None,
-               kv: list[tuple[Tensor, Tensor]], sink_kv: list[tuple[Tensor, Tensor]] | None,
-               head: Tensor | None = None) -> Tensor:
-    """Logits (B, N, V) at positions `query` (B, N) of x (B, W), reading and updating a K/V store.
-
-    query None: every position is computed and `kv` (empty list) is filled with per-layer (K, V)
-    of shape (B, H, W, D). Otherwise only the query positions are recomputed; their new K/V are
-    written into the store and every other position attends from the stored (possibly stale) K/V.
-    The layer maths is DLM's fast path (model.Block.forward) restricted to the query rows.
-    head: a (B, N) bool mask of the query positions that need logits; then (n, V), row-major.
-    """
-    cfg = model.cfg
-    b, w = x.shape
-    refresh = query is None
-    if refresh:
-        query = torch.arange(w, device=x.device).expand(b, w)
-    cos, sin = rope_cache(model.positions(w, x.device)[0], cfg.hd, cfg.rope_base)
-    cos_q, sin_q = cos[query][:, None], sin[query][:, None]  # (B, 1, N, D): per-row positions
-    mask = None if valid is None else A.with_sink_columns(valid[:, None, None, :], cfg.sink_tokens)
-    h = model.wte(x.gather(1, query))
-    for i, block in enumerate(model.blocks):
-        hn = block.norm_attn(h)
-        q, k, v = block.attn.qkv(hn, cos_q, sin_q)
-        if refresh:
-            kv.append((k.clone(), v.clone()))
-        else:
-            where = query[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            kv[i][0].scatter_(2, where, k)
-            kv[i][1].scatter_(2, where, v)
-        keys, values = kv[i]
-        if sink_kv is not None:
-            ks, vs = sink_kv[i]
-            keys = torch.cat([ks.expand(b, -1, -1, -1), keys], dim=2)
-            values = torch.cat([vs.expand(b, -1, -1, -1), values], dim=2)
-        h = h + block.attn.out(A.sdpa(q, keys, values, mask), hn)
-        h = h + block.mlp(block.norm_mlp(h))
-    return model.head(model.norm(h if head is None else h[head]))
-
-
 class Forward:
     """The model as the sampler sees it: logits at a block's positions, with CFG and caching.
 
@@ -272,10 +231,7 @@ class Forward:
         valid = None if bool(canvas.valid.all()) else canvas.valid
         self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
         self.is_prompt = canvas.is_prompt
-        self.kv: list[tuple[Tensor, Tensor]] = []
-        # the KV-cache path reads the sink's constant K/V itself; full forwards use model.sink_cache()
-        cached = cfg.cache != "none" and model.cfg.sink_tokens
-        self.sink_kv = model.sink_kv(canvas.x.shape[1]) if cached else None
+        self.kv = KVCache()
         self.calls = 0
 
     def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
@@ -292,16 +248,14 @@ class Forward:
         return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
 
     def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
+        if self.cfg.cache != "none" and not refresh:  # window = the first columns of queries
+            return self.model(x, attention_mask=self.valid, logits_at=wanted.nonzero(), kv=self.kv, query_index=queries)
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
+        at = torch.stack([rows[wanted], window[wanted]], dim=1)
         if self.cfg.cache == "none":
-            return self.model(x, attention_mask=self.valid,
-                              positions=torch.stack([rows[wanted], window[wanted]], dim=1))
-        if refresh:
-            self.kv = []
-            at = torch.zeros_like(x, dtype=torch.bool).index_put_((rows[wanted], window[wanted]), wanted[wanted])
-            return forward_at(self.model, x, self.valid, None, self.kv, self.sink_kv, head=at)
-        at = torch.cat([wanted, wanted.new_zeros(wanted.shape[0], queries.shape[1] - wanted.shape[1])], dim=1)
-        return forward_at(self.model, x, self.valid, queries, self.kv, self.sink_kv, head=at)
+            return self.model(x, attention_mask=self.valid, logits_at=at)
+        self.kv = KVCache()
+        return self.model(x, attention_mask=self.valid, logits_at=at, kv=self.kv)
 
 
 # ---------------------------------------------------------------------------------------------

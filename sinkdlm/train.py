@@ -134,7 +134,7 @@ def sink_monitor(model: torch.nn.Module, val: tuple[Tensor, Tensor | None], mask
     noisy, _ = D.mask_tokens(ids, torch.full((len(ids),), MONITOR_T), uniforms, mask_id, response)
     rows: list[dict] = []
 
-    def observe(layer: int, probs: Tensor, values: Tensor, n_sink: int) -> None:
+    def observe(layer: int, probs: Tensor, keys: Tensor, values: Tensor, n_sink: int) -> None:
         mass = probs.float().mean(dim=(0, 1, 2))  # incoming share per key
         norms = values.float().norm(dim=-1).mean(dim=(0, 1))  # value L2 per key, mean over heads
         top = n_sink + int(mass[n_sink:].argmax())

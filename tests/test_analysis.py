@@ -155,7 +155,7 @@ def test_key_norms_cover_sinks_and_content_and_match_the_projection():
     with recorder.attached(), torch.no_grad(), model.sink_cache():
         model(idx)
     knorm = recorder.steps[0].key_norm[1]  # (B, H, 1 + T)
-    sink_keys = model.sink_kv(7)[1][0]  # (1, H, 1, D)
+    sink_keys = model.sink_kv()[1][0]  # (1, H, 1, D), before RoPE (which keeps norms)
     torch.testing.assert_close(knorm[:, :, 0], sink_keys.norm(dim=-1)[:, :, 0].expand(2, -1), rtol=1e-5, atol=1e-6)
     assert knorm.shape == (2, 2, 8) and bool((knorm > 0).all())
 

@@ -22,7 +22,7 @@ def tiny_model(**overrides) -> DLM:
 
 
 def at_positions(logits, positions):
-    """What DLM.forward does with `positions`: only the requested (row, column) logits."""
+    """What DLM.forward does with `logits_at`: only the requested (row, column) logits."""
     return logits if positions is None else logits[positions[:, 0], positions[:, 1]]
 
 
@@ -35,8 +35,8 @@ class UniformModel(torch.nn.Module):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, idx, attention_mask=None, positions=None):
-        return at_positions(torch.zeros(*idx.shape, VOCAB), positions)
+    def forward(self, idx, attention_mask=None, logits_at=None):
+        return at_positions(torch.zeros(*idx.shape, VOCAB), logits_at)
 
 
 def test_exact_elbo_weights_integrate_to_the_true_likelihood_of_a_uniform_model():
@@ -98,12 +98,12 @@ class VisibilityModel(torch.nn.Module):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, idx, attention_mask=None, positions=None):
+    def forward(self, idx, attention_mask=None, logits_at=None):
         visible = (idx != VOCAB).float().mean(1)
         logits = torch.zeros(*idx.shape, VOCAB)
         pos = torch.arange(idx.shape[1])
         logits[:, pos, pos % VOCAB] = self.confidence * visible[:, None]
-        return at_positions(logits, positions)
+        return at_positions(logits, logits_at)
 
 
 def test_stratified_t_lowers_the_variance_of_the_estimate():

@@ -1,4 +1,5 @@
-"""The model: fast sink attention equals the dense-mask reference; the sink stream is input-free."""
+"""The model: fast sink attention equals the dense-mask reference; the sink stream is input-free; the
+KV-cache rows, the observer and `logits_at` agree with the full forward for every variant."""
 
 import itertools
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from sinkdlm.config import SMDM_SIZES, model_preset
-from sinkdlm.model import DLM, count_params
+from sinkdlm import attention as A
+from sinkdlm.model import DLM, KVCache, count_params
 from tests.conftest import tiny
 
 SINK_VARIANTS = [
@@ -14,6 +16,26 @@ SINK_VARIANTS = [
     for n, pos, zv, so, gate in itertools.product(
         [1, 2, 4], ["front", "end"], [False, True], [True, False], ["none", "elementwise", "headwise"])
 ]
+ALL_VARIANTS = [dict(attn_gate=gate) for gate in ["none", "elementwise", "headwise"]] + SINK_VARIANTS
+SELF_ONLY_VARIANTS = [kw for kw in ALL_VARIANTS if kw.get("sink_self_only", True)]
+
+
+def _name(kw):
+    return "-".join(f"{v}" for v in kw.values())
+
+
+def _options(kw):
+    """A variant plus grouped-query attention where the gate is headwise (as in the tests below)."""
+    return dict(kw, n_query_groups=1 if kw["attn_gate"] == "headwise" else None)
+
+
+def _padding(padded):
+    if not padded:
+        return None
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[1, 7:] = 0
+    am[2, 3:] = 0
+    return am
 
 
 def _pair(**kw):
@@ -27,16 +49,12 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kw", SINK_VARIANTS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+@pytest.mark.parametrize("kw", SINK_VARIANTS, ids=_name)
 @pytest.mark.parametrize("padded", [False, True])
 def test_fast_equals_reference(kw, padded):
-    fast, ref = _pair(n_query_groups=1 if kw["attn_gate"] == "headwise" else None, **kw)
+    fast, ref = _pair(**_options(kw))
     idx = torch.randint(0, 51, (3, 12))
-    am = None
-    if padded:
-        am = torch.ones(3, 12, dtype=torch.long)
-        am[1, 7:] = 0
-        am[2, 3:] = 0
+    am = _padding(padded)
     out_f, out_r = fast(idx, am), ref(idx, am)
     keep = slice(None) if am is None else am.bool()
     torch.testing.assert_close(out_f[keep], out_r[keep], rtol=1e-5, atol=1e-5)
@@ -59,15 +77,16 @@ def test_eager_equals_fast():
 def test_observer_sees_probabilities_over_sink_and_content():
     model = DLM(tiny(sink_tokens=1))
     seen = []
-    model(torch.randint(0, 51, (2, 9)), observer=lambda layer, p, v, s: seen.append((layer, p.shape, s)))
+    model(torch.randint(0, 51, (2, 9)), observer=lambda layer, p, k, v, s: seen.append((layer, p.shape, s)))
     assert seen == [(0, (2, 2, 9, 10), 1), (1, (2, 2, 9, 10), 1)]
 
 
-def test_sink_hidden_states_do_not_depend_on_input():
+def test_sink_hidden_states_do_not_depend_on_input(monkeypatch):
     model = DLM(tiny(sink_tokens=2))
     captured = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda m, args, out: captured.append(out[1].detach().clone()))
+    for block in model.blocks:  # the sink stream entering each layer, as the forward runs it
+        monkeypatch.setattr(block, "self_only_sink", lambda sink, run=block.self_only_sink:
+                            captured.append(sink.detach().clone()) or run(sink))
     model(torch.randint(0, 51, (1, 12)))
     first = captured[:]
     captured.clear()
@@ -75,7 +94,7 @@ def test_sink_hidden_states_do_not_depend_on_input():
     for a, b in zip(first, captured):
         torch.testing.assert_close(a.expand_as(b), b, rtol=0, atol=0)
     states = model.sink_hidden_states()
-    torch.testing.assert_close(states[1], first[0])
+    torch.testing.assert_close(states[1], first[1])
 
 
 def test_no_sink_no_gate_is_the_plain_model():
@@ -148,10 +167,92 @@ def test_square_attention_mask_restricts_content_keys():
     torch.testing.assert_close(ref(idx, tril), causal_model(idx), rtol=1e-5, atol=1e-5)
 
 
-def test_positions_gives_the_same_logits_as_the_full_head():
+def test_logits_at_gives_the_same_logits_as_the_full_head():
     for shift in (False, True):
         model = DLM(tiny(sink_tokens=1, logit_shift=shift))
         idx = torch.randint(0, 51, (3, 8))
         wanted = torch.tensor([[0, 0], [2, 5], [1, 7], [2, 0]])
         full = model(idx)
-        torch.testing.assert_close(model(idx, positions=wanted), full[wanted[:, 0], wanted[:, 1]])
+        torch.testing.assert_close(model(idx, logits_at=wanted), full[wanted[:, 0], wanted[:, 1]])
+
+
+QUERY_ROWS = torch.tensor([[2, 3, 4, 5], [6, 4, 0, 1], [0, 1, 2, 3]])  # real positions of every row
+
+
+@pytest.mark.parametrize("kw", ALL_VARIANTS, ids=_name)
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_at_equal_the_full_logits_gathered(kw, padded):
+    model = DLM(tiny(**_options(kw))).eval()
+    idx, am = torch.randint(0, 51, (3, 12)), _padding(padded)
+    wanted = torch.tensor([[0, 0], [2, 2], [1, 6], [0, 11], [1, 0]])
+    with torch.no_grad():
+        full = model(idx, am)
+        torch.testing.assert_close(model(idx, am, logits_at=wanted), full[wanted[:, 0], wanted[:, 1]],
+                                   rtol=1e-5, atol=1e-6)
+        if kw.get("sink_self_only", True):  # the KV-cache path: columns index the query rows
+            kv = KVCache()
+            model(idx, am, kv=kv)
+            at = torch.tensor([[0, 1], [1, 0], [1, 3], [2, 2]])
+            rows = QUERY_ROWS[at[:, 0], at[:, 1]]
+            torch.testing.assert_close(model(idx, am, logits_at=at, kv=kv, query_index=QUERY_ROWS),
+                                       full[at[:, 0], rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", SELF_ONLY_VARIANTS, ids=_name)
+@pytest.mark.parametrize("padded", [False, True])
+def test_kv_cache_forward_equals_the_full_forward(kw, padded):
+    """Filling a KV cache is the full forward (same kernels: exact); recomputing some rows against
+    the cache, with nothing changed since, gives those rows of the full forward."""
+    model = DLM(tiny(**_options(kw))).eval()
+    idx, am = torch.randint(0, 51, (3, 12)), _padding(padded)
+    kv = KVCache()
+    with torch.no_grad():
+        full = model(idx, am)
+        assert torch.equal(model(idx, am, kv=kv), full)
+        cached = model(idx, am, kv=kv, query_index=QUERY_ROWS)
+    torch.testing.assert_close(cached, full.gather(1, QUERY_ROWS[..., None].expand(-1, -1, full.shape[-1])),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_rows_of_a_causal_model_see_their_own_mask_rows():
+    model = DLM(tiny(sink_tokens=1, causal=True)).eval()
+    idx = torch.randint(0, 51, (3, 12))
+    kv = KVCache()
+    with torch.no_grad():
+        full = model(idx, kv=kv)
+        cached = model(idx, kv=kv, query_index=QUERY_ROWS)
+    torch.testing.assert_close(cached, full.gather(1, QUERY_ROWS[..., None].expand(-1, -1, full.shape[-1])),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_refuses_what_it_cannot_serve():
+    idx = torch.randint(0, 51, (1, 6))
+    with pytest.raises(ValueError, match="KVCache"):
+        DLM(tiny())(idx, query_index=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="themselves"):
+        DLM(tiny(sink_tokens=1, sink_self_only=False))(idx, kv=KVCache())
+
+
+@pytest.mark.parametrize("kw", ALL_VARIANTS, ids=_name)
+@pytest.mark.parametrize("padded", [False, True])
+def test_observer_keys_equal_the_reference_paths(kw, padded, monkeypatch):
+    """The keys the observer sees, [sinks; content] after RoPE, are those the dense-mask reference
+    attends over (spliced [sinks; content] or [content; sinks]), read from its attention kernel."""
+    fast, ref = _pair(**_options(kw))
+    idx, am = torch.randint(0, 51, (3, 12)), _padding(padded)
+    seen, ref_keys = {}, []
+    sdpa = A.sdpa
+    monkeypatch.setattr(A, "sdpa", lambda q, k, v, mask: ref_keys.append(k) or sdpa(q, k, v, mask))
+    with torch.no_grad():
+        fast(idx, am, observer=lambda layer, probs, keys, values, n_sink: seen.update({layer: keys}))
+        ref_keys.clear()  # the fast path's ablation sink calls the kernel too
+        ref(idx, am)
+    s, keep = kw.get("sink_tokens", 0), slice(None) if am is None else am.bool()
+    for layer, keys in seen.items():
+        spliced = ref_keys[layer]
+        if s and kw["sink_position"] == "end":
+            spliced = torch.cat([spliced[:, :, 12:], spliced[:, :, :12]], dim=2)
+        assert keys.shape == spliced.shape == (3, 2, s + 12, 16)
+        torch.testing.assert_close(keys[:, :, :s], spliced[:, :, :s], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(keys[:, :, s:].transpose(1, 2)[keep], spliced[:, :, s:].transpose(1, 2)[keep],
+                                   rtol=1e-5, atol=1e-5)

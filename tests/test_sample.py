@@ -11,9 +11,9 @@ from sinkdlm.config import Config
 from sinkdlm.diffusion import elbo_loss, mask_tokens, noise_level, pretrain_weights
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
-from sinkdlm.sample import (Forward, SampleConfig, build_canvas, forward_at, generate, generate_two_stage,
-                            scheduled_count)
+from sinkdlm.sample import Forward, SampleConfig, build_canvas, generate, generate_two_stage, scheduled_count
 from tests.conftest import tiny
+from tests.test_model import SELF_ONLY_VARIANTS, _name, _options
 
 MASK = 50
 EOS = 0
@@ -134,19 +134,6 @@ def test_sink_kv_cache_matches_recompute(monkeypatch):
     assert generate(model, [[1, 2, 3]], cfg, MASK, EOS) == with_cache
 
 
-@pytest.mark.parametrize("sink", [0, 1])
-def test_kv_store_forward_equals_model_forward(sink):
-    model = random_model(sink)
-    x = torch.randint(0, MASK + 1, (2, 12))
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    valid[1, 9:] = False
-    kv = []
-    with torch.no_grad():
-        full = forward_at(model, x, valid, None, kv, model.sink_kv(12) if sink else None)
-        ref = model(x, attention_mask=valid)
-    assert torch.equal(full[valid], ref[valid])  # same kernels, same order: exact
-
-
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_approximate_caches_are_exact_within_a_single_step_block(memorised, cache):
     # one step per block: every block starts with a refresh, so the cache is never stale
@@ -168,26 +155,27 @@ def test_cfg_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
     assert generate(model, prompts, cfg.replace(cache=cache), MASK, EOS) == generate(model, prompts, cfg, MASK, EOS)
 
 
+@pytest.mark.parametrize("kw", SELF_ONLY_VARIANTS, ids=_name)
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
-def test_cached_step_with_nothing_decoded_since_the_refresh_gives_the_refresh_logits(cache, cfg_scale):
-    """The cached path (head at the masked positions only, CFG twins, padding) reads K/V that are not
-    stale here, so it must reproduce the full forward of the refresh."""
-    model = random_model(sink=1)
+def test_cached_step_with_nothing_decoded_since_the_refresh_gives_the_refresh_logits(kw, cache, cfg_scale):
+    """For every sink/gate/GQA variant: the refresh is the full forward (exact), and the cached path
+    (head at the masked positions only, CFG twins, padding) reads K/V that are not stale here, so it
+    must reproduce it."""
+    torch.manual_seed(0)
+    model = DLM(tiny(**_options(kw))).eval()
     cfg = SampleConfig(gen_length=8, steps=8, block_length=4, cache=cache, cfg_scale=cfg_scale)
     canvas = build_canvas([[1, 2, 3], [4, 5, 6, 7, 8]], [8, 8], "right", MASK, EOS, torch.device("cpu"))
-    forward = Forward(model, canvas, cfg)
     window = canvas.start[:, None] + torch.arange(4)
     queries = canvas.start[:, None] + torch.arange(8 if cache == "prefix" else 4)
     wanted = torch.tensor([[True, False, True, True], [False, True, True, False]])
-    refreshed = forward(canvas.x, window, queries, True, wanted)
-    cached = forward(canvas.x, window, queries, False, wanted)
-    assert refreshed.shape == (5, MASK) and torch.allclose(cached, refreshed, atol=1e-5)
-    with torch.no_grad():  # the head mask picks the same rows as the full output
-        full = forward_at(model, canvas.x, canvas.valid, None, [], model.sink_kv(canvas.x.shape[1]))
-        at = torch.zeros_like(canvas.valid).scatter_(1, window[:, :2], True)
-        picked = forward_at(model, canvas.x, canvas.valid, None, [], model.sink_kv(canvas.x.shape[1]), head=at)
-    assert torch.allclose(picked, full[at], atol=1e-6)
+    with model.sink_cache():
+        full = Forward(model, canvas, cfg.replace(cache="none"))(canvas.x, window, queries, True, wanted)
+        forward = Forward(model, canvas, cfg)
+        refreshed = forward(canvas.x, window, queries, True, wanted)
+        cached = forward(canvas.x, window, queries, False, wanted)
+    assert refreshed.shape == (5, MASK) and torch.equal(refreshed, full)
+    torch.testing.assert_close(cached, refreshed, rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_same_output_and_other_seed_differs():

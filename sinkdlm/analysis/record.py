@@ -1,8 +1,8 @@
 """Record per-head attention statistics while a model runs: a sampling trajectory or masked text.
 
 The recorder wraps the model from outside: a forward pre-hook injects the model's `observer` (which
-switches attention to the eager path) and notes each forward's input, and hooks on the key
-projections give key norms. Each layer's (B, H, T, S+T) probabilities are reduced at once to
+switches attention to the eager path and hands over each layer's probabilities, keys and values)
+and notes each forward's input. Each layer's (B, H, T, S+T) probabilities are reduced at once to
 per-key column sums; full maps are kept only for the few steps chosen for figures. One forward is
 one step: the sampler runs one forward per denoising step (no CFG, no approximate cache).
 """
@@ -56,24 +56,14 @@ class Recorder:
         if bad:
             raise UserError(f"layers {bad} do not exist; the model has layers 0..{n_layer - 1}")
         self.steps: list[_Step] = []
-        self._key_calls: dict[int, list[Tensor]] = {}
-        self._sink_key_norms: dict[int, list[Tensor]] = {}
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["Recorder"]:
-        handles = [self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
-        for i, block in enumerate(self.model.blocks):
-            handles.append(block.attn.k.register_forward_hook(self._key_hook(i)))
+        handle = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         try:
             yield self
         finally:
-            for h in handles:
-                h.remove()
-
-    def _key_hook(self, layer: int):
-        def hook(module, args, output: Tensor) -> None:
-            self._key_calls.setdefault(layer, []).append(output.detach())
-        return hook
+            handle.remove()
 
     def _pre_forward(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         idx = args[0] if args else kwargs.pop("idx")
@@ -84,44 +74,16 @@ class Recorder:
             mask = self.before(len(self.steps), idx, mask)
         key_content = query_valid if mask is None else mask.bool()
         sinks = torch.ones(b, self.model.cfg.sink_tokens, dtype=torch.bool, device=idx.device)
-        self._prepare_sink_keys(t)
-        self._key_calls = {}
         self.steps.append(_Step(idx.detach().cpu(), query_valid.cpu(), torch.cat([sinks, key_content], 1).cpu()))
         return (idx,), {**kwargs, "attention_mask": mask, "observer": self._observe}
 
-    def _prepare_sink_keys(self, t: int) -> None:
-        """Self-only sinks have constant keys; the sampler's cached path never projects them."""
-        cfg = self.model.cfg
-        if cfg.sink_tokens and cfg.sink_self_only and t not in self._sink_key_norms:
-            self._sink_key_norms[t] = [l2_norms(ks)[0] for ks, _ in self.model.sink_kv(t)]  # (H, S) each
-
-    def _key_norms(self, layer: int, b: int, t: int) -> Tensor:
-        """(B, H, S+T) L2 norms of the keys [sinks; content] (RoPE rotates pairs: norms unchanged)."""
-        cfg = self.model.cfg
-        calls = self._key_calls.get(layer, [])
-        rep = cfg.n_head // cfg.groups
-
-        def per_head(k: Tensor) -> Tensor:  # (B', N, G*D) -> (B', H, N)
-            norms = k.view(k.shape[0], k.shape[1], cfg.groups, cfg.hd).float().norm(dim=-1)
-            return norms.transpose(1, 2).repeat_interleave(rep, dim=1)
-
-        # the content projection is the (B, T) call; a sink stream (1|B, S) may come before (the
-        # model filling its sink cache) or after it (no cache); equal shapes only if B = 1, T = S
-        content_calls = [k for k in calls if k.shape[:2] == (b, t)]
-        content = per_head(content_calls[0] if not cfg.sink_self_only else content_calls[-1])
-        if not cfg.sink_tokens:
-            return content
-        sink = self._sink_key_norms[t][layer][None] if cfg.sink_self_only else per_head(calls[-1])
-        return torch.cat([sink.expand(b, -1, -1), content], dim=2)
-
-    def _observe(self, layer: int, probs: Tensor, values: Tensor, n_sink: int) -> None:
+    def _observe(self, layer: int, probs: Tensor, keys: Tensor, values: Tensor, n_sink: int) -> None:
         if layer not in self.layers:
             return
         step, index = self.steps[-1], len(self.steps) - 1
-        b, _, t, _ = probs.shape
         step.colsum[layer] = column_sums(probs, step.query_valid.to(probs.device)).cpu()
-        step.value_norm[layer] = l2_norms(values).expand(b, -1, -1).cpu()
-        step.key_norm[layer] = self._key_norms(layer, b, t).cpu()
+        step.value_norm[layer] = l2_norms(values).cpu()
+        step.key_norm[layer] = l2_norms(keys).cpu()  # RoPE rotates pairs: norms as before it
         map_layers = self.settings.map_layers
         if index in self.settings.map_steps and (map_layers is None or layer in map_layers):
             step.maps[layer] = probs[0].float().cpu()

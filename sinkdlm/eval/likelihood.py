@@ -133,7 +133,7 @@ def _model_context(model: torch.nn.Module) -> contextlib.AbstractContextManager:
 
 def _forward(model: torch.nn.Module, ids: Tensor, attention: Tensor | None, positions: Tensor) -> Tensor:
     """Logits at `positions` only: (N, vocab)."""
-    return model(ids, attention_mask=attention, positions=positions)
+    return model(ids, attention_mask=attention, logits_at=positions)
 
 
 def _run_batch(model: torch.nn.Module, rows: list[Row], cfg: float,
