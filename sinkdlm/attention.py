@@ -43,6 +43,15 @@ def content_mask(attention_mask: Tensor | None, causal: bool, t: int, device: to
     return mask
 
 
+def row_lengths(mask: Tensor | None, t: int, device: torch.device) -> Tensor:
+    """(B|1,) one past each row's last key that some query may see (its real length, padding
+    excluded); t for every row without a mask."""
+    if mask is None:
+        return torch.full((1,), t, device=device)
+    seen = mask.any(dim=-2)[:, 0]  # (B|1, T)
+    return (seen * torch.arange(1, t + 1, device=device)).amax(dim=-1)
+
+
 def query_rows(mask: Tensor | None, rows: Tensor | None) -> Tensor | None:
     """The rows of a content mask that belong to the queries being computed, (B, N) positions;
     a mask of keys only, (B|1, 1, 1, T), holds for every query as it is."""

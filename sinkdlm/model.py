@@ -4,9 +4,11 @@ Sink tokens (cfg.sink_tokens > 0) are learned vectors outside the vocabulary. Co
 to them; with cfg.sink_self_only each sink attends only to itself, so its hidden state, and hence
 its keys (before RoPE) and values, in every layer are the same for every input. The fast path uses
 that: the sink stream is run once per forward with batch size 1 (once per `sink_cache()` at
-inference), and content queries attend, unmasked, over [sink keys; content keys]. The reference
-path is the paper code's: sinks spliced into the sequence with a dense (S+T)^2 mask; it is the test
-oracle. Sinks are dropped before the final norm, so logits cover only the real tokens.
+inference), and content queries attend, unmasked, over [sink keys; content keys]. Only the sink
+keys' RoPE rotation depends on the input: end sinks sit right after each row's own last real token,
+so a row's outputs do not depend on the padding of its batch. The reference path is the paper
+code's: sinks spliced into the sequence with a dense (S+T)^2 mask; it is the test oracle. Sinks
+are dropped before the final norm, so logits cover only the real tokens.
 
 `DLM.forward` is the one forward of the network: training, likelihood scoring (logits only where
 asked), the sampler's approximate KV caches (a `KVCache` and the rows being recomputed) and
@@ -45,10 +47,10 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_cache(positions: Tensor, dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos/sin (T, dim) for rotate-halves RoPE over the full head dim."""
+def rope_cache(positions: Tensor, dim: int, base: float) -> Rope:
+    """cos/sin (..., dim) of positions (...) for rotate-halves RoPE over the full head dim."""
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
-    angles = positions.float()[:, None] * inv_freq[None]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -247,13 +249,17 @@ class DLM(nn.Module):
     def mask_id(self) -> int:
         return self.cfg.mask_id
 
-    def positions(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """RoPE positions of content and sinks: front sinks come first, end sinks after the content."""
+    def positions(self, t: int, cmask: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+        """RoPE positions of the content (T,) and of the sinks (B|1, S) of a width-t input whose
+        content mask is cmask. Front sinks come first; end sinks right after each row's last real
+        token (the last key some query may see), so that they do not move with the padding of the
+        batch a row is in. (A key hidden from every query, as the top-K masking intervention does,
+        counts as padding here.)"""
         s = self.cfg.sink_tokens
         ar = torch.arange(t + s, device=device)
         if self.cfg.sink_position == "front":
-            return ar[s:], ar[:s]
-        return ar[:t], ar[t:]
+            return ar[s:], ar[None, :s]
+        return ar[:t], A.row_lengths(cmask, t, device)[:, None] + ar[None, :s]
 
     def forward(self, idx: Tensor, attention_mask: Tensor | None = None, logits_at: Tensor | None = None,
                 kv: KVCache | None = None, query_index: Tensor | None = None,
@@ -296,20 +302,20 @@ class DLM(nn.Module):
         return self.lm_head(x)
 
     def _rope(self, positions: Tensor) -> Rope:
-        return rope_cache(positions, self.cfg.hd, self.cfg.rope_base)
+        """cos/sin of positions (N,), or per row (B, N), broadcastable to (B, H, N, D)."""
+        cos, sin = rope_cache(positions, self.cfg.hd, self.cfg.rope_base)
+        return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
     def _run_fast(self, x: Tensor, w: int, cmask: Tensor | None, kv: KVCache | None, rows: Tensor | None,
                   observer: Observer | None) -> Tensor:
         """Content rows x (B, N, E) of a width-w input; sinks as [sink keys; content keys]."""
-        pos_c, pos_s = self.positions(w, x.device)
-        cos, sin = self._rope(pos_c)
-        rope = (cos, sin) if rows is None else (cos[rows][:, None], sin[rows][:, None])  # (B, 1, N, D)
+        pos_c, pos_s = self.positions(w, cmask, x.device)
+        rope, sink_rope = self._rope(pos_c if rows is None else pos_c[rows]), self._rope(pos_s)
         mask = A.with_sink_columns(A.query_rows(cmask, rows), self.cfg.sink_tokens)
         if self.cfg.sink_tokens and not self.cfg.sink_self_only:
             if kv is not None:
                 raise ValueError("a KV cache needs sinks that attend only to themselves")
-            return self._run_sink_seeing_all(x, rope, self._rope(pos_s), mask, observer)
-        sink_rope = self._rope(pos_s)
+            return self._run_sink_seeing_all(x, rope, sink_rope, mask, observer)
         sinks = [(apply_rope(k, *sink_rope), v) for k, v in self.sink_kv()] if self.cfg.sink_tokens else \
             [None] * self.cfg.n_layer
         for block, sink_kv in zip(self.blocks, sinks):
@@ -329,7 +335,9 @@ class DLM(nn.Module):
         sinks = self.sink[None].expand(b, -1, -1)
         seq = torch.cat([sinks, x], 1) if front else torch.cat([x, sinks], 1)
         mask = A.dense_sink_mask(cmask, b, t, s, front, self.cfg.sink_self_only, x.device)
-        rope = self._rope(torch.arange(t + s, device=x.device))
+        pos_c, pos_s = self.positions(t, cmask, x.device)
+        pos_c = pos_c.expand(pos_s.shape[0], -1)
+        rope = self._rope(torch.cat([pos_s, pos_c] if front else [pos_c, pos_s], dim=1))
         is_sink = torch.zeros(t + s, dtype=torch.bool, device=x.device)
         is_sink[slice(0, s) if front else slice(t, t + s)] = True
         zero_at = is_sink if self.cfg.sink_zero_value else None

@@ -13,8 +13,8 @@ semi-autoregressive blocks of `block_length`; within a block each step
    every candidate whose p(x0) exceeds it (Fast-dLLM parallel decoding: the schedule stays the
    minimum, so nothing is left masked at the end of a block).
 
-Caching. The sink's per-layer keys/values are constants of the model: `model.sink_cache()` computes
-them once. `cache="prefix"|"dual"` is Fast-dLLM's *approximate* KV cache: at the start of each block
+Caching. The sink's per-layer keys (before RoPE) and values are constants of the model:
+`model.sink_cache()` computes them once. `cache="prefix"|"dual"` is Fast-dLLM's *approximate* KV cache: at the start of each block
 one full forward stores every position's per-layer K/V; later steps of the block recompute only the
 block and everything after it (prefix) or only the block (dual), attending to the stored K/V of the
 rest. Stored K/V of positions decoded since the refresh are stale, so outputs can differ from full

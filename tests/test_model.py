@@ -66,6 +66,28 @@ def test_fast_equals_reference(kw, padded):
         torch.testing.assert_close(gf[name], gr[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def _left_padding_keeps_positions(kw):
+    """RoPE sees only relative positions, so left padding shifts a row harmlessly unless front
+    sinks stay at positions 0..S-1 while its content moves."""
+    return not kw.get("sink_tokens") or kw["sink_position"] == "end"
+
+
+@pytest.mark.parametrize("kw", ALL_VARIANTS, ids=_name)
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_rows_logits_do_not_depend_on_the_padding_of_its_batch(kw, impl):
+    """End sinks sit right after each row's own last token, whatever the batch's width."""
+    model = DLM(tiny(attn_impl=impl, **_options(kw))).eval()
+    row = torch.randint(0, 51, (1, 7))
+    batch, am = torch.randint(0, 51, (3, 12)), torch.ones(3, 12, dtype=torch.long)
+    batch[1, :7], am[1, 7:], am[2, 10:] = row, 0, 0
+    with torch.no_grad():
+        alone = model(row)[0]
+        torch.testing.assert_close(model(batch, am)[1, :7], alone, rtol=1e-5, atol=1e-5)
+        if _left_padding_keeps_positions(kw):
+            batch[1, 5:], am[1] = row, torch.arange(12) >= 5
+            torch.testing.assert_close(model(batch, am)[1, 5:], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_eager_equals_fast():
     fast, _ = _pair(sink_tokens=2, attn_gate="elementwise")
     eager = DLM(tiny(attn_impl="eager", sink_tokens=2, attn_gate="elementwise"))
