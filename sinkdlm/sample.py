@@ -13,11 +13,16 @@ semi-autoregressive blocks of `block_length`; within a block each step
    every candidate whose p(x0) exceeds it (Fast-dLLM parallel decoding: the schedule stays the
    minimum, so nothing is left masked at the end of a block).
 
+Randomness is per prompt: its draws are a function of (seed, its index in the whole input, step)
+(`RowNoise`), so its completion does not depend on the batch size, its batch mates or their order.
+The exceptions are batch-level by design: flattened_batch ranking, and left padding with front
+sinks (its padding, and so its distance to the sinks, is set by the batch's longest prompt).
+
 Caching. The sink's per-layer keys (before RoPE) and values are constants of the model:
-`model.sink_cache()` computes them once. `cache="prefix"|"dual"` is Fast-dLLM's *approximate* KV cache: at the start of each block
-one full forward stores every position's per-layer K/V; later steps of the block recompute only the
-block and everything after it (prefix) or only the block (dual), attending to the stored K/V of the
-rest. Stored K/V of positions decoded since the refresh are stale, so outputs can differ from full
+`model.sink_cache()` computes them once. `cache="prefix"|"dual"` is Fast-dLLM's *approximate* KV
+cache (a `model.KVCache`): at the start of each block one full forward stores every position's
+per-layer K/V; later steps of the block recompute only the block and everything after it (prefix)
+or only the block (dual), attending to the stored K/V of the rest. Stored K/V of positions decoded since the refresh are stale, so outputs can differ from full
 recompute; Fast-dLLM reports < 1 point GSM8K accuracy loss on LLaDA. Measure it for your model with
 benchmarks/bench_generate.py.
 """
@@ -26,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from sinkdlm import diffusion as D
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM, KVCache
 
@@ -40,6 +46,7 @@ RANKINGS = ("per_sequence", "flattened_batch")
 CACHES = ("none", "prefix", "dual")
 PADDINGS = ("right", "left")
 UNIFORM_FLOOR = 1e-300  # keeps -log(-log u) finite in float64
+SEED_RANGE = 2**53  # a float64 uniform's bits, turned into a generator seed
 
 StepCallback = Callable[[int, Tensor], None]
 
@@ -59,8 +66,9 @@ class SampleConfig:
     suppress_eos_steps: int = 0  # forbid EOS during the first N steps
     min_length: int = 0  # forbid EOS in the first N generated positions
     batch_ranking: str = "per_sequence"  # flattened_batch: SMDM GSM8K script's ranking over the batch
+    # (a batch-level rule: the only setting under which a row's output depends on its batch mates)
     cache: str = "none"  # none | prefix | dual (approximate, Fast-dLLM)
-    padding: str = "right"  # right | left
+    padding: str = "right"  # right | left (left: front sinks' distance to a row's content depends on its batch)
     length_includes_prompt: bool = False  # SMDM's context_length: gen_length counts the prompt
     seed: int = 0
 
@@ -164,23 +172,39 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
+class RowNoise:
+    """One step's random numbers, row by row. Row i draws from its own generators, seeded from
+    (seed, step, indices[i]) by sinkdlm.diffusion.draw_uniforms, the mechanism that gives training
+    its per-example noise: a prompt's draws depend on its index in the whole input, never on its
+    batch mates, their number or their order. Each kind of draw has its own stream."""
+
+    GUMBEL, REMASK, STREAMS = 0, 1, 2
+
+    def __init__(self, seed: int, step: int, indices: Sequence[int], counts: Tensor) -> None:
+        self.seed, self.step, self.indices = seed, step, indices
+        self.counts, self.device = counts.tolist(), counts.device
+
+    def uniforms(self, stream: int, width: int) -> Tensor:
+        """(sum(counts), width) float64 uniforms: counts[i] rows from row i's generator."""
+        seeds = D.draw_uniforms(self.seed, self.step, self.indices, self.STREAMS)[:, stream] * SEED_RANGE
+        return torch.cat([
+            torch.rand((n, width), generator=torch.Generator(self.device).manual_seed(int(seed)),
+                       device=self.device, dtype=torch.float64)
+            for seed, n in zip(seeds.tolist(), self.counts)])
+
+
+def gumbel_argmax(logits: Tensor, temperature: float, uniforms: Tensor) -> Tensor:
     """argmax(logits / T + Gumbel) in float64 (low-precision Gumbel noise hurts MDM samples)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(u.clamp(min=UNIFORM_FLOOR)))
+    gumbel = -torch.log(-torch.log(uniforms.clamp(min=UNIFORM_FLOOR)))
     return (logits / temperature + gumbel).argmax(-1)
 
 
-def propose(logits: Tensor, cfg: SampleConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """logits (..., V) -> x0, confidence p(x0), ranking score, each (...); float64.
-
-    The sampler passes the still-masked positions of a step, so Gumbel (and random-remasking) draws
-    are per masked position: a fixed seed and batch give fixed outputs, but not the same ones as
-    drawing over the whole block."""
+def propose(logits: Tensor, cfg: SampleConfig, noise: RowNoise) -> tuple[Tensor, Tensor, Tensor]:
+    """logits (n, V) of the still-masked positions of a step, row by row -> x0, confidence p(x0),
+    ranking score, each (n,); float64. Gumbel (and random-remasking) draws are per masked position."""
     logits = filter_logits(logits.double(), cfg.top_k, cfg.top_p)
-    x0 = gumbel_argmax(logits, cfg.temperature, gen)
+    x0 = logits.argmax(-1) if cfg.temperature == 0 else \
+        gumbel_argmax(logits, cfg.temperature, noise.uniforms(RowNoise.GUMBEL, logits.shape[-1]))
     probs = logits.softmax(-1)
     confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
     if cfg.remasking == "low_confidence":
@@ -191,13 +215,14 @@ def propose(logits: Tensor, cfg: SampleConfig, gen: torch.Generator) -> tuple[Te
     elif cfg.remasking == "entropy":
         score = torch.xlogy(probs, probs).sum(-1)  # minus the entropy: sure predictions first
     else:
-        score = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
+        score = noise.uniforms(RowNoise.REMASK, 1)[:, 0]
     return x0, confidence, score
 
 
 def select(score: Tensor, candidate: Tensor, n: Tensor, ranking: str) -> Tensor:
     """Boolean (B, N): the n[i] best-scoring candidates of each row, or with flattened_batch the n
-    (a scalar: the batch's scheduled total) best of the whole batch, as SMDM's GSM8K script ranks."""
+    (a scalar: the batch's scheduled total) best of the whole batch, as SMDM's GSM8K script ranks:
+    the one rule under which a row's output depends on its batch mates."""
     score = score.masked_fill(~candidate, float("-inf"))
     if ranking == "flattened_batch":
         total = int(n.sum())
@@ -289,8 +314,11 @@ def _fill_after_eos(x: Tensor, canvas: Canvas, eos_id: int, mask_id: int) -> Ten
 
 @torch.no_grad()
 def _decode_block(x: Tensor, b: int, canvas: Canvas, forward: Forward, cfg: SampleConfig,
-                  mask_id: int, eos_id: int, gen: torch.Generator, step0: int,
+                  mask_id: int, eos_id: int, indices: Sequence[int], step0: int,
                   on_step: StepCallback | None) -> tuple[Tensor, int]:
+    """Decode block b; returns the canvas and the running step count (for on_step and stats). The
+    noise and EOS suppression use the block's scheduled step b * steps + s instead, which does not
+    depend on when the batch's other rows let an earlier block finish early."""
     block = cfg.block_length or int((canvas.end - canvas.start).max())
     steps = cfg.steps // cfg.n_blocks
     width = x.shape[1]
@@ -305,9 +333,11 @@ def _decode_block(x: Tensor, b: int, canvas: Canvas, forward: Forward, cfg: Samp
         if not candidate.any():
             break
         logits = forward(x, window, queries, s == 0, candidate)  # (n, V) at the masked positions
-        logits = _suppress_eos(logits, (window - canvas.start[:, None])[candidate], step, cfg, eos_id)
+        scheduled = b * steps + s
+        logits = _suppress_eos(logits, (window - canvas.start[:, None])[candidate], scheduled, cfg, eos_id)
+        noise = RowNoise(cfg.seed, scheduled, indices, candidate.sum(1))
         x0, confidence, score = (torch.zeros(candidate.shape, dtype=t.dtype, device=t.device)
-                                 .masked_scatter(candidate, t) for t in propose(logits, cfg, gen))
+                                 .masked_scatter(candidate, t) for t in propose(logits, cfg, noise))
         per_row = cfg.batch_ranking == "per_sequence"
         n = scheduled_count(candidate.sum(1) if per_row else candidate.sum(), steps - s)
         chosen = select(score, candidate, n, cfg.batch_ranking)
@@ -336,11 +366,15 @@ def _completions(x: Tensor, canvas: Canvas, cfg: SampleConfig, eos_id: int) -> l
 
 @torch.no_grad()
 def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: int, eos_id: int,
-             on_step: StepCallback | None = None, stats: dict | None = None) -> list[list[int]]:
+             on_step: StepCallback | None = None, stats: dict | None = None,
+             indices: Sequence[int] | None = None) -> list[list[int]]:
     """Generate after each prompt by reverse diffusion; returns the new tokens of each sequence.
 
     on_step(step, tokens (B, W)) sees the canvas after every step (mask id = not yet decoded).
     stats, when given, receives {"forward_calls": n, "steps": n}.
+    indices: each prompt's index in the whole input (default 0..B-1). A prompt's random draws are a
+    function of (cfg.seed, its index, step), so a caller that splits a larger input into batches
+    gets the same completions for every batch size and order (except with flattened_batch ranking).
     """
     if mask_id != model.mask_id:
         raise UserError(f"mask id {mask_id} is not the model's ({model.mask_id})")
@@ -348,19 +382,21 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     gens = validate_prompts(prompts, cfg, model.cfg.block_size)
     device = next(model.parameters()).device
     canvas = build_canvas(prompts, gens, cfg.padding, mask_id, eos_id, device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    indices = list(range(len(prompts)) if indices is None else indices)
+    if len(indices) != len(prompts):
+        raise UserError(f"{len(indices)} prompt indices for {len(prompts)} prompts; give one per prompt")
     x, step = canvas.x, 0
     with model.sink_cache():
         forward = Forward(model, canvas, cfg)
         for b in range(cfg.n_blocks):
-            x, step = _decode_block(x, b, canvas, forward, cfg, mask_id, eos_id, gen, step, on_step)
+            x, step = _decode_block(x, b, canvas, forward, cfg, mask_id, eos_id, indices, step, on_step)
     if stats is not None:
         stats.update(forward_calls=forward.calls, steps=step)
     return _completions(x, canvas, cfg, eos_id)
 
 
 def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig, second: SampleConfig,
-                       mask_id: int, eos_id: int) -> list[list[int]]:
+                       mask_id: int, eos_id: int, indices: Sequence[int] | None = None) -> list[list[int]]:
     """SMDM's GSM8K decoding: generate the reasoning, then generate again from prompt + reasoning.
 
     SMDM decodes stage 1, drops the EOS padding and re-tokenizes prompt + reasoning as the stage-2
@@ -368,9 +404,9 @@ def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig
     stage-1 tokens up to the first EOS are appended directly: sinkdlm's SFT data builds the stage-2
     prompt as the stage-1 prompt's tokens + the response's tokens (sinkdlm.sft.gsm8k_examples), so
     appending is exactly what the model was trained on, while a decode/re-encode round trip can merge
-    tokens across the boundary. Returns stage-1 + stage-2 tokens per sequence.
+    tokens across the boundary. Returns stage-1 + stage-2 tokens per sequence. indices: as in generate.
     """
-    reasoning = generate(model, prompts, first.replace(eos="stop"), mask_id, eos_id)
+    reasoning = generate(model, prompts, first.replace(eos="stop"), mask_id, eos_id, indices=indices)
     prompts2 = [p + r for p, r in zip(prompts, reasoning)]
-    answers = generate(model, prompts2, second, mask_id, eos_id)
+    answers = generate(model, prompts2, second, mask_id, eos_id, indices=indices)
     return [r + a for r, a in zip(reasoning, answers)]

@@ -197,6 +197,43 @@ def test_end_sink_generation_does_not_depend_on_the_batch_padding(cache):
     assert generate(model, [[4, 5, 6, 7, 8, 9, 10], [1, 2, 3], [11, 12]], cfg, MASK, EOS)[1] == alone[0]
 
 
+BATCH_PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 12]]
+
+
+@pytest.mark.parametrize("model_kw", [dict(sink=0), dict(sink=1), dict(sink=2, sink_position="end")], ids=str)
+@pytest.mark.parametrize("changes", [
+    dict(temperature=0.7), dict(remasking="random"), dict(temperature=0.7, top_p=0.9, padding="left"),
+    dict(temperature=0.7, remasking="random", threshold=0.3, cfg_scale=1.0, cache="dual", suppress_eos_steps=3),
+], ids=str)
+def test_a_prompts_sample_does_not_depend_on_its_batch(model_kw, changes):
+    """Every random draw of a row is a function of (seed, the prompt's index, step): batch sizes 1
+    and 3 and a shuffled order (mapped back) give the same completions."""
+    if changes.get("padding") == "left" and model_kw.get("sink_position", "front") == "front" and model_kw["sink"]:
+        pytest.skip("left padding moves a row's content away from front sinks by its batch's longest prompt")
+    model = sharpened_model(**model_kw)
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, seed=3, **changes)
+    together = generate(model, BATCH_PROMPTS, cfg, MASK, EOS)
+    alone = [generate(model, [p], cfg, MASK, EOS, indices=[i])[0] for i, p in enumerate(BATCH_PROMPTS)]
+    assert alone == together
+    order = [2, 0, 1]
+    shuffled = generate(model, [BATCH_PROMPTS[i] for i in order], cfg, MASK, EOS, indices=order)
+    assert [shuffled[order.index(i)] for i in range(3)] == together
+    assert generate(model, BATCH_PROMPTS, cfg.replace(seed=4), MASK, EOS) != together
+
+
+def test_two_stage_sample_does_not_depend_on_its_batch():
+    model = sharpened_model()
+    first, second = SampleConfig(gen_length=4, steps=4, temperature=0.7), SampleConfig(gen_length=4, steps=4)
+    together = generate_two_stage(model, BATCH_PROMPTS, first, second.replace(temperature=0.7), MASK, EOS)
+    assert [generate_two_stage(model, [p], first, second.replace(temperature=0.7), MASK, EOS, indices=[i])[0]
+            for i, p in enumerate(BATCH_PROMPTS)] == together
+
+
+def test_prompt_indices_must_match_the_prompts():
+    with pytest.raises(UserError, match="indices"):
+        generate(random_model(), [[1, 2]], SampleConfig(gen_length=4, steps=4), MASK, EOS, indices=[0, 1])
+
+
 def test_same_seed_same_output_and_other_seed_differs():
     model = random_model()
     cfg = SampleConfig(gen_length=16, steps=8, temperature=1.0, seed=7)
@@ -287,6 +324,17 @@ def test_cli_generates_deterministically(checkpoint, tmp_path, monkeypatch, caps
     assert rows[0]["prompt"] == prompt and len(rows[0]["completion"].split()) == 20
     assert cli_in_process(monkeypatch, *args) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["completion"] == rows[0]["completion"]
+
+
+def test_cli_completions_do_not_depend_on_the_batch_size(checkpoint, tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["w3 w9 w2", "w10 w11 w12 w13 w14", "w40"]))
+    args = ["--checkpoint", checkpoint, "--input", prompts, "--gen-length", 8, "--steps", 8, "--temperature", 2.0]
+    outputs = []
+    for batch in (1, 3):
+        assert cli_in_process(monkeypatch, *args, "--batch-size", batch) == 0
+        outputs.append([json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 3
 
 
 def test_cli_bad_input_exits_2_in_a_subprocess(checkpoint):

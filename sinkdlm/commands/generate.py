@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                        disable=len(texts) <= args.batch_size and not args.output):
             chunk = texts[lo: lo + args.batch_size]
             ids = [tok.encode(t).ids for t in chunk]
-            completions = generate(model, ids, cfg.replace(seed=cfg.seed + lo), model.mask_id, eos)
+            completions = generate(model, ids, cfg, model.mask_id, eos, indices=range(lo, lo + len(ids)))
             for text, tokens in zip(chunk, completions):
                 row = {"prompt": text, "completion": tok.decode(tokens, skip_special_tokens=True)}
                 out.write(json.dumps(row) + "\n")

@@ -157,12 +157,11 @@ def _fits(prompt: list[int], settings: GSM8KSettings, block_size: int) -> bool:
     return len(prompt) + sum(s.gen_length for s in stages) <= block_size
 
 
-def _generate(model, prompts: list[list[int]], settings: GSM8KSettings, eos_id: int, offset: int) -> list[list[int]]:
-    first = settings.first.replace(seed=settings.first.seed + offset)
+def _generate(model, prompts: list[list[int]], settings: GSM8KSettings, eos_id: int,
+              indices: list[int]) -> list[list[int]]:
     if settings.second is None:
-        return generate(model, prompts, first, model.mask_id, eos_id)
-    second = settings.second.replace(seed=settings.second.seed + offset)
-    return generate_two_stage(model, prompts, first, second, model.mask_id, eos_id)
+        return generate(model, prompts, settings.first, model.mask_id, eos_id, indices=indices)
+    return generate_two_stage(model, prompts, settings.first, settings.second, model.mask_id, eos_id, indices)
 
 
 def evaluate(model, tokenizer, eos_id: int, problems: list[dict[str, str]], settings: GSM8KSettings,
@@ -179,8 +178,8 @@ def evaluate(model, tokenizer, eos_id: int, problems: list[dict[str, str]], sett
         prompts_text = [gsm8k_prompt(p["question"]) for p in chunk]
         prompts = [tokenizer.encode(t).ids for t in prompts_text]
         fits = [_fits(p, settings, model.cfg.block_size) for p in prompts]
-        generated = iter(_generate(model, [p for p, ok in zip(prompts, fits) if ok], settings, eos_id, lo)
-                         if any(fits) else [])
+        generated = iter(_generate(model, [p for p, ok in zip(prompts, fits) if ok], settings, eos_id,
+                                   [lo + i for i, ok in enumerate(fits) if ok]) if any(fits) else [])
         for problem, prompt, ok in zip(chunk, prompts_text, fits):
             text = _decode(tokenizer, next(generated)) if ok else ""
             predicted, gold = extract_answer(text), extract_answer(problem["answer"])
