@@ -269,11 +269,12 @@ class DLM(nn.Module):
         attention_mask: (B, W) with 1 = real, 0 = padding, or a (B|1, 1, W, W) bool matrix of the
         content keys each query may see.
         kv: a KVCache to fill, or with query_index (B, N) positions of idx, to read: only those
-        positions are computed (self-only sinks; the reference layout is not used), (B, N, vocab).
+        positions are computed (needs self-only sinks), (B, N, vocab).
         logits_at: (N, 2) (row, column) pairs of the computed positions (columns of idx, or of
         query_index when given): only those logits are computed, (N, vocab) row by row (the LM head
         is a large share of the cost).
         observer: sees every layer's attention (see Observer); attention then runs eagerly.
+        The fast layout serves the KV cache and the observer whatever attn_impl says.
         """
         if query_index is not None and (kv is None or self.cfg.logit_shift):
             raise ValueError("query_index needs a KVCache and an unshifted model")
