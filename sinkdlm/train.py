@@ -366,20 +366,24 @@ def records_to_keep(path: Path, resume_step: int) -> list[str]:
     lines = path.read_text(errors="replace").splitlines()
     kept = []
     for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record = "torn"
+        if not line.strip():
+            continue
+        record = json_object(line)
+        if record is None and number < len(lines):
+            raise UserError(f"{path}:{number}: not a JSON object; fix or remove that line, then resume")
         if record is None:
-            continue
-        if not isinstance(record, dict):
-            if number < len(lines):
-                raise UserError(f"{path}:{number}: not a JSON object; fix or remove that line, then resume")
             print(f"warning: {path}:{number}: dropped a torn last line (a kill during an append)", file=sys.stderr)
-            continue
-        if record.get("step", 0) <= resume_step:
+        elif record.get("step", 0) <= resume_step:
             kept.append(line)
     return kept
+
+
+def json_object(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class MetricsLog:
