@@ -1,8 +1,10 @@
 """Checkpoints are folders: weights (safetensors), resolved config, tokenizer, trainer state, meta.
 
 A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a
-broken `step-*` folder; older ones are pruned only after the new one is complete. Nothing is ever
-loaded through pickle code execution: safetensors for weights, `weights_only=True` for state.
+broken `step-*` folder; a finished checkpoint is never rewritten. Older ones are pruned only after
+the new one is complete, each renamed to a hidden name before it is deleted, so a kill part-way never
+leaves a partial `step-*` folder. Nothing is ever loaded through pickle code execution: safetensors
+for weights, `weights_only=True` for state.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle  # only for its exception type: loading is weights_only
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ STATE = "trainer_state.pt"
 META = "meta.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"  # a folder being deleted: hidden first, so it is never mistaken for a checkpoint
+NEEDED_CLASS = re.compile(r"GLOBAL (\S+)")  # how torch names the class a weights_only load refused
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -63,6 +68,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def discard(path: Path) -> None:
+    """Delete a folder by first renaming it to a hidden name (atomic), then removing that."""
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def remove_leftovers(run: Path) -> None:
+    """Hidden folders a kill left behind: half-written checkpoints and half-deleted ones."""
+    for path in run.glob(".*"):
+        if path.is_dir() and path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(path)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], cfg: Config,
                     meta: dict[str, Any], tokenizer: str | Path | None = None,
                     trainer_state: dict[str, Any] | None = None, keep_last: int = 0) -> Path:
@@ -70,8 +90,11 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = step_dir(run, step)
+    if final.exists():
+        raise UserError(f"{final} already exists and a finished checkpoint is never rewritten; "
+                        f"resume the run (train.resume=true) or use a new train.out_dir")
+    remove_leftovers(run)
     tmp = run / f"{TMP_PREFIX}{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
     save_config(cfg, tmp / CONFIG)
@@ -83,13 +106,11 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(run)
     if keep_last > 0:
         for old in list_checkpoints(run)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     return final
 
 
@@ -127,29 +148,49 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     ckpt = resolve(path)
     try:
         return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never advise that
+        needed = NEEDED_CLASS.search(str(e))
+        what = f"the class {needed.group(1)}" if needed else "objects other than tensors and plain data"
+        raise UserError(f"trainer state in {ckpt} holds {what}, which only pickle code execution could load "
+                        f"and sinkdlm never runs code from a file; resume from an earlier step-* folder or "
+                        f"retrain") from None
+    except (OSError, RuntimeError, EOFError) as e:
         raise UserError(f"trainer state in {ckpt} is unreadable ({str(e).splitlines()[0]}); "
                         f"resume from an earlier step-* folder") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", **model_overrides: Any):
+def load_into(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, built from its config; a tensor that is missing,
+    extra or of another shape is a UserError naming the file and the tensor."""
+    ckpt = resolve(path)
+    weights, expected = load_weights(ckpt), model.state_dict()
+    problems = [f"lacks {name}" for name in expected if name not in weights]
+    problems += [f"has an unexpected {name}" for name in weights if name not in expected]
+    problems += [f"has {name} of shape {tuple(weights[name].shape)} where the config needs "
+                 f"{tuple(expected[name].shape)}" for name in expected
+                 if name in weights and weights[name].shape != expected[name].shape]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{ckpt / WEIGHTS} {problems[0]}{more}: the weights do not match the config "
+                        f"(the folder was edited or mixed from two runs); restore it, use an earlier "
+                        f"step-* folder, or retrain")
+    model.load_state_dict(weights)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **runtime: Any):
     """Rebuild the model a checkpoint describes (any variant) and load its weights.
 
-    Returns (model in eval mode, Config). `model_overrides` change runtime-only fields such as
-    attn_impl; they must not change the shapes.
+    Returns (model in eval mode, Config). `runtime` changes ModelConfig.RUNTIME_FIELDS only (such as
+    attn_impl), each validated; the architecture is the checkpoint's.
     """
     from sinkdlm.model import DLM
 
     ckpt = resolve(path)
     cfg = load_config_of(ckpt)
-    for key, value in model_overrides.items():
-        setattr(cfg.model, key, value)
+    cfg.model = cfg.model.with_runtime(**runtime)
     model = DLM(cfg.model)
-    weights = load_weights(ckpt)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not match its config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); it was written by another version or edited")
+    load_into(model, ckpt)
     return model.to(device).eval(), cfg
 
 

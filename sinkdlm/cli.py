@@ -30,28 +30,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the parser of the command named in sys.argv (None if none is)."""
     parser = argparse.ArgumentParser(
         prog="sinkdlm",
         description="Train, sample, evaluate and dissect masked diffusion LMs with a sink token.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
+    chosen = None
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, command=name)
         # arguments are declared by the module, imported lazily only for the chosen command
         if len(sys.argv) > 1 and sys.argv[1] == name:
             importlib.import_module(module).configure(p)
-    return parser
+            chosen = p
+    return parser, chosen
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """A command's arguments are parsed intermixed, so `section.key=value` overrides may stand
+    before or after options (plain parsing would blame an override before an option on a later one)."""
+    parser, chosen = build_parser()
+    if chosen is None or any(isinstance(a, argparse._SubParsersAction) for a in chosen._actions):
+        return parser.parse_args(argv)  # no command, help, or a command with its own subcommands
+    return chosen.parse_intermixed_args(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    args = parse_args(sys.argv[1:])
     if not args.command:
-        parser.print_help()
+        build_parser()[0].print_help()
         return 0
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -20,11 +20,23 @@ from sinkdlm.errors import UserError
 
 SMDM_SEQ_LEN = 2048  # the sequence length SMDM's FLOPs budgets assume
 FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs
+# metrics.jsonl is always written; these are the extra loggers `train.loggers` may name
+LOGGERS = ("csv", "tensorboard", "wandb")
+DEFAULT_LOGGERS = ("csv", "tensorboard")  # tensorboard only where installed (the `log` extra)
 
 
 @dataclass
 class ModelConfig:
-    """A LLaMA-style bidirectional Transformer; every paper variant is a field."""
+    """A LLaMA-style bidirectional Transformer; every paper variant is a field.
+
+    Every field is architecture (a checkpoint fixes it) except the RUNTIME_FIELDS, which change no
+    weights and so may differ between a checkpoint and its use (loading, init_from, adapt, sft).
+    Of those, the IMPLEMENTATION_FIELDS compute the same function another way, so even a resumed
+    run may change them.
+    """
+
+    IMPLEMENTATION_FIELDS: ClassVar[frozenset[str]] = frozenset({"attn_impl"})
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = IMPLEMENTATION_FIELDS | {"logit_shift", "causal"}
 
     name: str = "tiny"
     vocab_size: int | None = None  # real vocabulary; None = take it from the data. mask id = vocab_size
@@ -70,6 +82,24 @@ class ModelConfig:
             raise UserError(f"model.n_query_groups={self.groups} must divide n_head={self.n_head}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+    def differences(self, other: ModelConfig, free: frozenset[str]) -> list[str]:
+        """Fields outside `free` whose values differ from `other`'s."""
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in free and getattr(self, f.name) != getattr(other, f.name)]
+
+    def runtime(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in sorted(self.RUNTIME_FIELDS)}
+
+    def with_runtime(self, **values: Any) -> ModelConfig:
+        """A copy with runtime fields changed, each checked as a YAML value would be."""
+        types_ = _field_types(ModelConfig)
+        for key in values:
+            if key not in self.RUNTIME_FIELDS:
+                raise UserError(f"model.{key} is fixed by the checkpoint's weights; only "
+                                f"{sorted(self.RUNTIME_FIELDS)} may be changed when loading it")
+        checked = {key: _coerce(value, types_[key], f"model.{key}") for key, value in values.items()}
+        return dataclasses.replace(self, **checked)
 
     def variant(self) -> str:
         """A short label of the paper variant: 'plain', 'sink x2 (end, zero value), gate elementwise'."""
@@ -137,7 +167,7 @@ class TrainConfig:
     global_batch: int = 8  # sequences per optimizer step, over all devices
     micro_batch: int = 8  # sequences per forward on one device; accumulation follows
     max_steps: int = 100  # ignored when flops > 0
-    flops: float = 0.0  # budget in units of 1e18 FLOPs (SMDM): steps = F*1e18 / (6 N B L)
+    flops: float = 0.0  # budget in units of 1e18 FLOPs (SMDM): steps = F*1e18 / (6 N B L); 0 = max_steps
     seed: int = 42
     # diffusion objective
     eps: float = 1e-3  # p = (1 - eps) t + eps
@@ -159,6 +189,8 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     sink_monitor_every: int = 50
+    # beside metrics.jsonl (always written): any of LOGGERS; a missing package is named at start-up
+    loggers: list[str] = field(default_factory=lambda: list(DEFAULT_LOGGERS))
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -173,6 +205,11 @@ class TrainConfig:
         for key in ("global_batch", "micro_batch", "max_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if not (math.isfinite(self.flops) and self.flops >= 0):
+            raise UserError(f"train.flops={self.flops} must be a finite budget >= 0 (0 = train train.max_steps)")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise UserError(f"train.loggers has {unknown}; choose from {list(LOGGERS)}, e.g. train.loggers=[csv]")
 
 
 @dataclass
@@ -260,6 +297,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except UserError as e:
                 errors.append(str(e))
         raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}={value!r} should be a list, e.g. {where}=[a,b]")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):

@@ -7,9 +7,12 @@ whatever the world size: micro-batch and accumulation follow from the real numbe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +23,15 @@ from torch import Tensor
 
 from sinkdlm import checkpoint as ckpt
 from sinkdlm import diffusion as D
-from sinkdlm.config import Config, OptimConfig, TrainConfig
+from sinkdlm.config import Config, ModelConfig, OptimConfig, TrainConfig
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM, Block, count_params
 
-METRICS = "metrics.jsonl"
-TENSORBOARD = "tb"
+METRICS = "metrics.jsonl"  # the canonical log; the loggers of train.loggers are extra views
+LOGGER_DIRS = {"csv": "csv", "tensorboard": "tb", "wandb": "wandb"}  # each logger's folder in the run
+LOGGER_INSTALL = {"tensorboard": 'pip install -e ".[log]"', "wandb": "pip install wandb"}
+WANDB_PROJECT = "sinkdlm"
+PREVIOUS_RUN = ".previous-run"  # an overwritten run waits here until the new run writes a checkpoint
 MONITOR_WINDOWS = 2  # validation windows the sink monitor looks at
 MONITOR_T = 0.5  # their masking level
 # what a resumed run must share with the saved one to continue the same trajectory (max_steps may grow)
@@ -44,6 +50,7 @@ class Source:
     vocab_size: int
     eos_id: int
     tokenizer_path: Path | None
+    identity: dict[str, Any]  # what a resumed run must find unchanged (saved in each checkpoint's meta)
     batch: Any  # (step, indices) -> (ids (n, L), response mask (n, L) | None)
     val: tuple[Tensor, Tensor | None]  # fixed held-out examples
 
@@ -54,7 +61,7 @@ def pretrain_source(cfg: Config) -> Source:
     data = PackedData(cfg.data.path)
     train_tokens, seq, seed = data.tokens("train"), cfg.seq_len, cfg.train.seed
     val = fixed_windows(data.tokens("val"), seq, cfg.data.val_windows)
-    return Source(data.vocab_size, data.eos_id, Path(cfg.data.path) / data.meta["tokenizer_file"],
+    return Source(data.vocab_size, data.eos_id, Path(cfg.data.path) / data.meta["tokenizer_file"], data.meta,
                   lambda step, idx: (sample_windows(train_tokens, seq, seed, step, idx), None), (val, None))
 
 
@@ -78,7 +85,9 @@ def sft_source(cfg: Config) -> Source:
     def batch(step: int, idx: list[int]) -> tuple[Tensor, Tensor]:
         return data.batch(sft_indices(cfg.train.seed, step, idx, n_train))
 
-    return Source(cfg.model.require_vocab(), eos, tok_path, batch, data.batch(list(range(n_train, len(data)))))
+    identity = {"sft_data_sha256": hashlib.sha256(Path(cfg.data.sft_path).read_bytes()).hexdigest()}
+    return Source(cfg.model.require_vocab(), eos, tok_path, identity, batch,
+                  data.batch(list(range(n_train, len(data)))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,41 +160,102 @@ def sink_monitor(model: torch.nn.Module, val: tuple[Tensor, Tensor | None], mask
 # run folder, resume and checkpoints
 
 
-def claim_run_dir(cfg: Config) -> Path | None:
+def claim_run_dir(cfg: Config, source: Source) -> Path | None:
     """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any."""
     run = Path(cfg.train.out_dir)
     found = ckpt.list_checkpoints(run)
     holds_run = bool(found) or (run / METRICS).exists()
     if cfg.train.resume:
-        if not found:
-            return None
-        saved = ckpt.load_config_of(found[-1])
-        differing = [f"model.{k}" for k, v in vars(cfg.model).items() if k != "attn_impl" and getattr(saved.model, k) != v]
-        differing += [f"train.{k}" for k in SAME_ON_RESUME if getattr(saved.train, k) != getattr(cfg.train, k)]
-        if differing:
-            raise UserError(f"cannot resume {run}: its config differs in {differing}; "
-                            f"use the same config or a new train.out_dir")
-        return found[-1]
+        if found:
+            check_resume(cfg, source, found[-1])
+            return found[-1]
+        return None
     if holds_run and not cfg.train.overwrite:
         raise UserError(f"{run} already holds a run; pass train.resume=true to continue it or "
                         f"train.overwrite=true to replace it")
     return None
 
 
-def remove_run(run: Path) -> None:
-    """Delete what a run wrote (checkpoints, metrics, TensorBoard); other files in the folder stay."""
-    for old in ckpt.list_checkpoints(run):
-        shutil.rmtree(old)
-    shutil.rmtree(run / TENSORBOARD, ignore_errors=True)
-    (run / METRICS).unlink(missing_ok=True)
+def check_resume(cfg: Config, source: Source, last: Path) -> None:
+    """A resumed run continues one trajectory: same model function, recipe and data, in one line each."""
+    run, saved = Path(cfg.train.out_dir), ckpt.load_config_of(last)
+    differing = [f"model.{k}" for k in cfg.model.differences(saved.model, ModelConfig.IMPLEMENTATION_FIELDS)]
+    differing += [f"train.{k}" for k in SAME_ON_RESUME if getattr(saved.train, k) != getattr(cfg.train, k)]
+    if differing:
+        raise UserError(f"cannot resume {run}: its config differs in {differing}; "
+                        f"use the same config or a new train.out_dir")
+    if saved.seq_len != cfg.seq_len:
+        raise UserError(f"cannot resume {run}: data.seq_len is {cfg.seq_len} but the run trained with "
+                        f"{saved.seq_len}; set data.seq_len={saved.seq_len} or use a new train.out_dir")
+    run_tok = last / ckpt.TOKENIZER
+    if source.tokenizer_path and run_tok.is_file() and not same_json(run_tok, source.tokenizer_path):
+        raise UserError(f"cannot resume {run}: the data's tokenizer {source.tokenizer_path} is not the one "
+                        f"the run trained with ({run_tok}); use the run's data or a new train.out_dir")
+    trained_on = ckpt.load_meta(last).get("data")
+    if trained_on is not None and trained_on != source.identity:
+        changed = sorted(k for k in {*trained_on, *source.identity} if trained_on.get(k) != source.identity.get(k))
+        raise UserError(f"cannot resume {run}: its training data changed (meta differs in {changed}); "
+                        f"point data at the run's data or use a new train.out_dir")
+
+
+def same_json(a: Path, b: Path) -> bool:
+    """Whether two JSON files hold the same content (formatting aside)."""
+    return a.read_bytes() == b.read_bytes() or json.loads(a.read_text()) == json.loads(b.read_text())
+
+
+def finished_result(cfg: Config, last: Path, step: int, tokens: int) -> dict[str, Any] | None:
+    """For a resumed run that already reached its last step, the result without training; else None."""
+    steps = cfg.steps()
+    if step < steps:
+        return None
+    if step > steps:
+        raise UserError(f"cannot resume {cfg.train.out_dir}: it is at step {step}, past the {steps} steps "
+                        f"this config trains; raise train.max_steps (or --flops) or use a new train.out_dir")
+    return {"checkpoint": last, "val_loss": ckpt.load_meta(last).get("val_loss", float("nan")),
+            "steps": steps, "tokens": tokens}
+
+
+def run_files(run: Path) -> list[Path]:
+    """What a run wrote (checkpoints, metrics.jsonl, the loggers' folders); other files stay."""
+    named = [run / name for name in (METRICS, *LOGGER_DIRS.values())]
+    return ckpt.list_checkpoints(run) + [p for p in named if p.exists()]
+
+
+def set_aside_run(run: Path) -> None:
+    """`--overwrite`: move the old run into a hidden folder; settle_previous_run decides its fate."""
+    aside = run / PREVIOUS_RUN
+    aside.mkdir()
+    for path in run_files(run):
+        os.replace(path, aside / path.name)
+
+
+def settle_previous_run(run: Path) -> None:
+    """Delete a set-aside run once the new run has a checkpoint; restore it if the new run has none
+    (it failed or was killed before its first checkpoint, so nothing is lost)."""
+    aside = run / PREVIOUS_RUN
+    if not aside.is_dir():
+        return
+    if ckpt.list_checkpoints(run):
+        ckpt.discard(aside)
+        return
+    for path in run_files(run):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for path in aside.iterdir():
+        os.replace(path, run / path.name)
+    aside.rmdir()
+    print(f"warning: the run in {run} that --overwrite had set aside is restored: its replacement "
+          f"stopped before writing a checkpoint", file=sys.stderr)
 
 
 def resolve_model(cfg: Config, source: Source) -> Config:
-    """Fill the vocabulary from the data and the shapes from init_from; reject mismatches."""
+    """Fill the vocabulary from the data, and with init_from the architecture from the checkpoint
+    (the config's runtime fields stay, see ModelConfig); reject mismatches."""
     if cfg.train.init_from:
         init_model = ckpt.load_config_of(cfg.train.init_from).model
-        init_model.attn_impl = cfg.model.attn_impl
-        cfg.model = init_model
+        cfg.model = init_model.with_runtime(**cfg.model.runtime())
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = source.vocab_size
     # imported models may pad their embedding past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens)
@@ -252,56 +322,126 @@ def full_state(fabric, model, optimizer) -> tuple[dict[str, Tensor], dict[str, A
 # the loop
 
 
-class MetricsLog:
-    """metrics.jsonl (rank 0), plus TensorBoard when it is installed."""
+def make_logger(name: str, run: Path):
+    """One of config.LOGGERS as a Lightning logger writing into the run folder; a new version per
+    (re)start. ModuleNotFoundError when its package is not installed."""
+    if name == "csv":
+        from lightning.fabric.loggers import CSVLogger
 
-    def __init__(self, run: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled, self.tb = run / METRICS, enabled, None
+        return CSVLogger(run, name=LOGGER_DIRS[name], flush_logs_every_n_steps=1)
+    if name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(run, name=LOGGER_DIRS[name], default_hp_metric=False)
+    from lightning.pytorch.loggers import WandbLogger  # Fabric has no W&B logger of its own
+
+    return WandbLogger(save_dir=str(run), name=run.name, project=WANDB_PROJECT)
+
+
+def make_loggers(names: list[str], run: Path) -> tuple[list[Any], str]:
+    """The loggers that could be started, and a line saying which are active and which are missing."""
+    loggers, active, missing = [], [f"{METRICS} (canonical)"], []
+    for name in names:
+        try:
+            logger = make_logger(name, run)
+        except ModuleNotFoundError:
+            missing.append(f"{name} is not installed ({LOGGER_INSTALL[name]})")
+            continue
+        loggers.append(logger)
+        active.append(f"{name} in {logger.log_dir}" if getattr(logger, "log_dir", None) else name)
+    return loggers, "logging to " + ", ".join(active) + "".join(f"; {m}" for m in missing)
+
+
+def logged_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers for the loggers; the sink monitor's rows as sink/layer{i}/{key}."""
+    out = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    for row in record.get("sink_monitor", []):
+        out.update({f"sink/layer{row['layer']}/{k}": v for k, v in row.items() if k != "layer"})
+    return out
+
+
+def records_to_keep(path: Path, resume_step: int) -> list[str]:
+    """metrics.jsonl lines up to the step a run resumes from. A torn last line (a kill during an
+    append) is dropped with a warning; a bad line elsewhere is a UserError naming it."""
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = json_object(line)
+        if record is None and number < len(lines):
+            raise UserError(f"{path}:{number}: not a JSON object; fix or remove that line, then resume")
+        if record is None:
+            print(f"warning: {path}:{number}: dropped a torn last line (a kill during an append)", file=sys.stderr)
+        elif record.get("step", 0) <= resume_step:
+            kept.append(line)
+    return kept
+
+
+def json_object(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class MetricsLog:
+    """metrics.jsonl, plus the train.loggers that are installed (rank 0 only)."""
+
+    def __init__(self, run: Path, resume_step: int, names: list[str], enabled: bool) -> None:
+        self.path, self.enabled, self.loggers = run / METRICS, enabled, []
         if not enabled:
             return
         run.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop what a crashed run logged past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run / TENSORBOARD))
-        except ImportError:
-            pass
+            self.path.write_text("".join(line + "\n" for line in records_to_keep(self.path, resume_step)))
+        self.loggers, announcement = make_loggers(names, run)
+        print(announcement)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
+        scalars = logged_scalars(record)
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=record["step"])
+
+    def close(self, status: str) -> None:
+        for logger in self.loggers:
+            logger.finalize(status)
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train per cfg; returns {"checkpoint", "val_loss", "steps", "tokens"}."""
+    """Train per cfg; returns {"checkpoint", "val_loss", "steps", "tokens"}.
+
+    Everything is checked (config, data, checkpoints) before the run folder changes; `--overwrite`
+    sets the old run aside and deletes it only once the new run has written a checkpoint.
+    """
     fabric = make_fabric(cfg.train)
     fabric.launch()
     source = sft_source(cfg) if cfg.train.objective == "sft" else pretrain_source(cfg)
     cfg = resolve_model(cfg, source)
-    resume_from = claim_run_dir(cfg)
-    run = Path(cfg.train.out_dir)
-    if cfg.train.overwrite and not resume_from and fabric.global_rank == 0:
-        remove_run(run)
-    fabric.barrier()
     accum = accumulation(cfg.train, fabric.world_size)
-    torch.manual_seed(cfg.train.seed)
-    model = DLM(cfg.model)
-    if cfg.train.init_from and not resume_from:
-        model.load_state_dict(ckpt.load_weights(cfg.train.init_from))
+    run = Path(cfg.train.out_dir)
+    if fabric.global_rank == 0:
+        settle_previous_run(run)
+    fabric.barrier()
+    resume_from = claim_run_dir(cfg, source)
     state = {"step": 0, "tokens": 0}
     if resume_from:
-        model.load_state_dict(ckpt.load_weights(resume_from))
         trainer_state = ckpt.load_trainer_state(resume_from)
+        state = {"step": trainer_state["step"], "tokens": trainer_state["tokens"]}
+        finished = finished_result(cfg, resume_from, **state)
+        if finished:
+            fabric.print(f"{run} already finished at {resume_from.name}; nothing to do "
+                         f"(raise train.max_steps to train further)")
+            return finished
+    torch.manual_seed(cfg.train.seed)
+    model = DLM(cfg.model)
+    if resume_from or cfg.train.init_from:
+        ckpt.load_into(model, resume_from or cfg.train.init_from)
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                   weight_decay=o.weight_decay, foreach=False)
@@ -310,20 +450,26 @@ def train(cfg: Config) -> dict[str, Any]:
     model, optimizer = fabric.setup(model, optimizer)
     if resume_from:
         optimizer.load_state_dict(trainer_state["optimizer"])
-        state = {"step": trainer_state["step"], "tokens": trainer_state["tokens"]}
         fabric.print(f"resuming {run} from {resume_from.name}")
-    return Loop(cfg, fabric, model, optimizer, source, accum, state).run()
+    if fabric.global_rank == 0 and cfg.train.overwrite and not resume_from and run_files(run):
+        set_aside_run(run)
+    fabric.barrier()
+    try:
+        return Loop(cfg, fabric, model, optimizer, source, accum, state, resume_from).run()
+    finally:
+        if fabric.global_rank == 0:
+            settle_previous_run(run)
 
 
 class Loop:
     def __init__(self, cfg: Config, fabric, model, optimizer, source: Source, accum: int,
-                 state: dict[str, int]) -> None:
+                 state: dict[str, int], resume_from: Path | None) -> None:
         self.cfg, self.fabric, self.model, self.optimizer = cfg, fabric, model, optimizer
         self.source, self.accum, self.state = source, accum, state
         self.steps = cfg.steps()
         self.run_dir = Path(cfg.train.out_dir)
-        self.log = MetricsLog(self.run_dir, state["step"], fabric.global_rank == 0)
-        self.last_checkpoint: Path | None = None
+        self.log = MetricsLog(self.run_dir, state["step"], cfg.train.loggers, fabric.global_rank == 0)
+        self.last_checkpoint = resume_from
         self.val_loss = float("nan")
         if fabric.global_rank == 0:
             n = count_params(model.module)
@@ -367,6 +513,15 @@ class Loop:
         return loss_value
 
     def run(self) -> dict[str, Any]:
+        try:
+            result = self.train_all()
+        except BaseException:
+            self.log.close("failed")
+            raise
+        self.log.close("success")
+        return result
+
+    def train_all(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
@@ -381,10 +536,7 @@ class Loop:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             self.periodic(step + 1, loss, tokens_per_step / elapsed)
-        bar.close()
-        if self.last_checkpoint is None or self.last_checkpoint != ckpt.step_dir(self.run_dir, self.steps):
-            self.validation(self.steps)
-            self.save(self.steps)
+        bar.close()  # periodic() validated and saved the last step
         return {"checkpoint": self.last_checkpoint, "val_loss": self.val_loss, "steps": self.steps,
                 "tokens": self.state["tokens"]}
 
@@ -413,11 +565,12 @@ class Loop:
         weights, optim_state = full_state(self.fabric, self.model, self.optimizer)
         if self.fabric.global_rank == 0:
             meta = {"tokens": self.state["tokens"], "eos_id": self.source.eos_id, "val_loss": self.val_loss,
-                    "objective": self.cfg.train.objective}
+                    "objective": self.cfg.train.objective, "data": self.source.identity}
             trainer_state = {"optimizer": optim_state, "step": step, "tokens": self.state["tokens"]}
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.run_dir, step, weights, self.cfg, meta, self.source.tokenizer_path, trainer_state,
                 self.cfg.train.keep_last)
+            settle_previous_run(self.run_dir)  # the new run has a checkpoint: an overwritten one goes
         else:
             self.last_checkpoint = ckpt.step_dir(self.run_dir, step)
         self.fabric.barrier()

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from sinkdlm.data import PackedData, fixed_windows, sample_windows
 from sinkdlm.data.prepare import ensure_demo_data, prepare
+from sinkdlm.data.shards import ShardWriter
 from sinkdlm.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
 
@@ -97,6 +98,25 @@ def test_overwrite_and_refusal(corpus_dir, tmp_path):
     prepare(str(corpus_dir), out, VOCAB, max_docs=3, overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine"  # only prepared files are replaced
     assert sum(s["n_docs"] for s in PackedData(out).meta["splits"].values()) == 3
+
+
+def test_overwrite_with_a_bad_corpus_or_a_kill_keeps_the_old_data(corpus_dir, tmp_path, monkeypatch):
+    out = prepare(str(corpus_dir), tmp_path / "out", VOCAB, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine words"}\n{oops\n')
+    with pytest.raises(UserError, match="not valid JSON"):
+        prepare(str(bad), out, VOCAB, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(corpus_dir), out, VOCAB, max_docs=3, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "corpus", "out"]  # nothing staged is left
 
 
 @pytest.mark.parametrize("content, match", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm.config import Config, load_config, model_preset
+from sinkdlm.config import Config, config_from_dict, load_config, model_preset
 from sinkdlm.errors import UserError
 from sinkdlm.train import lr_at, train
 from tests.conftest import tiny_train_config
@@ -174,10 +174,11 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_data, tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1 and "error:" in done.stderr
 
 
-def test_every_shipped_config_loads():
+def test_every_shipped_config_loads_and_round_trips():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg.model.n_layer > 0, path
+        assert config_from_dict(cfg.to_dict()) == cfg, path  # what a checkpoint saves rebuilds the same
+        assert cfg.train.global_batch % cfg.train.micro_batch == 0, path  # else training refuses it
 
 
 def test_demo_yaml_mirrors_the_demo_command():
@@ -192,9 +193,29 @@ def test_paper_presets_have_paper_shapes():
         (18, 10, 1280, 5120, 32000, 2048)
 
 
-def test_mask_annealing_trains(tiny_data, tmp_path):
-    result = train(tiny_train_config(tiny_data, tmp_path / "run", steps=3, mask_anneal_steps=2))
-    assert result["val_loss"] > 0
+def test_mask_annealing_reaches_the_model(tiny_data, tmp_path, monkeypatch):
+    """Attention goes causal -> full over mask_anneal_steps: the model sees the mask, and it changes the loss."""
+    from sinkdlm.model import DLM
+
+    shares = []  # per training forward: the share of visible (query, key) pairs, None = no mask
+    real = DLM.forward
+
+    def spy(self, idx, *args, **kwargs):
+        mask = args[0] if args else kwargs.get("attention_mask")
+        if torch.is_grad_enabled():
+            shares.append(None if mask is None else mask.float().mean().item())
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(DLM, "forward", spy)
+    annealed = train(tiny_train_config(tiny_data, tmp_path / "annealed", steps=3, mask_anneal_steps=2))
+    monkeypatch.undo()
+    plain = train(tiny_train_config(tiny_data, tmp_path / "plain", steps=3))
+    causal = (32 + 1) / (2 * 32)  # seq_len 32: the lower triangle with its diagonal
+    assert shares[:2] == [causal, causal]  # step 0 (2 micro-batches): causal only
+    assert causal < shares[2] == shares[3] < 1  # step 1: causal plus part of the future
+    assert shares[4:] == [None, None]  # step 2: full attention
+    assert losses(tmp_path / "annealed")[0] != losses(tmp_path / "plain")[0]  # same samples, other attention
+    assert annealed["val_loss"] != plain["val_loss"]
 
 
 def test_preset_keeps_sink_and_gate_fields():
@@ -223,3 +244,64 @@ def test_hardware_settings_lightning_rejects_are_user_errors(tiny_data, tmp_path
         train(tiny_train_config(tiny_data, tmp_path / "run", accelerator="cpu", strategy="fsdp", devices=2))
     with pytest.raises(UserError, match="Precision 'bogus' is invalid"):
         train(tiny_train_config(tiny_data, tmp_path / "run", precision="bogus"))
+
+
+# ---------------------------------------------------------------------------------------------
+# loggers: metrics.jsonl is canonical; train.loggers adds Lightning's CSV / TensorBoard / W&B views
+
+
+def test_csv_logger_mirrors_metrics_jsonl(tiny_data, tmp_path, capsys):
+    import csv
+
+    run = tmp_path / "run"
+    train(tiny_train_config(tiny_data, run, steps=3, loggers=["csv"]))
+    assert f"logging to metrics.jsonl (canonical), csv in {run / 'csv' / 'version_0'}" in capsys.readouterr().out
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [float(r["loss"]) for r in rows if r["loss"]] == pytest.approx(losses(run))
+    assert [float(r["val_loss"]) for r in rows if r["val_loss"]] == pytest.approx(
+        [x["val_loss"] for x in logged if "val_loss" in x])
+    monitor = next(x["sink_monitor"] for x in logged if "sink_monitor" in x)
+    assert float(next(r for r in rows if r["sink/layer1/sink_mass"])["sink/layer1/sink_mass"]) == \
+        pytest.approx(monitor[1]["sink_mass"])
+    train(tiny_train_config(tiny_data, run, steps=4, loggers=["csv"], resume=True))
+    assert (run / "csv" / "version_1" / "metrics.csv").is_file()  # a resumed run logs a new version
+
+
+def test_tensorboard_logger_writes_events(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(tiny_train_config(tiny_data, run, steps=3, loggers=["tensorboard"]))
+    events = EventAccumulator(str(run / "tb" / "version_0"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses(run))
+    assert "sink/layer0/sink_mass" in events.Tags()["scalars"]
+
+
+def test_a_missing_logger_package_is_named_with_its_install(tiny_data, tmp_path, capsys, monkeypatch):
+    from sinkdlm import train as T
+
+    real = T.make_logger
+
+    def without_packages(name, run):
+        if name != "csv":
+            raise ModuleNotFoundError(name)
+        return real(name, run)
+
+    monkeypatch.setattr(T, "make_logger", without_packages)
+    train(tiny_train_config(tiny_data, tmp_path / "run", steps=1, loggers=["csv", "tensorboard", "wandb"]))
+    out = capsys.readouterr().out
+    assert 'tensorboard is not installed (pip install -e ".[log]")' in out
+    assert "wandb is not installed (pip install wandb)" in out
+    assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_loggers_are_checked_against_the_declared_names():
+    from sinkdlm.config import LOGGERS
+    from sinkdlm.train import LOGGER_DIRS, LOGGER_INSTALL
+
+    assert set(LOGGER_DIRS) == set(LOGGERS) and set(LOGGER_INSTALL) < set(LOGGERS)
+    with pytest.raises(UserError, match="train.loggers has \\['tensorbord'\\]; choose from"):
+        load_config(None, ["train.loggers=[csv,tensorbord]"])

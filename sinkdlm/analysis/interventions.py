@@ -36,7 +36,12 @@ def model_without_sink(path: str | Path, device: str | torch.device = "cpu") -> 
 
 
 def model_with_zero_sink_value(path: str | Path, device: str | torch.device = "cpu") -> DLM:
-    return ckpt.load_model(path, device, sink_zero_value=True)[0]
+    """The checkpoint's weights with the sink's value vectors forced to zero (not a runtime field)."""
+    cfg = ckpt.load_config_of(path)
+    cfg.model.sink_zero_value = True
+    model = DLM(cfg.model)
+    ckpt.load_into(model, path)
+    return model.to(device).eval()
 
 
 def top_content_keys(colsum: Tensor, key_valid: Tensor, n_sink: int, k: int) -> Tensor:

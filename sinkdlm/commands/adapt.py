@@ -3,7 +3,9 @@
 Continue a converted AR model (`sinkdlm convert`) with the diffusion loss: the ordinary trainer with
 train.init_from. The architecture is the checkpoint's, so the recipe need not repeat it; a model
 field the recipe (or command line) does set must agree with the checkpoint, which catches a recipe
-meant for another model or a checkpoint converted without the intended sink.
+meant for another model or a checkpoint converted without the intended sink. The runtime fields
+(ModelConfig.RUNTIME_FIELDS: attn_impl, logit_shift, causal) change no weights: they may be set, and
+the run saves them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from sinkdlm.checkpoint import load_config_of, resolve
 from sinkdlm.commands.train import add_config_arguments, config_from_args, print_result
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.errors import UserError
-
-RUNTIME_FIELDS = ("attn_impl", "logit_shift")  # may differ from the checkpoint: they change no weights
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +46,11 @@ def adapt_config(args: argparse.Namespace) -> Config:
 
 
 def check_same_model(wanted: ModelConfig, have: ModelConfig, where: str) -> None:
-    for f in dataclasses.fields(ModelConfig):
-        a, b = getattr(wanted, f.name), getattr(have, f.name)
-        if f.name not in RUNTIME_FIELDS and a != b:
-            raise UserError(f"model.{f.name}={a!r} but the checkpoint {where} has {b!r}; the architecture "
-                            f"comes from the checkpoint: drop the key, or convert again (e.g. --sink-tokens)")
+    """Only ModelConfig.RUNTIME_FIELDS may differ from the checkpoint: they change no weights."""
+    differing = wanted.differences(have, ModelConfig.RUNTIME_FIELDS)
+    if differing:
+        key = differing[0]
+        raise UserError(f"model.{key}={getattr(wanted, key)!r} but the checkpoint {where} has "
+                        f"{getattr(have, key)!r}; the architecture comes from the checkpoint: drop the key, "
+                        f"or convert again (e.g. --sink-tokens); only {sorted(ModelConfig.RUNTIME_FIELDS)} "
+                        f"may differ")

@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from sinkdlm.config import Config, load_config, merge
+from sinkdlm.errors import UserError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every training-like command shares: a YAML recipe plus overrides."""
     parser.add_argument("--config", help="YAML recipe (sections model/data/optim/train), e.g. configs/demo.yaml")
     parser.add_argument("--model", help="model preset: an SMDM size (6 ... 2121, e.g. 472), tiny or demo")
-    parser.add_argument("--flops", type=float, help="training budget in 1e18 FLOPs (SMDM); sets the steps")
+    parser.add_argument("--flops", type=float, help="training budget in 1e18 FLOPs (SMDM), > 0; sets the steps")
     parser.add_argument("--data", help="prepared data folder (sinkdlm prepare); same as data.path=")
     parser.add_argument("--out", help="run folder; same as train.out_dir=")
     parser.add_argument("--resume", action="store_true", help="continue the run in the out folder")
@@ -26,6 +27,9 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     if args.model:
         shortcuts["model"]["preset"] = args.model
     if args.flops is not None:
+        if not args.flops > 0:
+            raise UserError(f"--flops {args.flops:g} should be a positive budget in 1e18 FLOPs, e.g. --flops 300; "
+                            f"leave it out to train train.max_steps")
         shortcuts["train"]["flops"] = args.flops
     if args.data:
         shortcuts["data"]["path"] = args.data

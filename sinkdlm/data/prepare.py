@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ ENCODE_BATCH_CHARS = 8_000_000  # ... unless they are long: bounds the memory of
 SPLIT_RULE = ("by document: hash(seed, index) < val_fraction; if val would be empty, the last train "
               "document (or, for one document, its last val_fraction of tokens)")
 PREPARED_FILES = [META_FILE, TOKENIZER_FILE, *(f"{s}.bin" for s in SPLITS)]
+STAGING_PREFIX = ".preparing-"  # the new folder is written beside --out and moved in only when complete
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -70,24 +73,34 @@ def summary(data: PackedData) -> str:
 def prepare(source: str, out: str | Path, tokenizer: str = DEFAULT_TOKENIZER, *, text_field: str = "text",
             val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_SEED, max_docs: int | None = None,
             overwrite: bool = False, progress: bool = True) -> Path:
-    """Tokenize `source` into the folder `out` (see the module docstring); return the folder."""
+    """Tokenize `source` into the folder `out` (see the module docstring); return the folder.
+
+    Everything is written into a hidden sibling folder first; the prepared files of `out` are
+    replaced only once it is complete, so a bad corpus or a crash leaves `out` as it was.
+    """
     out = Path(out).expanduser()
     _check_settings(val_fraction, max_docs, seed)
     stream = _capped(documents(source, text_field), max_docs)
-    _claim_out_dir(out, overwrite)
-    tok = load_tokenizer(tokenizer, corpus_iter=_training_text(stream(), progress))
-    settings = _settings(source, tokenizer, text_field, val_fraction, seed, max_docs)
-    writer = ShardWriter(out, token_dtype(tok.get_vocab_size()))
+    _check_out_dir(out, overwrite)
+    staging = out.parent / f"{STAGING_PREFIX}{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir(parents=True)
     try:
-        _write_documents(stream(), tok, writer, val_fraction, seed, progress)
-        tok.save(str(out / TOKENIZER_FILE))
+        tok = load_tokenizer(tokenizer, corpus_iter=_training_text(stream(), progress))
+        writer = ShardWriter(staging, token_dtype(tok.get_vocab_size()))
+        try:
+            _write_documents(stream(), tok, writer, val_fraction, seed, progress)
+        finally:
+            writer.close()
+        tok.save(str(staging / TOKENIZER_FILE))
         writer.finish({
-            "format_version": FORMAT_VERSION, "source": describe(source), "settings": settings,
+            "format_version": FORMAT_VERSION, "source": describe(source),
+            "settings": _settings(source, tokenizer, text_field, val_fraction, seed, max_docs),
             "seed": seed, "split_rule": SPLIT_RULE, "tokenizer_file": TOKENIZER_FILE,
             "vocab_size": tok.get_vocab_size(), "eos_id": eos_id(tok)})
-    except BaseException:
-        writer.abort()
-        raise
+        _install(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -129,18 +142,24 @@ def _check_settings(val_fraction: float, max_docs: int | None, seed: int) -> Non
         raise UserError(f"--seed {seed} should be >= 0")
 
 
-def _claim_out_dir(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse a non-empty one unless `overwrite` (which removes only prepared files)."""
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless `overwrite` (which replaces only prepared files)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out} exists and is not empty; "
-                            f"pass --overwrite to replace it or choose another folder")
-        for name in PREPARED_FILES:  # meta.json first: the folder stops looking prepared at once
-            for path in (out / name, out / (name + TMP_SUFFIX)):
-                path.unlink(missing_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} exists and is not empty; "
+                        f"pass --overwrite to replace it or choose another folder")
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move the complete prepared files into `out`, meta.json last: until then `out` is never a
+    mix that looks prepared (its old meta.json goes first), and other files in it stay."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in PREPARED_FILES:
+        for path in (out / name, out / (name + TMP_SUFFIX)):
+            path.unlink(missing_ok=True)
+    for name in [*(n for n in PREPARED_FILES if n != META_FILE), META_FILE]:
+        os.replace(staging / name, out / name)
 
 
 def _capped(stream: DocStream, max_docs: int | None) -> DocStream:

@@ -80,11 +80,6 @@ class ShardWriter:
         for f in self.files.values():
             f.close()
 
-    def abort(self) -> None:
-        self.close()
-        for split in SPLITS:
-            self._tmp(split).unlink(missing_ok=True)
-
 
 def read_meta(path: Path) -> dict[str, Any]:
     """meta.json of a prepared folder, checked; UserError naming the folder otherwise."""
