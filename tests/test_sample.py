@@ -271,6 +271,7 @@ def cli_in_process(monkeypatch, *args) -> int:
     return main(["generate", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_cli_generates_deterministically(checkpoint, tmp_path, monkeypatch, capsys):
     prompt = " ".join(f"w{t}" for t in PROMPT)
     args = ["--checkpoint", checkpoint, "--prompt", prompt, "--gen-length", 20, "--steps", 20, "--temperature", 0.5]
@@ -282,6 +283,7 @@ def test_cli_generates_deterministically(checkpoint, tmp_path, monkeypatch, caps
     assert json.loads(capsys.readouterr().out.splitlines()[0])["completion"] == rows[0]["completion"]
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_in_a_subprocess(checkpoint):
     done = cli("--checkpoint", checkpoint, "--prompt", "w1", "--gen-length", 0)
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
