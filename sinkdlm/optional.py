@@ -31,7 +31,7 @@ DEPENDENCIES: dict[str, Dependency] = {
     "lm_eval": Dependency("lm-eval", "eval", "0.4.3"),
     "pyarrow": Dependency("pyarrow", "eval", "14"),
     "transformers": Dependency("transformers", "convert", "4.56"),
-    "gguf": Dependency("gguf", "convert", "0.10"),
+    "gguf": Dependency("gguf", "convert", "0.11"),
     "accelerate": Dependency("accelerate", "convert", "0.32"),
     "datasets": Dependency("datasets", "hf", "2.16"),
     "matplotlib": Dependency("matplotlib", "analysis", "3.7"),
