@@ -144,7 +144,7 @@ def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int,
 
 def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
     """Training loss (smoothed) and validation ELBO of every variant on one pair of axes."""
-    require("matplotlib", "the study's figures").use("Agg")
+    require("matplotlib", "drawing the study's figures").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -184,7 +184,7 @@ def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float,
                      path: Path, title: str) -> Path | None:
     """One panel per metric: each variant's mean with its std over seeds (points, not bars, so the
     axis can zoom in on the differences)."""
-    require("matplotlib", "the study's figures").use("Agg")
+    require("matplotlib", "drawing the study's figures").use("Agg")
     import matplotlib.pyplot as plt
 
     if not columns:

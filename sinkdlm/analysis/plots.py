@@ -11,7 +11,7 @@ from torch import Tensor
 
 from sinkdlm.optional import require
 
-require("matplotlib", "the analysis figures").use("Agg")
+require("matplotlib", "drawing the analysis figures").use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 
