@@ -81,7 +81,11 @@ def test_every_variant_loads_from_its_checkpoint_alone(tmp_path, variant):
     assert lm.model.cfg.attn_gate == variant.get("attn_gate", "none")
     request = type("Req", (), {"args": ("The cat", " sat"), "task_name": "t", "doc_id": 0})()
     (loglik, greedy), = lm.loglikelihood([request], disable_tqdm=True)
-    assert loglik < 0 and isinstance(greedy, bool)
+    from sinkdlm.eval.likelihood import score_groups, stable_key
+
+    (expected,), = score_groups(lm.model, [[lm.encode_pair("The cat", " sat")]], lm.settings_for("t"),
+                                [stable_key("t", 0)])  # a question's numbers are seeded by (task, doc)
+    assert (loglik, greedy) == (expected.loglik, expected.greedy) and loglik < 0
     rolling = type("Req", (), {"args": ("The cat sat on the mat. " * 8,), "task_name": "t", "doc_id": 1})()
     assert lm.loglikelihood_rolling([rolling], disable_tqdm=True)[0] < 0
 
