@@ -101,7 +101,8 @@ def test_paper_preset_sets_estimator_and_cfg_per_task(tmp_path):
     assert lm.settings_for("lambada_standard").estimator == "chain_rule"
     default = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), mc_num=16)
     assert default.settings_for("piqa").eps == 1e-3  # training's floor
-    assert DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), preset="paper", eps=0.01).settings_for("piqa").eps == 0.01
+    overridden = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), preset="paper", eps=0.01)
+    assert overridden.settings_for("piqa").eps == 0.01
 
 
 def test_paper_preset_puts_the_tokenizers_bos_before_every_context(tmp_path):

@@ -36,7 +36,8 @@ def test_pretraining_configs_are_smdms_472_run(variant):
     assert abs(cfg.steps() - smdm_steps) <= 1  # SMDM rounds N to millions with 6 decimals
     assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.seq_len) == (PRETRAIN_BATCH, PRETRAIN_MICRO, SEQ)
     assert (cfg.train.seed, cfg.train.eps, cfg.train.random_length_prob) == (SMDM_SEED, 1e-3, 0.0)
-    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_frac, cfg.optim.warmup_min_steps) == (2e-4, 2e-5, 0.01, 100)
+    optim = cfg.optim
+    assert (optim.lr, optim.min_lr, optim.warmup_frac, optim.warmup_min_steps) == (2e-4, 2e-5, 0.01, 100)
     assert math.isclose(cfg.model.non_embedding_params() / 1e6, N_472_MILLIONS, abs_tol=1e-6)
 
 
