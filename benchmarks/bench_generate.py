@@ -86,20 +86,20 @@ def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
 def synthetic_problems(checkpoint: str, n: int, device: str):
     """(model, eos id, prompts, gold answers, tokenizer) for n held-out synthetic GSM8K-format problems."""
     from sinkdlm.commands.generate import load_for_sampling
-    from sinkdlm.eval.gsm8k import extract_answer
+    from sinkdlm.eval.gsm8k import gold_answer
     from sinkdlm.sft import gsm8k_prompt, synthetic_gsm8k_test
 
     model, tok, eos = load_for_sampling(checkpoint, device)
     rows = synthetic_gsm8k_test(n)
     prompts = [tok.encode(gsm8k_prompt(r["question"])).ids for r in rows]
-    return model, eos, prompts, [extract_answer(r["answer"]) for r in rows], tok
+    return model, eos, prompts, [gold_answer(r["answer"]) for r in rows], tok
 
 
 def accuracy(out: list[list[int]], gold: list[str], tok) -> float:
-    from sinkdlm.eval.gsm8k import equivalent, extract_answer
+    from sinkdlm.eval.gsm8k import equivalent, extract_flexible
 
     texts = [tok.decode(tokens, skip_special_tokens=True) for tokens in out]
-    return sum(equivalent(extract_answer(t), g) for t, g in zip(texts, gold)) / len(gold)
+    return sum(equivalent(extract_flexible(t), g) for t, g in zip(texts, gold)) / len(gold)
 
 
 def main() -> None:

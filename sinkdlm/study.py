@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from sinkdlm.config import Config, load_config
 from sinkdlm.errors import UserError
+from sinkdlm.optional import available, install_hint, require
 
 # variant name -> model overrides (each a field of the one model; see README)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -75,6 +76,7 @@ def train_runs(base: Config, variants: list[str], seeds: list[int], out: Path,
                overrides: list[str]) -> list[Run]:
     from sinkdlm.train import train
 
+    require("matplotlib", "sinkdlm study (its figures)")  # before hours of training, not after
     runs = []
     for variant in variants:
         for seed in seeds:
@@ -142,9 +144,7 @@ def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int,
 
 def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
     """Training loss (smoothed) and validation ELBO of every variant on one pair of axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "drawing the study's figures").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -184,9 +184,7 @@ def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float,
                      path: Path, title: str) -> Path | None:
     """One panel per metric: each variant's mean with its std over seeds (points, not bars, so the
     axis can zoom in on the differences)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "drawing the study's figures").use("Agg")
     import matplotlib.pyplot as plt
 
     if not columns:
@@ -236,12 +234,10 @@ def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], di
 def default_evaluators(args: Any) -> list[Callable[[Run], dict[str, float]]]:
     evaluators: list[Callable[[Run], dict[str, float]]] = [sink_evaluator(args.analysis_texts)]
     if args.tasks:
-        try:
-            import lm_eval  # noqa: F401  (optional extra)
-        except ImportError:
-            print("study: lm-eval is not installed; skipping benchmark accuracy (pip install 'sinkdlm[eval]')")
-        else:
+        if available("lm_eval"):
             evaluators.append(lm_eval_evaluator(args.tasks, args.limit, args.mc_num))
+        else:
+            print(f"study: lm-eval is not installed; skipping benchmark accuracy ({install_hint('lm_eval')})")
     return evaluators
 
 

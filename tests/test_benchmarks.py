@@ -1,5 +1,7 @@
 """The benchmark helpers' arithmetic (not timings): statistics, FLOPs, saved-activation bytes."""
 
+import math
+
 import torch
 
 from benchmarks import bench_train, common
@@ -43,14 +45,21 @@ def test_train_flops_formula():
     assert bench_train.train_flops(model, b, t) == 6 * linear * b * t + attention
 
 
-def test_train_step_variants_give_the_same_loss():
-    """Every variant's step runs, and the sink paths (same weights, same batch) agree."""
-    losses = {}
+def test_every_train_step_variant_backpropagates_and_the_two_sink_paths_agree():
+    """Each benchmarked variant's step gives a finite loss and a gradient on every parameter; the
+    variants differ in architecture, so only the two sink paths (same weights, same batch) must agree."""
+    models, losses = {}, {}
     for name in bench_train.VARIANTS:
         cfg = model_preset("tiny", vocab_size=50, **bench_train.VARIANTS[name])
-        _, step = bench_train.make_step(cfg, batch=2, device=torch.device("cpu"), dtype=torch.float32)
+        models[name], step = bench_train.make_step(cfg, batch=2, device=torch.device("cpu"), dtype=torch.float32)
         losses[name] = step().item()
+        assert math.isfinite(losses[name]), name
+        for param_name, param in models[name].named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, (name, param_name)
     assert abs(losses["sink-fast"] - losses["sink-dense"]) < 1e-5  # fp32 summation order only
+    dense = dict(models["sink-dense"].named_parameters())
+    for param_name, param in models["sink-fast"].named_parameters():
+        assert torch.allclose(param.grad, dense[param_name].grad, atol=1e-5), param_name
 
 
 def test_generation_agreement_and_answer_accuracy():

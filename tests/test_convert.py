@@ -164,7 +164,28 @@ def test_gguf_without_the_gguf_package(tmp_path, capsys, monkeypatch):
     fake.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
     expect_cli_error(capsys, ["convert", "--from", str(fake), "--out", str(tmp_path / "o")],
-                     "needs the `gguf` package")
+                     'needs `gguf`, which is not installed; install the `convert` extra: pip install -e ".[convert]"')
+
+
+def test_known_gguf_checks_its_loaders_before_downloading(tmp_path, capsys, monkeypatch):
+    import sinkdlm.convert as C
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    monkeypatch.setattr(C, "fetch_known_gguf", lambda *a: pytest.fail("downloaded before checking accelerate"))
+    expect_cli_error(capsys, ["convert", "--from", "smollm2-135m", "--out", str(tmp_path / "o")],
+                     "needs `accelerate`")
+
+
+def test_transformers_older_than_the_bound_is_one_line(tmp_path, capsys, monkeypatch):
+    """transformers 4.55 has no from_pretrained(dtype=): refuse it before it fails with a TypeError."""
+    import importlib.metadata
+
+    folder = save_hf(tmp_path, hf_model("llama", tie=True), hf_tokenizer())
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "4.55.4" if name == "transformers" else real_version(name))
+    expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")],
+                     "needs transformers>=4.56, but 4.55.4 is installed")
 
 
 def test_not_a_model_folder(tmp_path, capsys):

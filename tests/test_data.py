@@ -201,6 +201,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sinkdlm", "prepare", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     done = run_cli("--source", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert done.returncode == EXIT_BAD_INPUT
@@ -208,6 +209,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert done.stderr.startswith("sinkdlm prepare: error: corpus") and "does not exist" in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_prepares(corpus_dir, tmp_path):
     done = run_cli("--source", str(corpus_dir), "--out", str(tmp_path / "out"), "--tokenizer", VOCAB)
     assert done.returncode == 0, done.stderr

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from sinkdlm import diffusion as D
@@ -67,6 +68,20 @@ def test_annealed_mask_goes_from_causal_to_full():
     assert torch.equal(D.annealed_mask(0, 0, 6, 0.0)[0, 0], causal)
     assert D.annealed_mask(0, 0, 6, 1.0).all()
     half = D.annealed_mask(0, 5, 64, 0.5)[0, 0]
-    assert torch.equal(half, D.annealed_mask(0, 5, 64, 0.5)[0, 0]) and (half | causal.new_ones(1)).all()
+    assert torch.equal(half, D.annealed_mask(0, 5, 64, 0.5)[0, 0])
+    assert half[torch.ones(64, 64, dtype=torch.bool).tril()].all()  # the causal part stays visible
     upper = half[torch.ones(64, 64, dtype=torch.bool).triu(1)]
     assert 0.4 < upper.float().mean() < 0.6
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.5, 0.9])
+def test_annealed_mask_keeps_the_causal_part_and_opens_that_fraction_of_the_future(frac):
+    length = 64
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = D.annealed_mask(0, 5, length, frac)[0, 0]
+    assert mask[causal].all()
+    future = mask[~causal].float()  # 2,016 keys: the share's std is <= 0.011
+    assert abs(future.mean().item() - frac) < 0.05
+    assert not torch.equal(mask, D.annealed_mask(0, 6, length, frac)[0, 0])  # new keys every step
+    wider = D.annealed_mask(0, 5, length, min(1.0, frac + 0.05))[0, 0]
+    assert (wider | ~mask).all() and not torch.equal(wider, mask)  # annealing only ever opens keys

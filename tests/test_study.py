@@ -36,6 +36,7 @@ def test_summary_mean_and_std_over_seeds():
     assert "| a | 2 ± 1.4 | - |" in S.markdown(columns, table)
 
 
+@pytest.mark.slow
 def test_study_end_to_end_on_tiny_runs(tiny_data, tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "sinkdlm", "study", "--preset", "demo", "--data", str(tiny_data),
@@ -56,6 +57,7 @@ def test_study_end_to_end_on_tiny_runs(tiny_data, tmp_path):
     assert again.returncode == 0 and "already holds" not in again.stderr
 
 
+@pytest.mark.slow
 def test_study_under_torchrun_trains_on_two_processes_and_rank_zero_alone_reports(tiny_data, tmp_path):
     """The documented multi-GPU launch, on 2 gloo CPU processes: every rank trains, one writes."""
     out = tmp_path / "study"

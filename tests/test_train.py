@@ -49,6 +49,7 @@ def test_resume_is_bit_for_bit(tiny_data, tmp_path):
     assert straight["val_loss"] == resumed["val_loss"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tiny_data, tmp_path):
     """Same global batch over 2 CPU processes: same samples and masks, so the same losses up to
     float summation order (tolerance 1e-5 relative)."""
@@ -164,6 +165,7 @@ def test_nan_loss_stops_and_names_the_step(tiny_data, tmp_path, monkeypatch):
         train(tiny_train_config(tiny_data, tmp_path / "run", steps=6))
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_exit_2(tiny_data, tmp_path):
     cases = [["--model", "nope"], ["train.bogus=1"], ["--config", str(tmp_path / "missing.yaml")],
              ["--data", str(tmp_path / "empty")]]

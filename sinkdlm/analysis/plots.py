@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from torch import Tensor
 
-matplotlib.use("Agg")
+from sinkdlm.optional import require
+
+require("matplotlib", "drawing the analysis figures").use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
-from torch import Tensor  # noqa: E402
 
 DPI = 120
 MAP_GAMMA = 0.4  # power-law colour scale: a sink's column and the faint rest both stay visible

@@ -20,6 +20,7 @@ from typing import Any
 from sinkdlm.checkpoint import resolve
 from sinkdlm.errors import UserError
 from sinkdlm.eval import benchmarks, presets
+from sinkdlm.optional import require
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise UserError("--checkpoint is required (or use --compare DIR ...)")
     ckpt = resolve(args.checkpoint)
+    harness = import_harness()  # before fetching any benchmark data
     if args.threads:
         import torch
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    results = evaluate(ckpt, tasks, args, needs_hub=len(local) < len(tasks))
+    results = evaluate(harness, ckpt, tasks, args, needs_hub=len(local) < len(tasks))
     results["sinkdlm"]["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.output) if args.output else ckpt / EVAL_SUBDIR
     out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(ckpt: Path, tasks: list[str], args: argparse.Namespace, needs_hub: bool) -> dict[str, Any]:
-    harness = import_harness()
+def evaluate(harness: Any, ckpt: Path, tasks: list[str], args: argparse.Namespace, needs_hub: bool) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -100,14 +101,10 @@ def evaluate(ckpt: Path, tasks: list[str], args: argparse.Namespace, needs_hub: 
 
 
 def import_harness() -> Any:
-    """sinkdlm.eval.harness, or a UserError saying how to install lm-eval (an optional extra)."""
-    try:
-        import sinkdlm.eval.harness as harness
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("lm_eval"):
-            raise
-        raise UserError("lm-evaluation-harness is not installed; install the `eval` extra: "
-                        "`pip install 'sinkdlm[eval]'` (lm-eval and pyarrow)") from None
+    """sinkdlm.eval.harness, or a UserError naming the `eval` extra (lm-eval is optional)."""
+    require("lm_eval", "sinkdlm eval")
+    import sinkdlm.eval.harness as harness
+
     return harness
 
 
@@ -115,7 +112,7 @@ def _run_info(ckpt: Path, tasks: list[str], args: argparse.Namespace, model: Any
     """What produced the numbers: checkpoint, per-task settings, forward counts, mean MC standard error."""
     mc_stderr = {t: sum(e.stderr for e in es) / len(es) for t, es in model.estimates.items() if es}
     return {"checkpoint": str(ckpt), "variant": model.config.model.variant(), "preset": args.preset,
-            "limit": args.limit, "settings": {t: vars(model.settings_for(t)) for t in tasks},
+            "limit": args.limit, "settings": {t: vars(model.settings_for(t)) for t in tasks}, "bos_ids": model.bos,
             "forward_stats": vars(model.stats), "mean_mc_stderr": mc_stderr}
 
 

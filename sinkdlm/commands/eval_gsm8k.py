@@ -1,10 +1,12 @@
 """`sinkdlm eval-gsm8k --checkpoint DIR [--preset paper|demo] [--data test.jsonl|synthetic] [--limit N] [--out DIR]`.
 
-Writes <out>/gsm8k_samples.jsonl (prompt, output, extracted, gold, correct per problem) and
-<out>/gsm8k_summary.json (accuracy, its standard error, settings). `--preset paper` is the paper's
-decoding (length 256 counting the prompt, 256 steps, temperature 0.1, two stages); sampling options
-given explicitly override the stage-1 settings of the preset. `--data synthetic` scores held-out
-problems of the synthetic SFT set (NOT GSM8K): a check that SFT and decoding work, offline.
+Writes <out>/gsm8k_samples.jsonl (prompt, output, gold, and per metric the extracted answer and
+whether it is correct) and <out>/gsm8k_summary.json (strict-match and flexible-extract accuracy with
+standard errors, the preset's headline metric, settings). `--preset paper` is the paper's decoding
+(length 256 counting the prompt, 256 steps, temperature 0.1, CFG 0.1, two stages) with strict-match
+as headline; sampling options given explicitly override the stage-1 settings of the preset.
+`--data synthetic` scores held-out problems of the synthetic SFT set (NOT GSM8K): a check that SFT
+and decoding work, offline.
 """
 
 from __future__ import annotations
@@ -44,20 +46,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace):
-    from sinkdlm.eval.gsm8k import PRESETS, GSM8KSettings
+    from sinkdlm.eval.gsm8k import PRESETS
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
     preset = PRESETS[args.preset]
     changes = {f: getattr(args, f) for f in SAMPLE_FIELDS if getattr(args, f) is not None}
     first = dataclasses.replace(preset.first, **changes)
-    return GSM8KSettings(first=first, second=None if args.one_stage else preset.second)
+    return dataclasses.replace(preset, first=first, second=None if args.one_stage else preset.second)
 
 
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.checkpoint import resolve
     from sinkdlm.commands.generate import load_for_sampling
-    from sinkdlm.eval.gsm8k import evaluate, gsm8k_test, read_problems
+    from sinkdlm.eval.gsm8k import evaluate, gsm8k_test, read_problems, summary_line
     from sinkdlm.sft import synthetic_gsm8k_test
 
     settings = settings_from(args)
@@ -81,7 +83,5 @@ def run(args: argparse.Namespace) -> int:
                "second_stage": dataclasses.asdict(settings.second) if settings.second else None}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     name = "synthetic (NOT GSM8K)" if args.data == SYNTHETIC else "GSM8K"
-    print(f"{name} accuracy {100 * summary['accuracy']:.2f} +- {100 * summary['stderr']:.2f} % "
-          f"({summary['n']} problems, {summary['answered']} with an answer, "
-          f"{summary['skipped_too_long']} too long for the model); samples: {out / SAMPLES}")
+    print(f"{summary_line(summary, name)}; samples: {out / SAMPLES}")
     return 0

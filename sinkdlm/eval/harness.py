@@ -3,7 +3,7 @@
 Importing this module registers the class with lm-eval, so Python users can write
 `lm_eval.simple_evaluate(model="sinkdlm", model_args="pretrained=runs/demo", tasks=[...])`.
 The variant (plain, gated, sink), tokenizer and mask id all come from the checkpoint.
-lm-eval is an optional extra: `sinkdlm.commands.eval.import_harness()` turns its absence into a UserError.
+lm-eval is an optional extra: `sinkdlm.commands.eval.import_harness()` checks it first (sinkdlm.optional).
 """
 
 from __future__ import annotations
@@ -29,25 +29,42 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
+BOS_PROBE = "a"  # any text: what the tokenizer's template adds around it is what we want
+
+
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer's own template puts before a text (Llama's BOS; [] for most BPEs).
+
+    The paper's HF tokenizer adds them to every context and continuation pair; only the leading
+    ones are taken, so a template that also appends an EOS cannot shift the context/continuation split.
+    """
+    plain = tokenizer.encode(BOS_PROBE, add_special_tokens=False).ids
+    full = tokenizer.encode(BOS_PROBE, add_special_tokens=True).ids
+    return full[: full.index(plain[0])] if plain and plain[0] in full else []
+
+
 @register_model(MODEL_NAME)
 class DiffusionLM(LM):
-    """lm-eval LM over a sinkdlm checkpoint. Estimator arguments left None take the preset's per-task value."""
+    """lm-eval LM over a sinkdlm checkpoint. Arguments left None (estimator, cfg, mc_num, eps, add_bos)
+    take the preset's value for the task."""
 
     def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = DEFAULT_BATCH,
                  preset: str = "default", estimator: str | None = None, cfg: float | None = None,
                  mc_num: int | None = None, seed: int = Settings.seed, crn: bool | str = True,
-                 eps: float = Settings.eps, **unused: Any) -> None:
+                 eps: float | None = None, add_bos: bool | str | None = None, **unused: Any) -> None:
         super().__init__()
-        presets.check_preset(preset)
+        chosen = presets.check_preset(preset)
         ckpt = resolve(pretrained)
         self.model, self.config = load_model(ckpt, device)
         self.tokenizer = load_tokenizer(ckpt)
         self.max_length = self.config.model.block_size
         self.preset = preset
+        add_bos = chosen.add_bos if add_bos is None else _flag(add_bos)
+        self.bos = leading_special_tokens(self.tokenizer) if add_bos else []
         batch = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH  # lm-eval may pass "auto"
         self.overrides = dict(estimator=estimator, cfg=None if cfg is None else float(cfg),
                               mc_num=None if mc_num is None else int(mc_num), seed=int(seed), crn=_flag(crn),
-                              eps=float(eps), batch_size=batch)
+                              eps=None if eps is None else float(eps), batch_size=batch)
         self.stats = ForwardStats()
         self.estimates: dict[str, list[Estimate]] = defaultdict(list)  # per task, for MC standard errors
 
@@ -60,12 +77,13 @@ class DiffusionLM(LM):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_pair(self, context: str, continuation: str) -> Pair:
-        """lm-eval's convention (trailing spaces move to the continuation); context cut on the left to fit."""
+        """lm-eval's convention (trailing spaces move to the continuation), the BOS (if any) before the
+        context, and the context cut on the left to fit."""
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole, ctx = self._encode(context + continuation), self._encode(context)
-        ctx_ids, cont_ids = whole[: len(ctx)], whole[len(ctx):]
+        ctx_ids, cont_ids = self.bos + whole[: len(ctx)], whole[len(ctx):]
         cont_ids = cont_ids[-self.max_length:]
         room = self.max_length - len(cont_ids)
         return (ctx_ids[-room:] if room else []), cont_ids
@@ -101,7 +119,8 @@ class DiffusionLM(LM):
                 bar.update(len(group))
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-        """Sum of window ELBOs (a lower bound on log p(text)) over disjoint windows."""
+        """Sum of window ELBOs (a lower bound on log p(text)) over disjoint windows (no BOS: the
+        paper's scripts have no rolling likelihood, and a BOS would be scored as text here)."""
         out = []
         for i, req in enumerate(tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm)):
             task = getattr(req, "task_name", None) or ""

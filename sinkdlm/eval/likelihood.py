@@ -1,6 +1,6 @@
 """Likelihoods of a masked diffusion LM: pure functions of (model, token ids, settings).
 
-A DLM has no exact log p(continuation | context); PAPER.md (Evaluation) scores it two ways:
+A DLM has no exact log p(continuation | context); the paper (docs/paper.md, Evaluation) scores it two ways:
 - `mc`: the ELBO. Mask each continuation token with probability p = (1 - eps) t + eps, t stratified
   over the MC batch ((u0 + i / n) mod 1); a sample scores sum over masked tokens of log p(token) / p;
   the estimate is the mean over samples, with its standard error.
@@ -38,7 +38,7 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 class Settings:
     estimator: str = "mc"  # mc | chain_rule
     mc_num: int = 128  # MC samples per continuation (SMDM used 1024; LLaDA and Dream 128)
-    eps: float = 1e-3  # p = (1 - eps) t + eps, as in training
+    eps: float = 1e-3  # p = (1 - eps) t + eps, as in training (the paper evaluates with 0)
     cfg: float = 0.0  # unsupervised classifier-free guidance weight w (0 = off)
     stratified: bool = True  # t = (u0 + i / n) mod 1 rather than n independent draws
     crn: bool = True  # the pairs of one group share t draws and mask uniforms
@@ -51,6 +51,8 @@ class Settings:
             raise UserError(f"estimator {self.estimator!r} is not one of {list(ESTIMATORS)}")
         if self.mc_num < 1 or self.batch_size < 1:
             raise UserError(f"mc_num={self.mc_num} and batch_size={self.batch_size} must be >= 1")
+        if not 0 <= self.eps < 1:
+            raise UserError(f"eps={self.eps} must be in [0, 1) (the noise floor; the paper evaluates with 0)")
 
 
 @dataclass
@@ -240,7 +242,8 @@ def _combine(plan: _PairPlan, results: list[tuple[Tensor, Tensor]], estimator: s
         correct = torch.cat([results[i][1] for i in plan.rows])
         return Estimate(float(logp.double().sum()), 0.0, bool(correct.all()))
     sums = np.array([float(results[i][0].double().sum()) if i >= 0 else 0.0 for i in plan.rows])
-    scores = sums / plan.p
+    # with eps = 0 a draw of t = 0 masks nothing (sum 0): it scores 0, not 0 / 0
+    scores = np.divide(sums, plan.p, out=np.zeros_like(sums), where=plan.p > 0)
     stderr = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else 0.0
     return Estimate(float(scores.mean()), stderr, bool(results[plan.greedy_row][1].all()))
 
