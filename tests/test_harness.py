@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -100,7 +101,8 @@ def test_cli_eval_offline_then_compare(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "--compare", str(tmp_path / "out"), str(tmp_path / "out")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| checkpoint | arc_easy |" and len(table) == 4 and "±" in table[2]
+    assert table[0] == "| checkpoint | arc_easy acc % [95% Wilson CI] |" and len(table) == 4
+    assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|$", table[2]), table[2]  # value [Wilson interval]
 
 
 def test_offline_converters_match_lm_eval_prompts():
