@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sinkdlm.commands.generate import DEFAULT_BATCH
 from sinkdlm.errors import UserError
+from sinkdlm.intervals import format_share
 
 SAMPLES = "gsm8k_samples.jsonl"
 SUMMARY = "gsm8k_summary.json"
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                "second_stage": dataclasses.asdict(settings.second) if settings.second else None}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     name = "synthetic (NOT GSM8K)" if args.data == SYNTHETIC else "GSM8K"
-    print(f"{name} accuracy {100 * summary['accuracy']:.2f} +- {100 * summary['stderr']:.2f} % "
+    print(f"{name} accuracy {format_share(summary['accuracy'], summary['n'])} % (95% Wilson interval) "
           f"({summary['n']} problems, {summary['answered']} with an answer, "
           f"{summary['skipped_too_long']} too long for the model); samples: {out / SAMPLES}")
     return 0
