@@ -57,8 +57,9 @@ def make_figures(tr: Trajectory, metrics: dict[str, Any], out: Path) -> dict[str
     figs["step_position"] = plots.step_position_heatmaps(
         [share[:, tr.layers.index(l)].mean(1)[:, real_keys(tr)] for l in panel], panel, tr.n_sink,
         f"{label}\nincoming attention per {unit} (heads averaged)", out / "step_position.png")
+    dominant = torch.tensor(s["per_layer"]["dominant_position"])  # (layers, steps)
     figs["dominant_sink"] = plots.dominant_vs_step(
-        torch.tensor(s["per_layer"]["dominant_position"]), tr.layers, tr.n_sink,
+        dominant[[tr.layers.index(l) for l in panel]], panel, tr.n_sink,
         f"{label}\ndominant sink position per {unit} (heads summed)", out / "dominant_sink.png")
     figs["sink_mass"] = plots.layer_head_map(
         torch.tensor(s["per_layer_head"]["sink_mass"]), tr.layers, f"attention share on sinks ({s['rule']} rule)",
@@ -91,8 +92,8 @@ CAPTIONS = {
     "attention_maps": "Attention maps (query x key) of one head at two steps: a sink is a bright column.",
     "step_position": "Incoming attention per key position at every step: a moving sink is a bright trace "
                      "that jumps; a pinned one is a straight column.",
-    "dominant_sink": "Position of the most-attended key per step and layer (S = dedicated sink); layers are "
-                     "drawn slightly apart vertically so that equal positions do not hide each other.",
+    "dominant_sink": "Position of the most-attended key (heads summed) at each step, one panel per layer "
+                     "(at most four, spread over the depth; S = dedicated sink): a pinned sink is a flat line.",
     "sink_mass": "Share of attention that lands on detected sinks, per layer and head.",
     "value_norms": "Incoming attention vs value L2 norm of every key: sinks should have the lowest norms.",
 }
