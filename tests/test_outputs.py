@@ -179,3 +179,16 @@ def test_analyze_prints_a_summary_and_the_report_defines_metrics_and_decodes_tok
     assert not re.search("[ĠĊ]", report)
     assert "5.4321" in report and "Why this held-out ELBO differs" in report  # training's value, explained
     assert "2 windows of 32 tokens" in report and "8 windows" not in report
+
+
+# ---- study figures and table -----------------------------------------------------------------------
+
+
+def test_study_metric_axes_span_each_metrics_natural_range():
+    from sinkdlm import study as S
+
+    assert S.axis_range("arc_easy" + S.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
+    assert S.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)
+    assert S.axis_range("val_elbo", 6.2) == (0.0, pytest.approx(6.2 * S.HEADROOM))
+    columns, table = S.summarise([S.Run("a", 1, Path("."), {"val_elbo": 6.0})])
+    assert "mean ± standard deviation over seeds" in S.markdown(columns, table)
