@@ -28,5 +28,7 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 def format_share(share: float, n: int, digits: int = 1) -> str:
     """'32.5 [26.4, 39.3]' (percent) for a share measured on n items (successes = share * n, rounded)."""
+    if n == 0:
+        return "n/a (no items)"
     lo, hi = wilson_interval(round(share * n), n)
     return f"{PERCENT * share:.{digits}f} [{PERCENT * lo:.{digits}f}, {PERCENT * hi:.{digits}f}]"

@@ -91,6 +91,7 @@ def test_wilson_interval_matches_hand_computed_values():
     lo, hi = wilson_interval(65, 200)
     assert (lo, hi) == (pytest.approx(0.263916, abs=1e-6), pytest.approx(0.392680, abs=1e-6))
     assert format_share(0.0, 100) == "0.0 [0.0, 3.7]" and format_share(0.325, 200) == "32.5 [26.4, 39.3]"
+    assert format_share(0.0, 0) == "n/a (no items)"  # an empty run prints, not crashes
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
 
