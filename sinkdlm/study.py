@@ -8,6 +8,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 PAPER_VARIANTS = ["plain", "gate", "sink"]
 METRIC_PANELS_PER_ROW = 4
+LINE_STYLES = ("-", "--", "-.", ":")  # one per variant: curves that coincide stay distinguishable
+MARKERS = ("o", "s", "^", "D", "v", "P")
+HEADROOM = 1.15  # open-ended metric axes reach this far above the highest point
+ACCURACY_SUFFIX = " acc %"  # benchmark columns: lm-eval's `acc` (not acc_norm), in percent
+TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
+              "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
+              "not acc_norm) in percent.")
 # every variant starts from these, so a recipe's own sink/gate settings never leak into "plain"
 PLAIN = {"sink_tokens": 0, "sink_position": "front", "sink_init": "learned", "sink_zero_value": False,
          "sink_self_only": True, "attn_gate": "none"}
@@ -127,7 +135,7 @@ def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, 
             mean, std, n = row[col]
             cells.append(f"{mean:.4g} ± {std:.2g}" if n > 1 else f"{mean:.4g}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", TABLE_NOTE])
 
 
 def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -143,32 +151,56 @@ def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int,
 
 
 def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
-    """Training loss (smoothed) and validation ELBO of every variant on one pair of axes."""
+    """Training loss and validation ELBO of every variant on one shared y axis that reaches the uniform
+    guess (ln V): the raw per-step loss is drawn faintly behind its smoothed curve to show the spread,
+    and each variant has its own line style and marker so that equal curves stay visible."""
     require("matplotlib", "drawing the study's figures").use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = dict(zip(dict.fromkeys(r.variant for r in runs), plt.cm.tab10.colors))
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    style = {v: (plt.cm.tab10.colors[i % 10], LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)])
+             for i, v in enumerate(variants)}
+    val_points = []
     for run in runs:
         train_pts, val_pts = read_curves(run.out)
+        colour, ls, marker = style[run.variant]
         label = f"{run.variant} (seed {run.seed})"
         if train_pts:
             steps, values = zip(*train_pts)
-            ax_train.plot(steps, _smooth(values), color=colours[run.variant], label=label, lw=1.2)
+            ax_train.plot(steps, values, color=colour, lw=0.6, alpha=0.25)
+            ax_train.plot(steps, _smooth(values), color=colour, ls=ls, label=label, lw=1.4)
         if val_pts:
             steps, values = zip(*val_pts)
-            ax_val.plot(steps, values, "o-", color=colours[run.variant], label=label, ms=3)
-    for ax, name in ((ax_train, "training loss (ELBO, smoothed)"), (ax_val, "validation ELBO (fixed masks)")):
+            ax_val.plot(steps, values, color=colour, ls=ls, marker=marker, label=label, ms=6, mfc="none")
+        val_points.append(len(val_pts))
+    uniform = _uniform_loss(runs)
+    for ax in (ax_train, ax_val):
+        if uniform is not None:
+            ax.axhline(uniform, color="0.4", lw=0.8, ls=":", label=f"uniform guess, ln V = {uniform:.2f}")
         ax.set_xlabel("step")
-        ax.set_ylabel("nats / token")
-        ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    ax_train.set_ylabel("nats / token")
+    ax_train.set_title("training loss (ELBO; faint: per step, bold: smoothed)")
+    one = max(val_points, default=0) <= 1
+    ax_val.set_title("validation ELBO (fixed masks)" + ("\none validation per run (train.val_every >= steps)"
+                                                        if one else ""))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _uniform_loss(runs: list[Run]) -> float | None:
+    """ln V of the runs' vocabulary: the loss of a uniform guess, the top of every loss axis."""
+    from sinkdlm.checkpoint import load_config_of
+
+    try:
+        return math.log(load_config_of(runs[0].out).model.vocab_size)
+    except (UserError, IndexError):
+        return None
 
 
 def _smooth(values: tuple[float, ...], weight: float = 0.9) -> list[float]:
@@ -182,8 +214,10 @@ def _smooth(values: tuple[float, ...], weight: float = 0.9) -> list[float]:
 
 def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float, float, int]]],
                      path: Path, title: str) -> Path | None:
-    """One panel per metric: each variant's mean with its std over seeds (points, not bars, so the
-    axis can zoom in on the differences)."""
+    """One panel per metric: each variant's mean, with its std over seeds as an error bar. Each axis
+    spans the metric's natural range (a share 0..1, an accuracy 0..100 %, a loss from 0), so that a
+    difference inside the noise is not blown up to fill the panel; a panel says which variants have no
+    value (e.g. dedicated-sink metrics of models without a sink)."""
     require("matplotlib", "drawing the study's figures").use("Agg")
     import matplotlib.pyplot as plt
 
@@ -201,15 +235,30 @@ def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float,
                 ax.errorbar([i], [mean], yerr=[std], fmt="o", color=colours[i % len(colours)], capsize=4, ms=7)
         ax.set_xticks(range(len(variants)), variants, rotation=30, fontsize=8)
         ax.set_xlim(-0.5, len(variants) - 0.5)
-        ax.set_title(col, fontsize=9)
+        tops = [mean + std for v in variants if col in table[v] for mean, std, _ in [table[v][col]]]
+        ax.set_ylim(*axis_range(col, max(tops, default=1.0)))
+        missing = [v for v in variants if col not in table[v]]
+        ax.set_title(col + (f"\n(no value for {', '.join(missing)})" if missing else ""), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
-    fig.suptitle(title)
+    seeds = max(n for row in table.values() for _, _, n in row.values())
+    fig.suptitle(title + ("\none seed: no spread over seeds to show" if seeds == 1 else
+                          "\nerror bars: std over seeds"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def axis_range(column: str, highest: float) -> tuple[float, float]:
+    """(bottom, top) of a metric's panel: its natural range; losses and counts from zero to just above
+    the highest value (plus its error bar)."""
+    if column.endswith(ACCURACY_SUFFIX):
+        return 0.0, 100.0
+    if column in SHARE_COLUMNS:
+        return 0.0, 1.0
+    return 0.0, HEADROOM * highest
 
 
 def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], dict[str, float]]:
@@ -225,7 +274,7 @@ def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], di
                                   "--mc-num", str(mc_num), "--output", str(run.out / "eval")])
         eval_cmd.run(args)
         results = eval_cmd.load_results(run.out / "eval")["results"]
-        return {f"{task} acc %": eval_cmd.PERCENT * r[f"{eval_cmd.METRIC},none"] for task, r in results.items()
+        return {f"{task}{ACCURACY_SUFFIX}": eval_cmd.PERCENT * r[f"{eval_cmd.METRIC},none"] for task, r in results.items()
                 if f"{eval_cmd.METRIC},none" in r}
 
     return evaluate
@@ -249,6 +298,8 @@ SINK_COLUMNS = {
     "dedicated_capture_share": "dedicated-sink capture",
     "value_rank_sinks": "sink value-norm rank",
 }
+SHARE_COLUMNS = {SINK_COLUMNS[k] for k in ("dominant_stability", "sink_set_iou", "dedicated_capture_share",
+                                           "value_rank_sinks")}  # values in [0, 1]
 
 
 def sink_evaluator(n_texts: int) -> Callable[[Run], dict[str, float]]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -93,15 +94,16 @@ def test_every_variant_loads_from_its_checkpoint_alone(tmp_path, variant):
 def test_paper_preset_sets_estimator_and_cfg_per_task(tmp_path):
     from sinkdlm.eval.harness import DiffusionLM
 
-    lm = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), preset="paper", mc_num=16)
+    ckpt = str(make_checkpoint(tmp_path))
+    lm = DiffusionLM(pretrained=ckpt, preset="paper", mc_num=16)
     piqa, arc, other = lm.settings_for("piqa"), lm.settings_for("arc_easy"), lm.settings_for("winogrande")
     assert (piqa.estimator, piqa.cfg, arc.estimator, arc.cfg, arc.mc_num) == ("chain_rule", 0.6, "mc", 0.6, 16)
     assert (other.estimator, other.cfg) == ("mc", 0.0)
     assert {piqa.eps, arc.eps, other.eps, lm.settings_for("lambada_standard").eps} == {0.0}  # the paper's floor
     assert lm.settings_for("lambada_standard").estimator == "chain_rule"
-    default = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), mc_num=16)
+    default = DiffusionLM(pretrained=ckpt, mc_num=16)
     assert default.settings_for("piqa").eps == 1e-3  # training's floor
-    overridden = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), preset="paper", eps=0.01)
+    overridden = DiffusionLM(pretrained=ckpt, preset="paper", eps=0.01)
     assert overridden.settings_for("piqa").eps == 0.01
 
 
@@ -134,7 +136,8 @@ def test_cli_eval_offline_then_compare(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "--compare", str(tmp_path / "out"), str(tmp_path / "out")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| checkpoint | arc_easy |" and len(table) == 4 and "±" in table[2]
+    assert table[0] == "| checkpoint | arc_easy acc % [95% Wilson CI] |" and len(table) == 4
+    assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|$", table[2]), table[2]  # value [Wilson interval]
 
 
 def test_offline_converters_match_lm_eval_prompts():

@@ -7,6 +7,7 @@ turns into metrics.json, figures and report.md.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import Tensor
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis.record import RecordSettings, record_masked, record_trajectory
 from sinkdlm.analysis.stats import (DEFAULT_EPS, DEFAULT_STD_K, RULES, Trajectory, moving_sink_summary,
-                                    to_py, trajectory_metrics)
+                                    to_py, trajectory_metrics, uniform_baselines)
 from sinkdlm.errors import UserError
 
 MODES = ("trajectory", "masked")
@@ -119,14 +120,49 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
         tr = record_masked(model, windows, s.levels, s.seed, record, progress=s.progress)
     metrics = _describe(path, cfg, s, tr, tok, prompt_ids)
     metrics["sinks"] = trajectory_metrics(tr, model.mask_id, s.eps, s.std_k, s.rule)
-    metrics["sinks"]["sink_token_text"] = [[tok.id_to_token(t) or "[MASK]", n]  # the mask id is no vocab item
+    metrics["sinks"]["sink_token_text"] = [[token_text(tok, t, model.mask_id), n]
                                            for t, n in metrics["sinks"]["sink_tokens"]]
     metrics["summary"] = moving_sink_summary(metrics)
+    metrics["baselines"] = to_py(uniform_baselines(tr, model.mask_id))
     metrics["record_seconds"] = round(time.perf_counter() - start, 2)
     if s.interventions:
+        metrics["elbo_setup"] = elbo_setup(path, cfg, s, windows, from_text=bool(texts))
         metrics["interventions"] = _interventions(path, model, prompt_ids, windows, sample_cfg, eos_id, s, tok)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics, tr
+
+
+def token_text(tok, token_id: int, mask_id: int) -> str:
+    """A token as the text it stands for (byte-level BPE pieces like `Ċ` decoded to a newline)."""
+    return "[MASK]" if token_id == mask_id else tok.decode([token_id], skip_special_tokens=False)
+
+
+def training_val_elbo(path: str | Path) -> float | None:
+    """The validation ELBO that training logged at this checkpoint's step (None when not logged)."""
+    from sinkdlm.train import METRICS
+
+    folder = ckpt.resolve(path)
+    step, log = ckpt.load_meta(folder).get("step"), folder.parent / METRICS
+    if step is None or not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    values = [r["val_loss"] for r in rows if r.get("step") == step and "val_loss" in r]
+    return values[-1] if values else None
+
+
+def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | None, from_text: bool) -> dict:
+    """How the interventions' held-out ELBO is estimated, beside how training's validation ELBO was."""
+    from sinkdlm.analysis.interventions import NOISE_EPS
+
+    if windows is None:
+        source, n, length = "the prompts followed by the unmodified run's completions", None, None
+    else:
+        source = "the given text" if from_text else "the validation split of the training data"
+        n, length = windows.shape
+    training = {"windows": cfg.data.val_windows, "length": cfg.seq_len, "seed": cfg.data.val_seed,
+                "eps": cfg.train.eps, "val_elbo": training_val_elbo(path)}
+    return to_py({"source": source, "windows": n, "length": length, "levels": s.elbo_samples, "seed": s.seed,
+                  "eps": NOISE_EPS, "training": training})
 
 
 def analyze_checkpoint(path: str | Path, texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,

@@ -78,21 +78,26 @@ def step_position_heatmaps(shares: list[Tensor], layers: list[int], n_sink: int,
 
 
 def dominant_vs_step(dominant: Tensor, layers: list[int], n_sink: int, title: str, path: Path) -> Path:
-    """Position of the most-attended key (heads summed) at each step, one line per layer."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for row, layer in zip(dominant, layers):
-        ax.plot(range(len(row)), row.numpy(), marker="o", ms=3, lw=1, label=f"layer {layer}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("position of the most-attended key")
-    if n_sink:
-        ax.axhspan(-n_sink - 0.5, -0.5, color="0.9", zorder=0)
+    """Position of the most-attended key (heads summed) at each step: one panel per layer on shared
+    axes, so that layers whose dominant key coincides never hide each other's line."""
+    fig, axes = plt.subplots(len(layers), 1, figsize=(7.5, 0.6 + 1.7 * len(layers)), sharex=True, sharey=True,
+                             squeeze=False, layout="constrained")
+    steps = dominant.shape[1]
+    for ax, row, layer in zip(axes[:, 0], dominant, layers):
+        ax.plot(range(steps), row.numpy(), marker="o", ms=3, lw=1, color="tab:blue")
+        ax.set_title(f"layer {layer}", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        if n_sink:
+            ax.axhspan(-n_sink - 0.5, -0.5, color="0.9", zorder=0)
+    ax = axes[-1, 0]
+    ax.set_xlabel("step" + (" (one step recorded: nothing can move)" if steps == 1 else ""))
+    if n_sink:  # shared y axis: relabel the sink rows once
         lo, hi = ax.get_ylim()
         ticks = [int(t) for t in ax.get_yticks() if SINK_TICK_GAP * (hi - lo) <= t <= hi]
         ax.set_yticks(list(range(-n_sink, 0)) + ticks, ["S"] * n_sink + [str(t) for t in ticks])
         ax.set_ylim(lo, hi)
-        ax.set_ylabel("position of the most-attended key (S = dedicated sink)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2)
+    fig.supylabel("position of the most-attended key" + (" (S = dedicated sink)" if n_sink else ""), fontsize=9)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

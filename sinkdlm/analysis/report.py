@@ -14,6 +14,8 @@ from sinkdlm.analysis.stats import Trajectory, detect
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+# summary metrics `sinkdlm analyze` prints (the report has them all)
+HEADLINE = ("dominant_stability", "sink_set_iou", "absorption_rate", "dedicated_capture_share", "value_rank_sinks")
 
 
 def model_label(metrics: dict[str, Any]) -> str:
@@ -55,8 +57,9 @@ def make_figures(tr: Trajectory, metrics: dict[str, Any], out: Path) -> dict[str
     figs["step_position"] = plots.step_position_heatmaps(
         [share[:, tr.layers.index(l)].mean(1)[:, real_keys(tr)] for l in panel], panel, tr.n_sink,
         f"{label}\nincoming attention per {unit} (heads averaged)", out / "step_position.png")
+    dominant = torch.tensor(s["per_layer"]["dominant_position"])  # (layers, steps)
     figs["dominant_sink"] = plots.dominant_vs_step(
-        torch.tensor(s["per_layer"]["dominant_position"]), tr.layers, tr.n_sink,
+        dominant[[tr.layers.index(l) for l in panel]], panel, tr.n_sink,
         f"{label}\ndominant sink position per {unit} (heads summed)", out / "dominant_sink.png")
     figs["sink_mass"] = plots.layer_head_map(
         torch.tensor(s["per_layer_head"]["sink_mass"]), tr.layers, f"attention share on sinks ({s['rule']} rule)",
@@ -89,28 +92,63 @@ CAPTIONS = {
     "attention_maps": "Attention maps (query x key) of one head at two steps: a sink is a bright column.",
     "step_position": "Incoming attention per key position at every step: a moving sink is a bright trace "
                      "that jumps; a pinned one is a straight column.",
-    "dominant_sink": "Position of the most-attended key per step and layer (negative = dedicated sink).",
+    "dominant_sink": "Position of the most-attended key (heads summed) at each step, one panel per layer "
+                     "(at most four, spread over the depth; S = dedicated sink): a pinned sink is a flat line.",
     "sink_mass": "Share of attention that lands on detected sinks, per layer and head.",
     "value_norms": "Incoming attention vs value L2 norm of every key: sinks should have the lowest norms.",
 }
 
+# summary metric -> what it measures (every key of stats.SUMMARY_KEYS has one; a test holds it)
+DEFINITIONS = {
+    "dominant_stability": "share of consecutive steps at which a head's most-attended key (dedicated sinks "
+                          "included) stays at the same position: 1 = pinned, 0 = it moves at every step",
+    "content_dominant_stability": "the same, among content keys only (dedicated sinks left out)",
+    "sink_set_iou": "intersection over union of a head's detected sink positions at consecutive steps "
+                    "(two empty sets count as 1)",
+    "distinct_dominant_positions": "how many different positions are a head's most-attended key over all "
+                                   "steps (1 = never moves)",
+    "distinct_sink_positions": "how many different positions are detected as a head's sinks over all steps",
+    "sink_mass": "share of a head's attention (all queries) that lands on its detected sinks",
+    "absorption_rate": "share of all attention that lands on the dedicated sink token(s)",
+    "dedicated_capture_share": "of the attention on sinks (dedicated + detected content sinks), the share "
+                               "the dedicated sink(s) take",
+    "value_rank_sinks": "rank of a detected content sink's value-vector L2 norm among all keys of its head, "
+                        "0 = lowest norm, 1 = highest (the paper: sinks have the lowest norms)",
+    "value_rank_dedicated": "the same rank for the dedicated sink(s)",
+    "mask_share_of_sinks": "share of detected content sinks whose input token is [MASK]",
+}
+RULE_DEFINITIONS = {
+    "eps": "a key is a sink when its incoming attention (column sum over queries) exceeds the mean of the "
+           "other keys' by eps (2510.15731)",
+    "std": "a key is a sink when its incoming attention exceeds the mean over keys by std k standard deviations",
+    "top1": "the single most-attended key of each head is its sink",
+}
+RULE_COLUMNS = ("sinks: detected sinks per step, layer and head (dedicated included); content sinks: those "
+                "at content positions; consecutive IoU: as sink_set_iou; distinct positions: as "
+                "distinct_sink_positions. All averaged over steps, layers, heads and sequences.")
+INTERVENTION_COLUMNS = ("token agreement: share of generated positions where the intervention chose the same "
+                        "token as the unmodified run; held-out ELBO: the masked-diffusion bound on the "
+                        "negative log-likelihood, nats per token (lower is better; a uniform guess over V "
+                        "tokens scores ln V), on the same windows and masks for every row, so the rows "
+                        "are paired.")
+
 
 def render_markdown(metrics: dict[str, Any], figs: dict[str, Path]) -> str:
-    s, summary = metrics["sinks"], metrics["summary"]
+    s = metrics["sinks"]
     lines = [f"# Sink analysis: {model_label(metrics)}", "",
              f"Checkpoint `{metrics['checkpoint']}`, mode **{metrics['mode']}**, {s['steps']} steps, "
-             f"sink rule `{s['rule']}` (eps {s['eps']}, std k {s['std_k']}), layers {s['layers']}.", "",
-             "## Moving-sink summary (mean over layers and heads)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
-    lines += ["", "Detection rules compared (per step, layer and head):", "",
+             f"sink rule `{s['rule']}` (eps {s['eps']}, std k {s['std_k']}), layers {s['layers']}.", ""]
+    lines += _text_md(metrics)
+    lines += _summary_md(metrics)
+    lines += ["Detection rules compared:", "",
               "| rule | sinks | content sinks | consecutive IoU | distinct positions |", "|---|---|---|---|---|"]
     lines += [f"| {r} | {_fmt(v['n_sinks'])} | {_fmt(v['content_sinks'])} | {_fmt(v['iou'])} | "
               f"{_fmt(v['distinct_sinks'])} |" for r, v in s["rules"].items()]
-    tokens = ", ".join(f"`{t}` x{n}" for t, n in s.get("sink_token_text", [])) or "none detected"
-    lines += ["", f"Tokens at detected content sinks: {tokens}.", ""]
-    lines += _interventions_md(metrics.get("interventions"))
-    if metrics.get("outputs"):
-        lines += ["## Generated text", ""] + [f"- {json.dumps(o)}" for o in metrics["outputs"]] + [""]
+    lines += [""] + [f"- `{r}`: {d}." for r, d in RULE_DEFINITIONS.items()] + ["", RULE_COLUMNS, ""]
+    tokens = ", ".join(f"`{json.dumps(t, ensure_ascii=False)}` x{n}" for t, n in s.get("sink_token_text", []))
+    lines += [f"Tokens at detected content sinks (decoded text, most frequent first): {tokens or 'none detected'}.",
+              ""]
+    lines += _interventions_md(metrics.get("interventions"), metrics.get("elbo_setup"))
     lines += ["## Figures", ""]
     for name, path in figs.items():
         lines += [f"### {name}", "", CAPTIONS[name], "", f"![{name}]({path.name})", ""]
@@ -118,16 +156,84 @@ def render_markdown(metrics: dict[str, Any], figs: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def _interventions_md(results: dict[str, Any] | None) -> list[str]:
+def _text_md(metrics: dict[str, Any]) -> list[str]:
+    """The prompts and what the model made of them, as plain text (newlines kept)."""
+    prompts, outputs = metrics.get("prompts", []), metrics.get("outputs") or []
+    if not prompts:
+        return []
+    lines = ["## Text", ""]
+    for i, prompt in enumerate(prompts):
+        lines += [f"Prompt {i + 1}:", "", "```text", prompt, "```", ""]
+        if i < len(outputs):
+            lines += [f"Completion {i + 1}:", "", "```text", outputs[i], "```", ""]
+    return lines
+
+
+def _summary_md(metrics: dict[str, Any]) -> list[str]:
+    baselines = metrics.get("baselines", {})
+    lines = ["## Moving-sink summary (mean over layers and heads)", "",
+             "| metric | value | uniform baseline | what it measures |", "|---|---|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} | {_fmt(baselines.get(k))} | {DEFINITIONS[k]} |"
+              for k, v in metrics["summary"].items()]
+    return lines + ["", "Uniform baseline: the value if every head attended uniformly to its keys (or picked "
+                        "its most-attended key at random at every step), with this recording's mean number "
+                        "of keys; n/a where there is no simple uniform reference or the metric is undefined "
+                        "(no dedicated sink, no content sink detected).", ""]
+
+
+def _interventions_md(results: dict[str, Any] | None, setup: dict[str, Any] | None) -> list[str]:
     if not results:
         return []
     lines = ["## Interventions during sampling", "",
              "| intervention | token agreement with unmodified run | held-out ELBO (nats/token) |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(r['agreement'])} | {_fmt(r['elbo'])} |" for name, r in results.items()]
-    return lines + [""]
+    lines += ["", INTERVENTION_COLUMNS, ""]
+    return lines + (elbo_note(setup) if setup else [])
+
+
+def elbo_note(setup: dict[str, Any]) -> list[str]:
+    """Why this ELBO is not the number training printed: other windows, masks and estimator."""
+    t = setup["training"]
+    logged = f" It logged {t['val_elbo']:.4f} at this checkpoint's step." if t.get("val_elbo") is not None else ""
+    windows = (f"{setup['windows']} windows of {setup['length']} tokens from {setup['source']}"
+               if setup["windows"] is not None else setup["source"])
+    return ["Why this held-out ELBO differs from the validation ELBO printed during training: both estimate "
+            "the same bound, E over t and masks of the sum over masked tokens of CE / p, divided by the "
+            "number of tokens, but not on the same data nor with the same estimator.", "",
+            f"- Here: {windows}; each window is scored at {setup['levels']} masking levels on the fixed grid "
+            f"t = (j + 0.5) / {setup['levels']} (the same levels for every window), p = (1 - eps) t + eps with "
+            f"eps = {setup['eps']}, masks drawn from seed {setup['seed']}.",
+            f"- Training: {t['windows']} windows of {t['length']} tokens evenly spaced over the validation "
+            f"split (data.val_windows), one masking level per window, stratified over the windows "
+            f"(t_i = (u + i / {t['windows']}) mod 1), eps = {t['eps']}, masks from data.val_seed = {t['seed']}."
+            f"{logged}",
+            "- So the windows differ (a few here, evenly spaced, against all of training's), the masks "
+            "differ, and so does the Monte Carlo estimator; with a handful of windows the text itself "
+            "moves the number most. Compare the rows of the table above with each other (same windows "
+            "and masks), not with the training curve.", ""]
 
 
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def summary_lines(metrics: dict[str, Any], report: Path) -> list[str]:
+    """What `sinkdlm analyze` prints: the headline metrics with their baselines, then the report path."""
+    s, baselines = metrics["sinks"], metrics.get("baselines", {})
+    lines = [f"sink analysis of {model_label(metrics)}: {metrics['mode']}, {s['steps']} steps, "
+             f"layers {s['layers']}, rule {s['rule']}"]
+    for key in HEADLINE:
+        value = metrics["summary"].get(key)
+        if value is not None:
+            base = f" (uniform: {_fmt(baselines[key])})" if baselines.get(key) is not None else ""
+            lines.append(f"  {key} {_fmt(value)}{base}: {DEFINITIONS[key]}")
+    results = metrics.get("interventions") or {}
+    if "baseline" in results and results["baseline"]["elbo"] is not None:
+        lines.append(f"  held-out ELBO {_fmt(results['baseline']['elbo'])} nats/token (see the report for how "
+                     f"it differs from training's validation ELBO)")
+    lines.append(f"report: {report} (every metric defined there; figures and metrics.json beside it; "
+                 f"{metrics['seconds']:.1f} s)")
+    return lines
+

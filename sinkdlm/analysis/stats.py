@@ -318,3 +318,24 @@ def _flatten(values: Any) -> list[float]:
     if isinstance(values, list):
         return [v for item in values for v in _flatten(item)]
     return [float("nan") if values is None else float(values)]
+
+
+def uniform_baselines(tr: Trajectory, mask_id: int) -> dict[str, float]:
+    """What the summary metrics would read if every head attended uniformly (or chose its dominant key
+    uniformly at random at every step), with the recording's mean numbers of keys: the reference each
+    share is read against. Metrics without a simple uniform reference are left out."""
+    keys = tr.key_valid.sum(-1).float().mean().item()  # K: dedicated sinks + real content keys
+    content = keys - tr.n_sink
+    steps = tr.n_steps
+    is_mask = (tr.tokens == mask_id) & tr.query_valid
+    out = {
+        "dominant_stability": 1 / keys,
+        "content_dominant_stability": 1 / content,
+        "distinct_dominant_positions": keys * (1 - (1 - 1 / keys) ** steps),  # expected distinct of S draws
+        "value_rank_sinks": 0.5,  # a key picked at random sits mid-way in the norm ranking
+        "mask_share_of_sinks": is_mask.sum().item() / tr.query_valid.sum().clamp(min=1).item(),
+    }
+    if tr.n_sink:
+        out["absorption_rate"] = tr.n_sink / keys
+        out["value_rank_dedicated"] = 0.5
+    return out

@@ -7,7 +7,6 @@ step, layer and head, runs the interventions, and writes metrics.json, PNG figur
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from sinkdlm.analysis.stats import DEFAULT_EPS, DEFAULT_STD_K, RULES
@@ -55,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.analysis import AnalysisSettings, run_analysis
-    from sinkdlm.analysis.report import write_report
+    from sinkdlm.analysis.report import summary_lines, write_report
 
     texts = None
     if args.text:
@@ -70,6 +69,5 @@ def run(args: argparse.Namespace) -> int:
         elbo_samples=args.elbo_samples, max_windows=args.max_windows, seed=args.seed, device=args.device)
     metrics, trajectory = run_analysis(args.checkpoint, texts=texts, prompts=args.prompt, settings=settings)
     report = write_report(args.out, metrics, trajectory)
-    print(json.dumps(metrics["summary"], indent=1))
-    print(f"report: {report} ({metrics['seconds']:.1f} s)")
+    print("\n".join(summary_lines(metrics, report)))
     return 0

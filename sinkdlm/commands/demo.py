@@ -8,6 +8,8 @@ Running it again continues (or just re-reports) the same run; --fresh starts ove
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 from sinkdlm.commands.train import print_result
 from sinkdlm.config import Config, config_from_dict, load_config
@@ -21,6 +23,14 @@ DEMO = {
     "train": {"out_dir": "runs/demo", "global_batch": 32, "micro_batch": 32, "max_steps": 400,
               "log_every": 10, "val_every": 200, "save_every": 200, "sink_monitor_every": 100},
 }
+
+
+# the first commands of README's "After the demo" ({run} = the demo's run folder; a test keeps them in README)
+NEXT_STEPS = (
+    'sinkdlm generate --checkpoint {run} --prompt "ROMEO:" --gen-length 64 --steps 64',
+    "sinkdlm data benchmarks && sinkdlm eval --checkpoint {run} --tasks arc_easy,piqa --limit 200",
+    "sinkdlm analyze --checkpoint {run} --out {run}-analysis",
+)
 
 
 def demo_config() -> Config:
@@ -44,4 +54,21 @@ def run(args: argparse.Namespace) -> int:
                  f"train.resume={not args.fresh}", f"train.overwrite={args.fresh}", *args.overrides]
     result = train(load_config(None, overrides, base=demo_config()))
     print_result(result)
+    print(ending(result["checkpoint"], args.out))
     return 0
+
+
+def uniform_loss(vocab_size: int) -> float:
+    """Nats per token of a model that guesses uniformly over the vocabulary: ln V."""
+    return math.log(vocab_size)
+
+
+def ending(checkpoint: str | Path, run_dir: str) -> str:
+    """The demo's last lines: what its loss compares with, and what to run next."""
+    from sinkdlm.checkpoint import load_config_of
+
+    vocab = load_config_of(checkpoint).model.vocab_size
+    steps = "\n".join(f"  {c.format(run=run_dir)}" for c in NEXT_STEPS)
+    return (f"reference: a uniform guess over the {vocab:,} tokens of the vocabulary scores ln {vocab} = "
+            f"{uniform_loss(vocab):.3f} nats/token; lower is better\n"
+            f"next (README \"After the demo\"):\n{steps}")

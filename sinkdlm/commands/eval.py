@@ -21,6 +21,7 @@ from sinkdlm.checkpoint import resolve
 from sinkdlm.errors import UserError
 from sinkdlm.eval import benchmarks, presets
 from sinkdlm.optional import require
+from sinkdlm.intervals import format_share
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -131,12 +132,11 @@ def load_results(path: str | Path) -> dict[str, Any]:
     raise UserError(f"no {RESULTS_JSON} under {p}; run `sinkdlm eval --checkpoint {p} --tasks ...` first")
 
 
-def _cell(task_results: dict[str, Any] | None) -> str:
+def _cell(task_results: dict[str, Any] | None, n: int | None) -> str:
     if not task_results or f"{METRIC},none" not in task_results:
         return "-"
-    value, err = task_results[f"{METRIC},none"], task_results.get(f"{METRIC}_stderr,none")
-    err_text = f" ± {PERCENT * err:.2f}" if isinstance(err, (int, float)) else ""
-    return f"{PERCENT * value:.2f}{err_text}"
+    value = task_results[f"{METRIC},none"]
+    return format_share(value, n) if n else f"{PERCENT * value:.1f}"
 
 
 def _label(results: dict[str, Any]) -> str:
@@ -146,11 +146,13 @@ def _label(results: dict[str, Any]) -> str:
 
 
 def markdown_table(all_results: list[dict[str, Any]]) -> str:
-    """Rows = checkpoints, columns = tasks, cells = accuracy % ± standard error."""
+    """Rows = checkpoints, columns = tasks, cells = accuracy % [95% Wilson interval over the questions]."""
     tasks: list[str] = []
     for r in all_results:
         tasks += [t for t in r.get("results", {}) if t not in tasks]
-    lines = ["| checkpoint | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines = ["| checkpoint | " + " | ".join(f"{t} {METRIC} % [95% Wilson CI]" for t in tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
     for r in all_results:
-        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t)) for t in tasks) + " |")
+        n = {t: c.get("effective") for t, c in r.get("n-samples", {}).items()}
+        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), n.get(t)) for t in tasks) + " |")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """`sinkdlm generate --checkpoint DIR (--prompt TEXT ... | --input FILE) [--output out.jsonl] [options]`.
 
 Prompts come from the command line or a file (.jsonl with a "prompt" field per line, else one prompt
-per line); completions go to stdout or a JSONL file, one {"prompt", "completion"} object per prompt.
+per line); completions go to stdout or --output. `--format text` prints each prompt and its completion
+as plain text (the default on a terminal); `--format jsonl` writes one {"prompt", "completion"} object
+per line (the default for a file or a pipe).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import SampleConfig
 
 DEFAULT_BATCH = 8
+FORMATS = ("auto", "text", "jsonl")  # auto: text on a terminal, jsonl into a file or a pipe
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +71,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (its latest)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--input", help="prompts: .jsonl with a 'prompt' field, else one per line")
-    parser.add_argument("--output", help="write JSONL here instead of stdout")
+    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="text: prompt and completion as plain text; jsonl: one JSON object per line; "
+                             "auto: text on a terminal, jsonl into a file or a pipe (default: %(default)s)")
     add_sample_arguments(parser)
 
 
@@ -86,6 +92,20 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [row["prompt"] for _, row in read_jsonl(path, ["prompt"])]
 
 
+def output_format(requested: str, stream) -> str:
+    """The format to write: `auto` is text for a person at a terminal, JSONL for a file or a program."""
+    if requested != "auto":
+        return requested
+    return "text" if stream.isatty() else "jsonl"
+
+
+def format_sample(fmt: str, number: int, prompt: str, completion: str) -> str:
+    """One prompt and its completion; text keeps newlines real and marks where the model's part starts."""
+    if fmt == "jsonl":
+        return json.dumps({"prompt": prompt, "completion": completion}) + "\n"
+    return f"--- prompt {number} ---\n{prompt}\n--- completion {number} ---\n{completion}\n\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.sample import generate
 
@@ -95,15 +115,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size={args.batch_size} must be > 0")
     model, tok, eos = load_for_sampling(args.checkpoint, args.device)
     out = open(args.output, "w") if args.output else sys.stdout
+    fmt = output_format(args.format, out)
     try:
         for lo in tqdm(range(0, len(texts), args.batch_size), desc="generate", unit="batch",
                        disable=len(texts) <= args.batch_size and not args.output):
             chunk = texts[lo: lo + args.batch_size]
             ids = [tok.encode(t).ids for t in chunk]
             completions = generate(model, ids, cfg, model.mask_id, eos, indices=range(lo, lo + len(ids)))
-            for text, tokens in zip(chunk, completions):
-                row = {"prompt": text, "completion": tok.decode(tokens, skip_special_tokens=True)}
-                out.write(json.dumps(row) + "\n")
+            for number, (text, tokens) in enumerate(zip(chunk, completions), start=lo + 1):
+                out.write(format_sample(fmt, number, text, tok.decode(tokens, skip_special_tokens=True)))
             out.flush()
     finally:
         if args.output:

