@@ -274,8 +274,8 @@ def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], di
                                   "--mc-num", str(mc_num), "--output", str(run.out / "eval")])
         eval_cmd.run(args)
         results = eval_cmd.load_results(run.out / "eval")["results"]
-        return {f"{task}{ACCURACY_SUFFIX}": eval_cmd.PERCENT * r[f"{eval_cmd.METRIC},none"] for task, r in results.items()
-                if f"{eval_cmd.METRIC},none" in r}
+        key = f"{eval_cmd.METRIC},none"
+        return {f"{task}{ACCURACY_SUFFIX}": eval_cmd.PERCENT * r[key] for task, r in results.items() if key in r}
 
     return evaluate
 

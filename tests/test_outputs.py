@@ -87,7 +87,8 @@ def test_wilson_interval_matches_hand_computed_values():
     # 0 of 100: upper bound z^2 / (n + z^2) = 3.8415 / 103.8415
     assert wilson_interval(0, 100) == (0.0, pytest.approx(0.036994, abs=1e-6))
     assert wilson_interval(100, 100) == (pytest.approx(1 - 0.036994, abs=1e-6), 1.0)
-    # 65 of 200: centre (0.325 + 1.9208/200) / 1.019208, half-width 1.96 * sqrt(0.325*0.675/200 + 0.9604/40000) / 1.019208
+    # 65 of 200: centre (0.325 + 1.9208 / 200) / 1.019208,
+    # half-width 1.96 * sqrt(0.325 * 0.675 / 200 + 0.9604 / 40000) / 1.019208
     lo, hi = wilson_interval(65, 200)
     assert (lo, hi) == (pytest.approx(0.263916, abs=1e-6), pytest.approx(0.392680, abs=1e-6))
     assert format_share(0.0, 100) == "0.0 [0.0, 3.7]" and format_share(0.325, 200) == "32.5 [26.4, 39.3]"
@@ -153,7 +154,8 @@ def analysis_checkpoint(data_path: Path, out: Path) -> Path:
     from sinkdlm.data.shards import PackedData
 
     data = PackedData(data_path)
-    cfg = Config(model=tiny(vocab_size=data.vocab_size, sink_tokens=1), data=DataConfig(path=str(data_path), seq_len=32))
+    cfg = Config(model=tiny(vocab_size=data.vocab_size, sink_tokens=1),
+                 data=DataConfig(path=str(data_path), seq_len=32))
     torch.manual_seed(0)
     ckpt = save_checkpoint(out, 5, DLM(cfg.model).state_dict(), cfg, {"eos_id": data.eos_id},
                            tokenizer=data.path / data.meta["tokenizer_file"])
@@ -166,8 +168,8 @@ def test_analyze_prints_a_summary_and_the_report_defines_metrics_and_decodes_tok
 
     analysis_checkpoint(tiny_data, tmp_path / "run")
     out = tmp_path / "report"
-    assert main(["analyze", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--steps", "4",
-                 "--gen-length", "4", "--top-k", "1", "--elbo-samples", "2", "--max-windows", "2", "--rule", "top1"]) == 0
+    assert main(["analyze", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--steps", "4", "--gen-length",
+                 "4", "--top-k", "1", "--elbo-samples", "2", "--max-windows", "2", "--rule", "top1"]) == 0
     printed = capsys.readouterr().out
     assert not printed.lstrip().startswith("{") and f"report: {out / 'report.md'}" in printed
     assert "dominant_stability" in printed and DEFINITIONS["dominant_stability"] in printed
