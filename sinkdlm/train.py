@@ -350,12 +350,12 @@ def restore(fabric, model, optimizer, last: Path, trainer_state: dict[str, Any])
         optimizer.load_state_dict(trainer_state["optimizer"])
 
 
-def full_weights(model) -> dict[str, Tensor]:
+def full_weights(model: torch.nn.Module) -> dict[str, Tensor]:
     """The whole model's weights on rank 0's CPU under the plain model's names (whatever wraps its
     Blocks); a collective under FSDP: every rank calls it, and the others get {}."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def on_rank_zero(fabric, fn: Callable[[], T]) -> T:
@@ -620,7 +620,7 @@ class Loop:
             self.fabric.save(tmp / ckpt.SHARDED, {"model": self.model, "optimizer": self.optimizer})
         else:
             trainer_state["optimizer"] = self.optimizer.state_dict()
-        weights = full_weights(self.model)
+        weights = full_weights(self.model.module)
         meta = {"tokens": self.state["tokens"], "eos_id": self.source.eos_id, "val_loss": self.val_loss,
                 "objective": t.objective, "data": self.source.identity}
 
