@@ -232,7 +232,8 @@ def test_fsdp_killed_mid_run_resumes_bit_for_bit(tiny_data, fsdp_run, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000003"]
     assert len(records(run, "loss")) == KILL_AT
-    trained(tiny_data, run, "train.resume=true")
+    trained(tiny_data, run, "train.resume=true", "train.keep_last=1")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006"]  # pruned after step 6 was written
     assert records(run, "loss") == records(fsdp_run, "loss")
     assert records(run, "val_loss") == records(fsdp_run, "val_loss")
     resumed, straight = weights(run), weights(fsdp_run)
@@ -321,3 +322,11 @@ def test_block_options_apply_without_fsdp_too(tiny_data, tmp_path):
     assert records(tmp_path / "ac", "loss") == records(tmp_path / "plain", "loss")
     w_plain, w_ac = ckpt.load_weights(plain["checkpoint"]), ckpt.load_weights(checkpointed["checkpoint"])
     assert w_plain.keys() == w_ac.keys() and all(torch.equal(w_plain[k], w_ac[k]) for k in w_plain)
+
+
+@pytest.mark.parametrize("variant", ["plain", "gate", "sink"])
+def test_paper_configs_train_with_fsdp_in_bf16(variant):
+    from sinkdlm.config import load_config
+
+    t = load_config(ROOT / "configs" / f"paper_472_{variant}.yaml").train
+    assert (t.strategy, t.precision, t.accelerator) == ("fsdp", "bf16-mixed", "cuda")
