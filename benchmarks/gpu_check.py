@@ -57,7 +57,8 @@ STEP_BATCH = 8  # the paper config's micro-batch
 STEP_REPEATS, STEP_WARMUP = 5, 2
 GEN_LENGTH, GEN_BATCH, THRESHOLD, GEN_REPEATS = 256, 4, 0.9, 2
 FSDP_SEED = 1
-CPU_MATMUL_SIZE = 512  # a CPU run only checks the plumbing: a bf16 2048^2 matmul takes seconds there
+# the peak's square matmul: 2048^2 does not fill a large GPU; a CPU run only checks the plumbing
+MATMUL_SIZE = {"cuda": 8192, "cpu": 512}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +141,7 @@ def train_steps(preset: ModelConfig, device: torch.device, batch: int) -> dict[s
         cfg = dataclasses.replace(preset, **options)
         models[name], steps[name] = bench_train.make_step(cfg, batch, device, BF16)
     samples = common.time_interleaved(steps, STEP_REPEATS, STEP_WARMUP, device)
-    size = common.MATMUL_SIZE if device.type == "cuda" else CPU_MATMUL_SIZE
-    measured = common.matmul_peak_flops(device, BF16, size=size)
+    measured = common.matmul_peak_flops(device, BF16, size=MATMUL_SIZE[device.type])
     sheet = datasheet_peak(common.machine(device)) if device.type == "cuda" else None
     rows = []
     for name, times in samples.items():
@@ -248,7 +248,8 @@ def report(result: dict[str, Any]) -> str:
         f"### Train step: batch {steps['batch']} x {steps['seq']} tokens, bf16 autocast, "
         f"{STEP_REPEATS} interleaved rounds after {STEP_WARMUP} warm-up",
         "",
-        f"Measured bf16 matmul peak {steps['matmul_peak_flops'] / 1e12:.1f} TFLOP/s; data-sheet peak "
+        f"Measured bf16 matmul peak {steps['matmul_peak_flops'] / 1e12:.1f} TFLOP/s "
+        f"({MATMUL_SIZE[result['device_type']]}^2, best of {common.MATMUL_REPEATS}); data-sheet peak "
         + (f"{sheet / 1e12:.1f} TFLOP/s." if sheet else "unknown for this device."),
         "",
         common.markdown_table(
@@ -285,7 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
     ap.add_argument("--preset", default="472", help="a model preset (tiny for a CPU smoke run)")
-    ap.add_argument("--batch", type=int, default=STEP_BATCH, help="sequences per timed train step")
+    ap.add_argument("--batch", type=int, default=STEP_BATCH,
+                    help="sequences per timed train step (lower it if the GPU runs out of memory)")
     ap.add_argument("--out", default="runs/gpu-check", help="folder for gpu_check.md and gpu_check.json")
     return ap.parse_args(argv)
 
@@ -297,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if preset.vocab_size is None:  # the CPU presets leave it to the data
         preset = model_preset(args.preset, vocab_size=SMDM_VOCAB)
     started = time.perf_counter()
-    result: dict[str, Any] = {"machine": common.machine(device), "torch": torch.__version__, "preset": args.preset}
+    result: dict[str, Any] = {"machine": common.machine(device), "device_type": device.type,
+                              "torch": torch.__version__, "preset": args.preset}
     result["parity"] = parity(preset, device)
     result["sdpa"] = sdpa_kernels(preset, device)
     result["train_steps"] = train_steps(preset, device, args.batch)
