@@ -5,6 +5,10 @@ broken `step-*` folder; a finished checkpoint is never rewritten. Older ones are
 the new one is complete, each renamed to a hidden name before it is deleted, so a kill part-way never
 leaves a partial `step-*` folder. Nothing is ever loaded through pickle code execution: safetensors
 for weights, `weights_only=True` for state.
+
+Under FSDP (train.strategy=fsdp) a checkpoint also holds `sharded/`: every rank's shard of the model
+and optimizer (torch.distributed.checkpoint, which reshards to any world size on load); the trainer
+resumes from it, and `model.safetensors` is the consolidated model every other command reads.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 CONFIG_JSON = "config.json"  # what `sinkdlm export` writes
 TOKENIZER = "tokenizer.json"
-STATE = "trainer_state.pt"
+STATE = "trainer_state.pt"  # step and tokens; without FSDP also the whole optimizer state
+SHARDED = "sharded"  # FSDP: the model and optimizer shards (a torch.distributed.checkpoint folder)
 META = "meta.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -87,6 +92,12 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
                     meta: dict[str, Any], tokenizer: str | Path | None = None,
                     trainer_state: dict[str, Any] | None = None, keep_last: int = 0) -> Path:
     """Write step-N atomically; then keep only the newest `keep_last` (0 = keep all)."""
+    tmp = start_checkpoint(run_dir, step)
+    return finish_checkpoint(tmp, weights, cfg, meta, tokenizer, trainer_state, keep_last)
+
+
+def start_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The empty temporary folder step-N is written in (sharded state may go there first)."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = step_dir(run, step)
@@ -96,6 +107,14 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     remove_leftovers(run)
     tmp = run / f"{TMP_PREFIX}{final.name}"
     tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any],
+                      tokenizer: str | Path | None, trainer_state: dict[str, Any] | None, keep_last: int) -> Path:
+    """Write the rest of a started checkpoint, sync it to disk, rename it into place, prune."""
+    run, final = tmp.parent, tmp.parent / tmp.name.removeprefix(TMP_PREFIX)
+    step = int(final.name.removeprefix(STEP_PREFIX))
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
     save_config(cfg, tmp / CONFIG)
     (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -103,15 +122,23 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
         shutil.copyfile(tokenizer, tmp / TOKENIZER)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / STATE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_dir(folder)
     os.replace(tmp, final)
     _fsync_dir(run)
     if keep_last > 0:
         for old in list_checkpoints(run)[:-keep_last]:
             discard(old)
     return final
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint holds FSDP's sharded state (it was written with train.strategy=fsdp)."""
+    return (resolve(path) / SHARDED).is_dir()
 
 
 def load_config_of(path: str | Path) -> Config:

@@ -23,6 +23,8 @@ FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs
 # metrics.jsonl is always written; these are the extra loggers `train.loggers` may name
 LOGGERS = ("csv", "tensorboard", "wandb")
 DEFAULT_LOGGERS = ("csv", "tensorboard")  # tensorboard only where installed (the `log` extra)
+STRATEGIES = ("auto", "ddp", "fsdp")  # fsdp = FSDP2 (fully_shard per Block, then the root), see parallelize.py
+FSDP_PRECISIONS = ("32-true", "bf16-mixed")  # what FSDP2's MixedPrecisionPolicy is built from
 
 
 @dataclass
@@ -180,9 +182,10 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
-    precision: str = "32-true"  # e.g. bf16-mixed on GPUs
-    compile: bool = False
+    strategy: str = "auto"  # one of STRATEGIES
+    precision: str = "32-true"  # e.g. bf16-mixed on GPUs; with fsdp one of FSDP_PRECISIONS
+    compile: bool = False  # torch.compile each Block (before FSDP shards it)
+    activation_checkpointing: bool = False  # recompute each Block's activations in backward
     # bookkeeping
     log_every: int = 10
     val_every: int = 100
@@ -200,8 +203,11 @@ class TrainConfig:
             raise UserError(f"train.t_sampling={self.t_sampling!r} is not uniform|stratified|antithetic")
         if self.objective not in ("pretrain", "sft"):
             raise UserError(f"train.objective={self.objective!r} is not pretrain|sft")
-        if self.strategy not in ("auto", "ddp", "fsdp"):
-            raise UserError(f"train.strategy={self.strategy!r} is not auto|ddp|fsdp")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"train.strategy={self.strategy!r} is not one of {list(STRATEGIES)}")
+        if self.strategy == "fsdp" and self.precision not in FSDP_PRECISIONS:
+            raise UserError(f"train.precision={self.precision!r} is not supported with train.strategy=fsdp; "
+                            f"choose one of {list(FSDP_PRECISIONS)}")
         for key in ("global_batch", "micro_batch", "max_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key}={getattr(self, key)} must be >= 1")

@@ -7,6 +7,7 @@ whatever the world size: micro-batch and accumulation follow from the real numbe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,7 +26,8 @@ from sinkdlm import checkpoint as ckpt
 from sinkdlm import diffusion as D
 from sinkdlm.config import Config, ModelConfig, OptimConfig, TrainConfig
 from sinkdlm.errors import UserError
-from sinkdlm.model import DLM, Block, count_params
+from sinkdlm.model import DLM, count_params
+from sinkdlm.parallelize import apply_block_options, parallelize
 
 METRICS = "metrics.jsonl"  # the canonical log; the loggers of train.loggers are extra views
 LOGGER_DIRS = {"csv": "csv", "tensorboard": "tb", "wandb": "wandb"}  # each logger's folder in the run
@@ -37,6 +39,7 @@ MONITOR_T = 0.5  # their masking level
 # what a resumed run must share with the saved one to continue the same trajectory (max_steps may grow)
 SAME_ON_RESUME = ("global_batch", "seed", "t_sampling", "eps", "random_length_prob", "objective")
 SFT_VAL_SHARE = 10  # SFT holds out at most 1 in this many examples (and at most data.val_windows)
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +187,7 @@ def check_resume(cfg: Config, source: Source, last: Path) -> None:
     if differing:
         raise UserError(f"cannot resume {run}: its config differs in {differing}; "
                         f"use the same config or a new train.out_dir")
+    check_same_format(cfg, saved, last)
     if saved.seq_len != cfg.seq_len:
         raise UserError(f"cannot resume {run}: data.seq_len is {cfg.seq_len} but the run trained with "
                         f"{saved.seq_len}; set data.seq_len={saved.seq_len} or use a new train.out_dir")
@@ -196,6 +200,19 @@ def check_resume(cfg: Config, source: Source, last: Path) -> None:
         changed = sorted(k for k in {*trained_on, *source.identity} if trained_on.get(k) != source.identity.get(k))
         raise UserError(f"cannot resume {run}: its training data changed (meta differs in {changed}); "
                         f"point data at the run's data or use a new train.out_dir")
+
+
+def check_same_format(cfg: Config, saved: Config, last: Path) -> None:
+    """FSDP resumes from sharded state (at any world size), the other strategies from a whole
+    optimizer state: a checkpoint holds only one of them."""
+    sharded = ckpt.is_sharded(last)
+    if sharded == (cfg.train.strategy == "fsdp"):
+        return
+    written = "with train.strategy=fsdp (sharded state)" if sharded else \
+        f"with train.strategy={saved.train.strategy} (no sharded state)"
+    use = "fsdp" if sharded else "auto or ddp"
+    raise UserError(f"cannot resume {cfg.train.out_dir}: {last.name} was written {written}; resume it with "
+                    f"train.strategy={use} (any number of devices) or use a new train.out_dir")
 
 
 def same_json(a: Path, b: Path) -> bool:
@@ -292,30 +309,71 @@ def accumulation(t: TrainConfig, world: int) -> int:
 
 def make_fabric(t: TrainConfig):
     from lightning.fabric import Fabric
-    from lightning.fabric.strategies import FSDPStrategy
+    from lightning.fabric.strategies import ModelParallelStrategy
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     strategy: Any = t.strategy
+    precision = t.precision
     if strategy == "fsdp":
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+        strategy = ModelParallelStrategy(functools.partial(parallelize, t=t))
+        precision = "32-true"  # FSDP2's MixedPrecisionPolicy casts (parallelize.py), not Fabric's autocast
     try:
         return Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                      strategy=strategy, precision=t.precision)
-    except (ValueError, RuntimeError, MisconfigurationException) as e:  # e.g. FSDP without a GPU
+                      strategy=strategy, precision=precision)
+    except (ValueError, RuntimeError, MisconfigurationException) as e:  # e.g. a GPU asked for on a CPU machine
         raise UserError(f"train.accelerator/devices/strategy/precision: {str(e).splitlines()[0]}") from None
 
 
-def full_state(fabric, model, optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Whole (unsharded) model and optimizer state on every rank's CPU, whatever the strategy."""
-    from lightning.fabric.strategies import FSDPStrategy
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+def build(cfg: Config, fabric, resume_from: Path | None):
+    """The model and its AdamW, set up by Fabric, with the weights to start from."""
+    o, fsdp = cfg.optim, cfg.train.strategy == "fsdp"
+    torch.manual_seed(cfg.train.seed)
+    model = DLM(cfg.model)
+    start = resume_from if resume_from and not fsdp else cfg.train.init_from
+    if start:  # an FSDP run resumes from its sharded state, after sharding
+        ckpt.load_into(model, start)
+    if not fsdp:  # FSDP applies them in parallelize, before sharding
+        model = apply_block_options(model, cfg.train)
+    model = fabric.setup_module(model)
+    # only now: FSDP replaces the parameters with sharded ones
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=False))
+    return model, optimizer
 
-    if isinstance(fabric.strategy, FSDPStrategy):
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        inner = model._forward_module
-        return get_model_state_dict(inner, options=opts), get_optimizer_state_dict(inner, optimizer, options=opts)
-    return model.module.state_dict(), optimizer.state_dict()
+
+def restore(fabric, model, optimizer, last: Path, trainer_state: dict[str, Any]) -> None:
+    """Optimizer state (and under FSDP the model's) from a checkpoint; FSDP's sharded state is
+    resharded to this run's world size."""
+    if ckpt.is_sharded(last):
+        fabric.load(last / ckpt.SHARDED, {"model": model, "optimizer": optimizer}, weights_only=True)
+    else:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The whole model's weights on rank 0's CPU under the plain model's names (whatever wraps its
+    Blocks); a collective under FSDP: every rank calls it, and the others get {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def on_rank_zero(fabric, fn: Callable[[], T]) -> T:
+    """fn() on rank 0 and its result on every rank; when it fails, every rank raises (rank 0 its
+    own error), rather than the others waiting for rank 0 forever."""
+    result, error = None, None
+    if fabric.global_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    shared = error if error is None or isinstance(error, UserError) else RuntimeError(f"rank 0 failed: {error!r}")
+    result, shared = fabric.broadcast((result, shared))
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,18 +496,9 @@ def train(cfg: Config) -> dict[str, Any]:
             fabric.print(f"{run} already finished at {resume_from.name}; nothing to do "
                          f"(raise train.max_steps to train further)")
             return finished
-    torch.manual_seed(cfg.train.seed)
-    model = DLM(cfg.model)
-    if resume_from or cfg.train.init_from:
-        ckpt.load_into(model, resume_from or cfg.train.init_from)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  weight_decay=o.weight_decay, foreach=False)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    model, optimizer = fabric.setup(model, optimizer)
+    model, optimizer = build(cfg, fabric, resume_from)
     if resume_from:
-        optimizer.load_state_dict(trainer_state["optimizer"])
+        restore(fabric, model, optimizer, resume_from, trainer_state)
         fabric.print(f"resuming {run} from {resume_from.name}")
     if fabric.global_rank == 0 and cfg.train.overwrite and not resume_from and run_files(run):
         set_aside_run(run)
@@ -562,15 +611,23 @@ class Loop:
         self.fabric.print(f"step {step}: validation ELBO {self.val_loss:.4f} nats/token")
 
     def save(self, step: int) -> None:
-        weights, optim_state = full_state(self.fabric, self.model, self.optimizer)
-        if self.fabric.global_rank == 0:
-            meta = {"tokens": self.state["tokens"], "eos_id": self.source.eos_id, "val_loss": self.val_loss,
-                    "objective": self.cfg.train.objective, "data": self.source.identity}
-            trainer_state = {"optimizer": optim_state, "step": step, "tokens": self.state["tokens"]}
-            self.last_checkpoint = ckpt.save_checkpoint(
-                self.run_dir, step, weights, self.cfg, meta, self.source.tokenizer_path, trainer_state,
-                self.cfg.train.keep_last)
-            settle_previous_run(self.run_dir)  # the new run has a checkpoint: an overwritten one goes
+        """Every rank takes part (FSDP writes its shards and gathers the whole model collectively);
+        rank 0 writes the rest and renames the folder into place."""
+        run, t = self.run_dir, self.cfg.train
+        tmp = on_rank_zero(self.fabric, lambda: ckpt.start_checkpoint(run, step))
+        trainer_state: dict[str, Any] = {"step": step, "tokens": self.state["tokens"]}
+        if t.strategy == "fsdp":
+            self.fabric.save(tmp / ckpt.SHARDED, {"model": self.model, "optimizer": self.optimizer})
         else:
-            self.last_checkpoint = ckpt.step_dir(self.run_dir, step)
-        self.fabric.barrier()
+            trainer_state["optimizer"] = self.optimizer.state_dict()
+        weights = full_weights(self.model.module)
+        meta = {"tokens": self.state["tokens"], "eos_id": self.source.eos_id, "val_loss": self.val_loss,
+                "objective": t.objective, "data": self.source.identity}
+
+        def finish() -> Path:
+            final = ckpt.finish_checkpoint(tmp, weights, self.cfg, meta, self.source.tokenizer_path,
+                                           trainer_state, t.keep_last)
+            settle_previous_run(run)  # the new run has a checkpoint: an overwritten one goes
+            return final
+
+        self.last_checkpoint = on_rank_zero(self.fabric, finish)
