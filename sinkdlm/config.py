@@ -23,6 +23,9 @@ FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs
 # metrics.jsonl is always written; these are the extra loggers `train.loggers` may name
 LOGGERS = ("csv", "tensorboard", "wandb")
 DEFAULT_LOGGERS = ("csv", "tensorboard")  # tensorboard only where installed (the `log` extra)
+# data.order: random = windows start anywhere, drawn with replacement; epoch = each pass over the
+# data visits every non-overlapping window once, shuffled (SMDM). Both: a function of (seed, step, index)
+WINDOW_ORDERS = ("random", "epoch")
 
 
 @dataclass
@@ -147,6 +150,11 @@ class DataConfig:
     val_seed: int = 1234  # seeds the fixed validation masks, so runs are comparable
     # SFT: JSONL {prompt, response} or SMDM's GSM8K train.txt; empty = pretraining data above
     sft_path: str = ""
+    order: str = "random"  # training windows: one of WINDOW_ORDERS
+
+    def __post_init__(self) -> None:
+        if self.order not in WINDOW_ORDERS:
+            raise UserError(f"data.order={self.order!r} is not one of {list(WINDOW_ORDERS)}")
 
 
 @dataclass

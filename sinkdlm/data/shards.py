@@ -339,9 +339,10 @@ def permute(values: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
 
 def _feistel(values: np.ndarray, keys: np.ndarray, half: int) -> np.ndarray:
     shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
-    left, right = values >> shift, values & mask
+    left, right, mixed = values >> shift, values & mask, _splitmix64(keys)
     for round_ in range(FEISTEL_ROUNDS):
-        left, right = right, left ^ (_splitmix64(right ^ _splitmix64(keys ^ np.uint64(round_))) & mask)
+        round_keys = _splitmix64(mixed ^ np.uint64(round_))  # close keys share no round keys
+        left, right = right, left ^ (_splitmix64(right ^ round_keys) & mask)
     return (left << shift) | right
 
 
