@@ -268,3 +268,22 @@ def test_a_format_1_folder_still_reads(tmp_path):
     assert np.array_equal(data.tokens("train")[:], tokens["train"])
     windows = sample_windows(data.tokens("train"), 16, seed=0, step=0, indices=range(4))
     assert (windows == sample_windows(tokens["train"], 16, seed=0, step=0, indices=range(4))).all()
+
+
+def test_the_documented_slimpajama_command_parses_to_the_github_filter():
+    """README's and docs/prepare.md's command for the paper's data stays a valid command with SMDM's filter."""
+    import argparse
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    readme = re.search(r"`(sinkdlm prepare --source hf:cerebras/SlimPajama-627B[^`]*)`", (root / "README.md").read_text())
+    block = re.search(r"```bash\n(sinkdlm prepare --source hf:cerebras/SlimPajama-627B.*?)```",
+                      (root / "docs" / "prepare.md").read_text(), re.S)
+    for command in (readme.group(1), block.group(1).replace("\\\n", " ")):
+        parser = argparse.ArgumentParser()
+        prep.configure(parser)
+        args = parser.parse_args(shlex.split(command)[2:])
+        assert args.exclude == ["meta.redpajama_set_name=RedPajamaGithub"]
+        assert args.val_source == "hf:cerebras/SlimPajama-627B@validation"
+        assert RecordFilter.parse(args.exclude).exclude == (("meta.redpajama_set_name", "RedPajamaGithub"),)
