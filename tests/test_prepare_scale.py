@@ -115,17 +115,24 @@ def test_a_stopped_prepare_continues_to_the_same_bytes(jsonl_corpus, tokenizer_f
     assert not staging.exists()
 
 
-def test_a_stopped_prepare_with_other_settings_starts_over(jsonl_corpus, tokenizer_file, tmp_path, monkeypatch,
-                                                            capsys):
+@pytest.mark.parametrize("change, message", [("seed", "had other settings"), ("shard", "is damaged"),
+                                             ("progress", "has an unreadable progress record")])
+def test_a_stopped_prepare_that_cannot_continue_starts_over(jsonl_corpus, tokenizer_file, tmp_path, monkeypatch,
+                                                            capsys, change, message):
     interrupt_after(monkeypatch, 40)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(str(jsonl_corpus), tmp_path / "out", tokenizer_file, shard_tokens=SHARD, progress=False)
     monkeypatch.undo()
-    out = prep.prepare(str(jsonl_corpus), tmp_path / "out", tokenizer_file, shard_tokens=SHARD, seed=5,
+    staging, seed = tmp_path / ".preparing-out", 5 if change == "seed" else 0
+    if change == "shard":
+        (staging / "train-00000.bin").unlink()
+    if change == "progress":
+        (staging / "progress.json").write_text("{torn")
+    out = prep.prepare(str(jsonl_corpus), tmp_path / "out", tokenizer_file, shard_tokens=SHARD, seed=seed,
                        progress=False)
-    assert "other settings" in capsys.readouterr().err
-    expected = prep.prepare(str(jsonl_corpus), tmp_path / "expected", tokenizer_file, shard_tokens=SHARD, seed=5,
-                            progress=False)
+    assert f"starting over: the stopped prepare in {staging} {message}" in capsys.readouterr().err
+    expected = prep.prepare(str(jsonl_corpus), tmp_path / "expected", tokenizer_file, shard_tokens=SHARD,
+                            seed=seed, progress=False)
     assert folder_bytes(out) == folder_bytes(expected)
 
 
@@ -287,3 +294,14 @@ def test_the_documented_slimpajama_command_parses_to_the_github_filter():
         assert args.exclude == ["meta.redpajama_set_name=RedPajamaGithub"]
         assert args.val_source == "hf:cerebras/SlimPajama-627B@validation"
         assert RecordFilter.parse(args.exclude).exclude == (("meta.redpajama_set_name", "RedPajamaGithub"),)
+
+
+def test_hf_sources_name_their_split():
+    from sinkdlm.data.sources import describe, hf_spec
+
+    assert hf_spec("hf:cerebras/SlimPajama-627B") == ("cerebras/SlimPajama-627B", None, "train")
+    assert hf_spec("hf:allenai/c4:en@validation") == ("allenai/c4", "en", "validation")
+    assert describe("hf:allenai/c4:en@validation") == "Hugging Face dataset allenai/c4 (en), split validation"
+    for bad in ("hf:", "hf:name@", "hf:@train"):
+        with pytest.raises(UserError, match=r"hf:NAME\[:CONFIG\]\[@SPLIT\]"):
+            hf_spec(bad)

@@ -228,21 +228,37 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 def _continuable(staging: Path, header: dict[str, Any], shard_tokens: int) -> dict[str, Any] | None:
     """The saved progress of a stopped prepare with this header in `staging` (its shards cut back to
     it), or None after emptying `staging` for a fresh start."""
-    path = staging / PROGRESS_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    if saved is not None and saved["header"] == header:
-        try:
-            ShardWriter(staging, np.dtype(saved["dtype"]), shard_tokens, saved["writer"]).close()
-            shards = sum(len(s["shards"]) for s in saved["writer"].values())
-            print(f"continuing the stopped prepare in {staging} ({shards} shard(s) written)", file=sys.stderr)
-            return saved
-        except StaleState as e:
-            print(f"starting over: the stopped prepare in {staging} is damaged ({e})", file=sys.stderr)
-    elif saved is not None:
-        print(f"starting over: the stopped prepare in {staging} had other settings", file=sys.stderr)
+    saved, problem = _saved_progress(staging, header, shard_tokens)
+    if saved is not None:
+        shards = sum(len(s["shards"]) for s in saved["writer"].values())
+        print(f"continuing the stopped prepare in {staging} ({shards} shard(s) written)", file=sys.stderr)
+        return saved
+    if problem:
+        print(f"starting over: the stopped prepare in {staging} {problem}", file=sys.stderr)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return None
+
+
+def _saved_progress(staging: Path, header: dict[str, Any], shard_tokens: int) -> tuple[dict[str, Any] | None, str]:
+    """(the progress saved in `staging`, "") if a prepare with this header can continue from it, else
+    (None, why not; "" when there is nothing to continue)."""
+    path = staging / PROGRESS_FILE
+    if not path.is_file():
+        return None, ""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, "has an unreadable progress record"
+    if saved.get("header") != header:
+        return None, "had other settings"
+    try:
+        if not (staging / TOKENIZER_FILE).is_file():
+            raise StaleState(f"its {TOKENIZER_FILE} is missing")
+        ShardWriter(staging, np.dtype(saved["dtype"]), shard_tokens, saved["writer"]).close()
+    except StaleState as e:
+        return None, f"is damaged ({e})"
+    return saved, ""
 
 
 def _leave_staging(staging: Path, done: bool) -> None:
