@@ -60,8 +60,8 @@ def write_corpus(path: Path, texts: list[str], size_mb: float) -> int:
 def run_prepare(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict[str, Any]:
     # through sh, which forks the run: a process started straight from this one would count this
     # process's memory in its peak RSS (Linux keeps the parent's high-water mark across vfork + exec)
-    cmd = ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", WRAPPER, "prepare", "--source", str(corpus), "--tokenizer", str(tokenizer),
-           "--out", str(out), "--workers", str(workers), "--overwrite"]
+    cmd = ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", WRAPPER, "prepare", "--source", str(corpus),
+           "--tokenizer", str(tokenizer), "--out", str(out), "--workers", str(workers), "--overwrite"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"prepare failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -97,7 +97,7 @@ def main() -> None:
             report = run_prepare(path, tokenizer, work / "out", workers)
             runs.append(dict(report, size_mb=size, text_bytes=text_bytes, workers=workers, round=round_))
             print(f"{size:g} MB, {workers} worker(s), round {round_}: {report['tokens'] / report['wall']:,.0f} "
-                  f"tokens/s, main {report['main_rss_kib'] / KIB:.0f} MiB, worker {report['worker_rss_kib'] / KIB:.0f} MiB",
+                  f"tokens/s, main {mib(report['main_rss_kib'])} MiB, worker {mib(report['worker_rss_kib'])} MiB",
                   file=sys.stderr)
     header = (f"{cpu_model()}; {started}; load average {load_start:.1f} at start, {load_average():.1f} at end; "
               f"BPE {VOCAB} as tokenizer.json; wall time inside the process (imports excluded)")
@@ -120,14 +120,16 @@ def report_tables(runs: list[dict[str, Any]], largest: float, workers: list[int]
                             "text MB/s", "CPU s (all processes)", "main peak RSS MiB", "largest worker peak RSS MiB"],
                            rows)
     base = at_largest[workers[0]]
-    ratios = [f"{w} vs {workers[0]} workers: tokens/s ratio paired per round {fmt(paired_ratio([b['wall'] for b in base], [r['wall'] for r in rs]))}"
+    ratios = [f"{w} vs {workers[0]} workers: tokens/s ratio paired per round "
+              f"{fmt(paired_ratio([b['wall'] for b in base], [r['wall'] for r in rs]))}"
               for w, rs in at_largest.items() if w != workers[0]]
     memory = markdown_table(
         ["text MB", "workers", "tokens", "wall s", "main peak RSS MiB", "largest worker peak RSS MiB"],
         [[f"{r['text_bytes'] / MB:.1f}", str(r["workers"]), f"{r['tokens']:,}", f"{r['wall']:.1f}",
           mib(r["main_rss_kib"]), mib(r["worker_rss_kib"])]
          for r in sorted((r for r in runs if r["round"] == 0), key=lambda r: (r["workers"], r["size_mb"]))])
-    return f"At {largest:g} MB:\n\n{speed}\n\n" + "\n".join(ratios) + f"\n\nPeak memory as the corpus grows (round 0):\n\n{memory}"
+    return (f"At {largest:g} MB:\n\n{speed}\n\n" + "\n".join(ratios)
+            + f"\n\nPeak memory as the corpus grows (round 0):\n\n{memory}")
 
 
 def mib(kib: int) -> str:

@@ -284,7 +284,8 @@ def test_the_documented_slimpajama_command_parses_to_the_github_filter():
     import shlex
 
     root = Path(__file__).resolve().parents[1]
-    readme = re.search(r"`(sinkdlm prepare --source hf:cerebras/SlimPajama-627B[^`]*)`", (root / "README.md").read_text())
+    readme = re.search(r"`(sinkdlm prepare --source hf:cerebras/SlimPajama-627B[^`]*)`",
+                       (root / "README.md").read_text())
     block = re.search(r"```bash\n(sinkdlm prepare --source hf:cerebras/SlimPajama-627B.*?)```",
                       (root / "docs" / "prepare.md").read_text(), re.S)
     for command in (readme.group(1), block.group(1).replace("\\\n", " ")):

@@ -239,7 +239,8 @@ class PackedData:
         for name, n in shards:
             file, expected = self.path / name, n * dtype.itemsize
             if not file.is_file() or file.stat().st_size != expected:
-                raise UserError(f"{file} is missing or not {expected} bytes as meta.json says; prepare the folder again")
+                raise UserError(f"{file} is missing or not {expected} bytes as meta.json says; "
+                                f"prepare the folder again")
         return SplitTokens([self.path / name for name, _ in shards], [n for _, n in shards], dtype)
 
 

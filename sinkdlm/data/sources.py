@@ -107,7 +107,8 @@ def hf_spec(source: str) -> tuple[str, str | None, str]:
     rest, sep, split = source[len(HF_PREFIX):].partition(HF_SPLIT_SEP)
     name, _, config = rest.partition(":")
     if not name or (sep and not split):
-        raise UserError(f"source {source!r} should be hf:NAME[:CONFIG][@SPLIT], e.g. hf:cerebras/SlimPajama-627B@validation")
+        raise UserError(f"source {source!r} should be hf:NAME[:CONFIG][@SPLIT], "
+                        f"e.g. hf:cerebras/SlimPajama-627B@validation")
     return name, config or None, split or HF_DEFAULT_SPLIT
 
 
