@@ -25,6 +25,9 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 DEFAULT_LOGGERS = ("csv", "tensorboard")  # tensorboard only where installed (the `log` extra)
 STRATEGIES = ("auto", "ddp", "fsdp")  # fsdp = FSDP2 (fully_shard per Block, then the root), see parallelize.py
 FSDP_PRECISIONS = ("32-true", "bf16-mixed")  # what FSDP2's MixedPrecisionPolicy is built from
+# data.order: random = windows start anywhere, drawn with replacement; epoch = each pass over the
+# data visits every non-overlapping window once, shuffled (SMDM). Both: a function of (seed, step, index)
+WINDOW_ORDERS = ("random", "epoch")
 
 
 @dataclass
@@ -149,6 +152,11 @@ class DataConfig:
     val_seed: int = 1234  # seeds the fixed validation masks, so runs are comparable
     # SFT: JSONL {prompt, response} or SMDM's GSM8K train.txt; empty = pretraining data above
     sft_path: str = ""
+    order: str = "random"  # training windows: one of WINDOW_ORDERS
+
+    def __post_init__(self) -> None:
+        if self.order not in WINDOW_ORDERS:
+            raise UserError(f"data.order={self.order!r} is not one of {list(WINDOW_ORDERS)}")
 
 
 @dataclass

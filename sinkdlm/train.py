@@ -59,13 +59,15 @@ class Source:
 
 
 def pretrain_source(cfg: Config) -> Source:
-    from sinkdlm.data.shards import PackedData, fixed_windows, sample_windows
+    from sinkdlm.data.shards import PackedData, fixed_windows, window_sampler
 
     data = PackedData(cfg.data.path)
-    train_tokens, seq, seed = data.tokens("train"), cfg.seq_len, cfg.train.seed
+    seq = cfg.seq_len
+    windows = window_sampler(cfg.data.order, data.tokens("train"), seq, cfg.train.seed, cfg.train.global_batch)
     val = fixed_windows(data.tokens("val"), seq, cfg.data.val_windows)
-    return Source(data.vocab_size, data.eos_id, Path(cfg.data.path) / data.meta["tokenizer_file"], data.meta,
-                  lambda step, idx: (sample_windows(train_tokens, seq, seed, step, idx), None), (val, None))
+    identity = {**data.meta, "order": cfg.data.order}  # another window order is another trajectory
+    return Source(data.vocab_size, data.eos_id, Path(cfg.data.path) / data.meta["tokenizer_file"], identity,
+                  lambda step, idx: (windows(step, idx), None), (val, None))
 
 
 def sft_source(cfg: Config) -> Source:

