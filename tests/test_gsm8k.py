@@ -79,10 +79,10 @@ def test_summary_has_binomial_stderr_per_metric():
 
 
 def test_paper_preset_is_the_papers_decoding_with_a_strict_headline():
-    paper = G.PRESETS["paper"]
-    assert paper.headline == G.STRICT and G.PRESETS["demo"].headline == G.FLEXIBLE
+    paper = G.GSM8K_PRESETS["paper"]
+    assert paper.headline == G.STRICT and G.GSM8K_PRESETS["demo"].headline == G.FLEXIBLE
     for stage in (paper.first, paper.second):
-        assert (stage.gen_length, stage.steps, stage.temperature, stage.cfg_scale) == (256, 256, 0.1, 0.1)
+        assert (stage.gen_length, stage.steps, stage.temperature, stage.guidance) == (256, 256, 0.1, 0.1)
         assert stage.length_includes_prompt and stage.remasking == "low_confidence"
     with pytest.raises(UserError, match="headline"):
         G.GSM8KSettings(first=paper.first, second=None, headline="exact")

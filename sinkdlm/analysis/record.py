@@ -114,8 +114,8 @@ def record_trajectory(model: DLM, prompts: list[list[int]], sample_cfg, eos_id: 
     """Generate with the sampler and record every denoising step (step s = the s-th forward)."""
     from sinkdlm.sample import generate
 
-    if sample_cfg.cache != "none" or sample_cfg.cfg_scale > 0:
-        raise UserError("trajectory analysis needs one forward per step: use cache=none and cfg_scale=0")
+    if sample_cfg.cache != "none" or sample_cfg.guidance > 0:
+        raise UserError("trajectory analysis needs one forward per step: use cache=none and guidance=0")
     recorder = Recorder(model, settings, before)
     with recorder.attached(), tqdm(total=sample_cfg.steps, desc="denoising steps", disable=not progress) as bar:
         outputs = generate(model, prompts, sample_cfg, model.mask_id, eos_id, on_step=lambda s, x: bar.update())

