@@ -56,7 +56,7 @@ class Run:
 def base_config(preset: str) -> Config:
     """`demo` = the demo recipe on Shakespeare; an SMDM size = the paper's 472M recipe at that size."""
     if preset == "demo":
-        from sinkdlm.commands.demo import demo_config
+        from sinkdlm.demo import demo_config
 
         return demo_config()
     recipe = Path(__file__).resolve().parents[1] / "configs" / "paper_472_plain.yaml"
@@ -263,19 +263,12 @@ def axis_range(column: str, highest: float) -> tuple[float, float]:
 
 def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], dict[str, float]]:
     """Offline benchmark accuracy (%) through the lm-eval model, when lm-eval is installed."""
-    import argparse
-
-    from sinkdlm.commands import eval as eval_cmd
+    from sinkdlm.eval.run import EvalOptions, accuracies, evaluate_checkpoint
 
     def evaluate(run: Run) -> dict[str, float]:
-        parser = argparse.ArgumentParser()
-        eval_cmd.configure(parser)
-        args = parser.parse_args(["--checkpoint", str(run.out), "--tasks", tasks, "--limit", str(limit),
-                                  "--mc-num", str(mc_num), "--output", str(run.out / "eval")])
-        eval_cmd.run(args)
-        results = eval_cmd.load_results(run.out / "eval")["results"]
-        return {f"{task}{ACCURACY_SUFFIX}": eval_cmd.PERCENT * r[f"{eval_cmd.METRIC},none"] for task, r in results.items()
-                if f"{eval_cmd.METRIC},none" in r}
+        results, _ = evaluate_checkpoint(run.out, tasks.split(","), EvalOptions(limit=limit, mc_num=mc_num),
+                                         run.out / "eval")
+        return {f"{task}{ACCURACY_SUFFIX}": acc for task, acc in accuracies(results).items()}
 
     return evaluate
 

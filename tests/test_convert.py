@@ -193,13 +193,11 @@ def test_not_a_model_folder(tmp_path, capsys):
 
 
 def adapt_args(*argv):
-    import argparse
+    from sinkdlm.cli import parse_args
+    from sinkdlm.recipes import adapt_config, shortcuts_of
 
-    from sinkdlm.commands import adapt
-
-    parser = argparse.ArgumentParser()
-    adapt.configure(parser)
-    return adapt.adapt_config(parser.parse_args(list(argv)))
+    args = parse_args(["adapt", *argv])
+    return adapt_config(args.init_from, args.config, args.overrides, **shortcuts_of(args))
 
 
 def test_adapt_takes_the_model_from_the_checkpoint(tmp_path):

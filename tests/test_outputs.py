@@ -109,7 +109,7 @@ def test_one_plus_minus_notation_in_code_and_docs():
 
 
 def test_demo_ends_with_the_uniform_reference_and_the_next_commands(tmp_path):
-    from sinkdlm.commands.demo import NEXT_STEPS, ending
+    from sinkdlm.demo import NEXT_STEPS, ending
 
     ckpt = save_checkpoint(tmp_path / "run", 1, DLM(tiny()).state_dict(), Config(model=tiny()), {"eos_id": EOS})
     text = ending(ckpt, "runs/mine")

@@ -184,7 +184,7 @@ def test_every_shipped_config_loads_and_round_trips():
 
 
 def test_demo_yaml_mirrors_the_demo_command():
-    from sinkdlm.commands.demo import demo_config
+    from sinkdlm.demo import demo_config
 
     assert load_config(ROOT / "configs" / "demo.yaml") == demo_config()
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from sinkdlm import study as S
+from sinkdlm import study
 from sinkdlm.errors import UserError
 
 TABLE = "study.md"
@@ -21,8 +21,8 @@ RESULTS = "study.json"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", help="demo (CPU minutes) or an SMDM size, e.g. 472")
-    parser.add_argument("--variants", default=",".join(S.PAPER_VARIANTS),
-                        help=f"comma-separated, from: {', '.join(S.VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(study.PAPER_VARIANTS),
+                        help=f"comma-separated, from: {', '.join(study.VARIANTS)}")
     parser.add_argument("--seeds", default="1", help="comma-separated training seeds")
     parser.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
@@ -43,9 +43,9 @@ def seeds_of(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    variants, seeds = S.parse_variants(args.variants), seeds_of(args.seeds)
+    variants, seeds = study.parse_variants(args.variants), seeds_of(args.seeds)
     out = Path(args.out or f"runs/study-{args.preset}")
-    base = S.base_config(args.preset)
+    base = study.base_config(args.preset)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         overrides.insert(0, f"data.path={args.data}")
     elif args.preset == "demo":
-        from sinkdlm.commands.demo import DEMO_VOCAB
+        from sinkdlm.demo import DEMO_VOCAB
         from sinkdlm.data.prepare import demo_data_ready, ensure_demo_data
 
         path = Path(base.data.path)
@@ -62,21 +62,21 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"under torchrun every rank would prepare the demo corpus at once; run `sinkdlm "
                             f"prepare --source demo --tokenizer bpe:{DEMO_VOCAB} --out {path}` first")
         overrides.insert(0, f"data.path={ensure_demo_data(path, vocab_size=DEMO_VOCAB)}")
-    runs = S.train_runs(base, variants, seeds, out, overrides)
-    if not S.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
+    runs = study.train_runs(base, variants, seeds, out, overrides)
+    if not study.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
         return 0
-    S.evaluate_runs(runs, S.default_evaluators(args))
-    columns, table = S.summarise(runs)
+    study.evaluate_runs(runs, study.default_evaluators(args))
+    columns, table = study.summarise(runs)
     write_outputs(out, args, runs, columns, table)
     return 0
 
 
-def write_outputs(out: Path, args: argparse.Namespace, runs: list[S.Run], columns: list[str],
+def write_outputs(out: Path, args: argparse.Namespace, runs: list[study.Run], columns: list[str],
                   table: dict) -> None:
     title = f"study {args.preset}: {', '.join(table)}; seeds {args.seeds}"
-    S.plot_curves(runs, out / "loss_curves.png", title)
-    S.plot_metric_bars(columns, table, out / "metrics.png", title)
-    text = S.markdown(columns, table)
+    study.plot_curves(runs, out / "loss_curves.png", title)
+    study.plot_metric_bars(columns, table, out / "metrics.png", title)
+    text = study.markdown(columns, table)
     command = "sinkdlm study " + " ".join(_argv(args))
     (out / TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
                              f"![metrics](metrics.png)\n")
