@@ -11,16 +11,32 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sinkdlm.checkpoint import load_config_of, resolve
 from sinkdlm.config import Config, load_config, merge
 from sinkdlm.errors import UserError
 
-# shortcut flag -> the (section, key) it sets
-SHORTCUTS: dict[str, tuple[str, str]] = {
-    "model": ("model", "preset"), "flops": ("train", "flops"), "data": ("data", "path"),
-    "out": ("train", "out_dir"), "resume": ("train", "resume"), "overwrite": ("train", "overwrite"),
+
+class Shortcut(NamedTuple):
+    """A flag that stands for one config key."""
+
+    section: str
+    key: str
+    help: str
+    argparse: dict[str, Any] | None = None  # keywords beyond help, e.g. a type
+
+
+SHORTCUTS: dict[str, Shortcut] = {
+    "model": Shortcut("model", "preset", "model preset: an SMDM size (6 ... 2121, e.g. 472), tiny or demo "
+                                        "(default: the recipe's); same as model.preset="),
+    "flops": Shortcut("train", "flops", "training budget in 1e18 FLOPs (SMDM), > 0; sets the steps (default: "
+                                        "train.max_steps steps); same as train.flops=", {"type": float}),
+    "data": Shortcut("data", "path", "prepared data folder (sinkdlm prepare) (default: the recipe's); "
+                                     "same as data.path="),
+    "out": Shortcut("train", "out_dir", "run folder (default: the recipe's); same as train.out_dir="),
+    "resume": Shortcut("train", "resume", "continue the run in the out folder", {"action": "store_true"}),
+    "overwrite": Shortcut("train", "overwrite", "replace the run in the out folder", {"action": "store_true"}),
 }
 LIST_KEYS = "sinkdlm config [--config X.yaml] [section.key=value ...]"
 OVERRIDES_HELP = f"override any config field, e.g. train.max_steps=100; every key, its type and default: `{LIST_KEYS}`"
@@ -32,24 +48,13 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help_: str = OVERRID
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=help_)
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments every training-like command shares: a YAML recipe, shortcuts and overrides."""
+def add_recipe_arguments(parser: argparse.ArgumentParser, shortcuts: tuple[str, ...] = tuple(SHORTCUTS)) -> None:
+    """The arguments every training-like command shares: a YAML recipe, the `shortcuts` and overrides."""
     parser.add_argument("--config", help="YAML recipe (sections model/data/optim/train), e.g. configs/demo.yaml "
                                          "(default: none, the built-in defaults)")
-    parser.add_argument("--model", help="model preset: an SMDM size (6 ... 2121, e.g. 472), tiny or demo "
-                                        "(default: the recipe's); same as model.preset=")
-    parser.add_argument("--flops", type=float, help="training budget in 1e18 FLOPs (SMDM), > 0; sets the steps "
-                                                    "(default: train.max_steps steps); same as train.flops=")
-    parser.add_argument("--data", help="prepared data folder (sinkdlm prepare) (default: the recipe's); "
-                                       "same as data.path=")
-    parser.add_argument("--out", help="run folder (default: the recipe's); same as train.out_dir=")
-    add_run_folder_arguments(parser)
+    for name in shortcuts:
+        parser.add_argument(f"--{name}", help=SHORTCUTS[name].help, **(SHORTCUTS[name].argparse or {}))
     add_overrides_argument(parser)
-
-
-def add_run_folder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue the run in the out folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run in the out folder")
 
 
 def shortcuts_of(args: argparse.Namespace, names: tuple[str, ...] = tuple(SHORTCUTS)) -> dict[str, Any]:
@@ -68,8 +73,8 @@ def recipe_config(recipe: str | Path | None, overrides: list[str], base: Config 
     merged = {section: dict(values) for section, values in (updates or {}).items()}
     for name, value in shortcuts.items():
         if value is not None and value is not False:
-            section, key = SHORTCUTS[name]
-            merged.setdefault(section, {})[key] = value
+            shortcut = SHORTCUTS[name]
+            merged.setdefault(shortcut.section, {})[shortcut.key] = value
     cfg = merge(load_config(recipe, base=base), merged, "command line")
     return load_config(None, overrides, base=cfg)
 

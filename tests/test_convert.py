@@ -168,10 +168,10 @@ def test_gguf_without_the_gguf_package(tmp_path, capsys, monkeypatch):
 
 
 def test_known_gguf_checks_its_loaders_before_downloading(tmp_path, capsys, monkeypatch):
-    import sinkdlm.convert as C
+    import sinkdlm.convert as converter
 
     monkeypatch.setitem(sys.modules, "accelerate", None)
-    monkeypatch.setattr(C, "fetch_known_gguf", lambda *a: pytest.fail("downloaded before checking accelerate"))
+    monkeypatch.setattr(converter, "fetch_known_gguf", lambda *a: pytest.fail("downloaded before checking accelerate"))
     expect_cli_error(capsys, ["convert", "--from", "smollm2-135m", "--out", str(tmp_path / "o")],
                      "needs `accelerate`")
 

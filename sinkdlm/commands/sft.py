@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import (add_overrides_argument, add_run_folder_arguments, sft_config, shortcuts_of,
-                             training_summary)
+from sinkdlm.recipes import add_recipe_arguments, sft_config, shortcuts_of, training_summary
+
+SHORTCUTS = ("out", "resume", "overwrite")  # --data is the SFT data here, not a prepared corpus
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (sections data/optim/train), e.g. configs/sft_demo.yaml "
-                                         "(default: none, the built-in defaults)")
     parser.add_argument("--init-from", required=True, help="pretrained checkpoint, or a run folder (its latest)")
     parser.add_argument("--data", help="SFT data: JSONL {prompt, response} or SMDM's GSM8K train.txt "
                                        "(default: a synthetic GSM8K-format set, NOT GSM8K)")
-    parser.add_argument("--out", help="run folder (default: the recipe's); same as train.out_dir=")
-    add_run_folder_arguments(parser)
-    add_overrides_argument(parser)
+    add_recipe_arguments(parser, SHORTCUTS)
 
 
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.train import train
 
     cfg = sft_config(args.init_from, args.config, args.overrides, args.data,
-                     **shortcuts_of(args, ("out", "resume", "overwrite")))
+                     **shortcuts_of(args, SHORTCUTS))
     print(training_summary(train(cfg)))
     return 0

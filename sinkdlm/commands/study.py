@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sinkdlm import study
 from sinkdlm.errors import UserError
+from sinkdlm.recipes import add_overrides_argument
 
 TABLE = "study.md"
 RESULTS = "study.json"
@@ -26,13 +27,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="1", help="comma-separated training seeds")
     parser.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
-    parser.add_argument("--flops", type=float, default=None, help="budget per run in 1e18 FLOPs (all variants)")
+    parser.add_argument("--flops", type=float, default=None,
+                        help="budget per run in 1e18 FLOPs, the same for all variants (default: the steps)")
     parser.add_argument("--data", default=None, help="prepared data folder (default: the demo corpus at demo)")
     parser.add_argument("--tasks", default="arc_easy,piqa", help="offline lm-eval tasks ('' = none)")
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per choice")
     parser.add_argument("--analysis-texts", type=int, default=4, help="held-out windows for the sink metrics")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run")
+    add_overrides_argument(parser, "config overrides applied to every run; every key: `sinkdlm config`")
 
 
 def seeds_of(text: str) -> list[int]:
