@@ -17,7 +17,7 @@ from sinkdlm.settings import Parser
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sinkdlm.commands.demo", "fetch Shakespeare, train a small sink-token DLM on the CPU, report val loss"),
-    "prepare": ("sinkdlm.data.prepare", "tokenize a corpus into packed token shards + metadata"),
+    "prepare": ("sinkdlm.commands.prepare", "tokenize a corpus into packed token shards + metadata"),
     "train": ("sinkdlm.commands.train", "pretrain a diffusion LM from a YAML config (SMDM recipe)"),
     "config": ("sinkdlm.commands.config", "print every section.key of a config with its type and value"),
     "sft": ("sinkdlm.commands.sft", "supervised fine-tuning (prompt never masked), e.g. on GSM8K"),

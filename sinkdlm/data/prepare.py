@@ -1,4 +1,4 @@
-"""`sinkdlm prepare`: tokenize a corpus into a packed folder (meta.json, tokenizer.json, train/val .bin).
+"""Tokenize a corpus (`sinkdlm prepare`) into a packed folder (meta.json, tokenizer.json, train/val .bin).
 
 Streams: documents are read, encoded in batches and appended to the token files, so corpora larger
 than memory work. A tokenizer trained here (`bpe:N`) needs a first pass over (at most
@@ -11,7 +11,6 @@ document goes to val instead; a one-document corpus gives the last val_fraction 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -39,29 +38,6 @@ SPLIT_RULE = ("by document: hash(seed, index) < val_fraction; if val would be em
               "document (or, for one document, its last val_fraction of tokens)")
 PREPARED_FILES = [META_FILE, TOKENIZER_FILE, *(f"{s}.bin" for s in SPLITS)]
 STAGING_PREFIX = ".preparing-"  # the new folder is written beside --out and moved in only when complete
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True,
-                        help="demo | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG]")
-    parser.add_argument("--out", required=True, help="folder to write (meta.json, tokenizer.json, *.bin)")
-    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
-                        help="bpe:N (train on the corpus) | gpt2 | tokenizer.json | HF folder | Hub name "
-                             f"(default {DEFAULT_TOKENIZER})")
-    parser.add_argument("--text-field", default="text", help="JSONL / HF field holding the text (default text)")
-    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                        help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION})")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the train/val split")
-    parser.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
-    parser.add_argument("--overwrite", action="store_true", help="replace a prepared folder at --out")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = prepare(args.source, args.out, args.tokenizer, text_field=args.text_field,
-                  val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs,
-                  overwrite=args.overwrite)
-    print(summary(PackedData(out)))
-    return 0
 
 
 def summary(data: PackedData) -> str:
