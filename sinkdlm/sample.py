@@ -55,8 +55,8 @@ class SampleConfig:
 
     gen_length: int = setting(64, "new tokens per prompt (with length_includes_prompt: the total)")
     steps: int = setting(64, "denoising steps over the whole generation, split evenly over the blocks")
-    block_length: int | None = setting(None, "semi-autoregressive block length, dividing gen_length "
-                                             "(default: one block)")
+    block_length: int | None = setting(None, "semi-autoregressive block length, dividing gen_length",
+                                       unset="one block")
     temperature: float = setting(0.0, "Gumbel-max temperature; 0 = argmax")
     top_k: int = setting(0, "sample among the K most likely tokens only; 0 = off")
     top_p: float = setting(1.0, "sample among the most likely tokens of total probability P only; 1 = off")
@@ -66,7 +66,7 @@ class SampleConfig:
     guidance: float = setting(0.0, "unsupervised classifier-free guidance weight w: logits = un + (w + 1)"
                                    "(cond - un), the prompt masked for un; 0 = off")
     threshold: float | None = setting(None, "also unmask every candidate with p(x0) above this, in (0, 1] "
-                                            "(Fast-dLLM parallel decoding; default: off)")
+                                            "(Fast-dLLM parallel decoding)", unset="off")
     eos: Literal["stop", "fill"] = setting("stop", "stop: cut the output at the first EOS; fill: put EOS "
                                                    "after the first EOS at once")
     suppress_eos_steps: int = setting(0, "forbid EOS during the first N denoising steps")

@@ -19,11 +19,13 @@ from typing import Any, Callable
 from sinkdlm.errors import UserError
 
 HELP = "help"  # the metadata key of a field's help text
+UNSET = "unset"  # ... and of what a None value means
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by --help)."""
-    return dataclasses.field(default=default, metadata={HELP: help})
+def setting(default: Any, help: str, unset: str | None = None) -> Any:
+    """A dataclass field with its help text (shown by --help) and, for a field that may be None, what
+    None means ("one block")."""
+    return dataclasses.field(default=default, metadata={HELP: help, UNSET: unset})
 
 
 @functools.cache
@@ -87,10 +89,6 @@ def comma_list(item: type) -> Callable[[str], list[Any]]:
     return parse
 
 
-def option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -133,7 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[st
         if HELP not in f.metadata:
             raise TypeError(f"{cls.__name__}.{name} has no help; declare it with settings.setting(default, help)")
         default = None if overrides_preset else _default(f)
-        help_ = f.metadata[HELP] + (" (default: the preset's)" if overrides_preset else "")
+        help_ = f.metadata[HELP]
+        if overrides_preset:
+            help_ += " (default: the preset's)"
+        elif default is None:
+            help_ += f" (default: {f.metadata[UNSET]})"
         prefix, kwargs = _argument(hints[name], default, help_)
         if overrides_preset and "action" in kwargs:
             kwargs.update(action="store_const", const=kwargs["action"] == "store_true", default=None)

@@ -156,7 +156,8 @@ def test_cli_eval_gsm8k(checkpoint, tmp_path, monkeypatch, capsys):
     summary = json.loads((tmp_path / "o" / "gsm8k_summary.json").read_text())
     assert summary["n"] == 2 and summary["accuracy"] == 1.0 and summary["metric"] == "flexible-extract"
     assert summary["metrics"]["strict-match"]["accuracy"] == 0.0
-    assert "accuracy (flexible-extract) 100.00 +- 0.00 % [strict-match 0.00 %]" in done.stdout
+    assert ("accuracy (flexible-extract) 100.0 [34.2, 100.0] % (95% Wilson interval) [strict-match 0.0 [0.0, 65.8] %]"
+            in done.stdout)  # two problems: Wilson intervals, not a standard error of 0
     assert len((tmp_path / "o" / "gsm8k_samples.jsonl").read_text().splitlines()) == 2
     from sinkdlm.cli import main
 
