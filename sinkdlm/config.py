@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from sinkdlm.diffusion import NOISE_FLOOR, TMode
 from sinkdlm.errors import UserError
 from sinkdlm.settings import check_choices, choices_of, field_types, type_name
 
@@ -174,17 +175,17 @@ class TrainConfig:
     flops: float = 0.0  # budget in units of 1e18 FLOPs (SMDM): steps = F*1e18 / (6 N B L); 0 = max_steps
     seed: int = 42
     # diffusion objective
-    eps: float = 1e-3  # p = (1 - eps) t + eps
-    t_sampling: str = "uniform"  # uniform | stratified | antithetic (over the global batch)
+    eps: float = NOISE_FLOOR  # p = (1 - eps) t + eps
+    t_sampling: TMode = "uniform"  # over the global batch
     random_length_prob: float = 0.0  # SMDM's stochastic sequence length
-    objective: str = "pretrain"  # pretrain | sft
+    objective: Literal["pretrain", "sft"] = "pretrain"
     init_from: str = ""  # checkpoint to start from (SFT, adaptation)
     mask_anneal_steps: int = 0  # DiffuLLaMA: attention goes from causal to full over these steps
     # hardware (Lightning Fabric)
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     precision: str = "32-true"  # e.g. bf16-mixed on GPUs
     compile: bool = False
     # bookkeeping
@@ -200,12 +201,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.t_sampling not in ("uniform", "stratified", "antithetic"):
-            raise UserError(f"train.t_sampling={self.t_sampling!r} is not uniform|stratified|antithetic")
-        if self.objective not in ("pretrain", "sft"):
-            raise UserError(f"train.objective={self.objective!r} is not pretrain|sft")
-        if self.strategy not in ("auto", "ddp", "fsdp"):
-            raise UserError(f"train.strategy={self.strategy!r} is not auto|ddp|fsdp")
+        check_choices(self, "train.")
         for key in ("global_batch", "micro_batch", "max_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key}={getattr(self, key)} must be >= 1")

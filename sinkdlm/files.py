@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import IO
 
 TMP_SUFFIX = ".tmp"  # a file being written; renamed into place when complete
+# file names more than one module reads or writes
+TOKENIZER_FILE = "tokenizer.json"  # a `tokenizers` tokenizer, in prepared data folders and checkpoints
+META_FILE = "meta.json"  # what a prepared data folder or a checkpoint says about itself
+METRICS_LOG = "metrics.jsonl"  # a run's training log, one JSON object per line
 NEW_FILE_MODE = 0o666  # what open() asks for; the umask takes away from it
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from sinkdlm.config import Config, load_config
 from sinkdlm.errors import UserError
+from sinkdlm.files import METRICS_LOG
 from sinkdlm.optional import available, install_hint, require
 
 # variant name -> model overrides (each a field of the one model; see README)
@@ -141,7 +142,7 @@ def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, 
 def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(train loss, validation ELBO) points from a run's metrics.jsonl."""
     train_pts, val_pts = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / METRICS_LOG).read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
             train_pts.append((rec["step"], rec["loss"]))

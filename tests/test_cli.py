@@ -104,8 +104,8 @@ def test_allowed_values_come_from_the_literal_type():
 
 
 def test_only_the_cli_table_imports_commands():
-    importers = [f"{p.relative_to(ROOT)}:{i}" for folder in ("sinkdlm", "benchmarks") for p in (ROOT / folder).rglob("*.py")
-                 if p.name != "cli.py"
+    importers = [f"{p.relative_to(ROOT)}:{i}" for folder in ("sinkdlm", "benchmarks")
+                 for p in (ROOT / folder).rglob("*.py") if p.name != "cli.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.search(r"(from|import) sinkdlm\.commands|from sinkdlm import commands", line)]
     assert not importers, importers

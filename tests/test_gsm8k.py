@@ -62,15 +62,16 @@ def test_equivalent(a, b, same):
 
 def test_score_reports_both_metrics():
     scored = gsm8k.score("She has 4 + 3 = 7 apples.\n#### 7 apples\nQuestion: 9", "7")
-    assert scored == {"extracted": {gsm8k.STRICT: "", gsm8k.FLEXIBLE: "9"}, "correct": {gsm8k.STRICT: False, gsm8k.FLEXIBLE: False}}
+    assert scored == {"extracted": {gsm8k.STRICT: "", gsm8k.FLEXIBLE: "9"},
+                      "correct": {gsm8k.STRICT: False, gsm8k.FLEXIBLE: False}}
     scored = gsm8k.score("She has 4 + 3 = 7 apples.\n#### 7 apples", "7")
     assert scored["extracted"] == {gsm8k.STRICT: "7 apples", gsm8k.FLEXIBLE: "7"}
     assert scored["correct"] == {gsm8k.STRICT: True, gsm8k.FLEXIBLE: True}
 
 
 def test_summary_has_binomial_stderr_per_metric():
-    rows = [{"correct": {gsm8k.STRICT: c, gsm8k.FLEXIBLE: True}, "extracted": {gsm8k.STRICT: "1" if c else "", gsm8k.FLEXIBLE: "1"}}
-            for c in (True, False, True, True)]
+    rows = [{"correct": {gsm8k.STRICT: c, gsm8k.FLEXIBLE: True},
+             "extracted": {gsm8k.STRICT: "1" if c else "", gsm8k.FLEXIBLE: "1"}} for c in (True, False, True, True)]
     s = gsm8k.summarize(rows, gsm8k.STRICT)
     assert s["metric"] == gsm8k.STRICT and s["accuracy"] == 0.75 and s["answered"] == 3
     assert s["stderr"] == pytest.approx((0.75 * 0.25 / 3) ** 0.5)
@@ -136,7 +137,8 @@ def test_evaluate_two_stage_writes_rows(checkpoint):
 
     model, _ = load_model(checkpoint)
     problems = [{"question": "1 2", "answer": "x #### 7"}, {"question": "3", "answer": "#### 8"}]
-    settings = gsm8k.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=SampleConfig(gen_length=2, steps=2))
+    settings = gsm8k.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4),
+                                   second=SampleConfig(gen_length=2, steps=2))
     rows, summary = gsm8k.evaluate(model, word_tokenizer(), 0, problems, settings, batch_size=2, progress=False)
     assert [r["prompt"] for r in rows] == ["Question: 1 2", "Question: 3"]
     assert all(r["extracted"] == {gsm8k.STRICT: "", gsm8k.FLEXIBLE: "7"} for r in rows)  # no "####": flexible only

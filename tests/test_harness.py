@@ -97,7 +97,8 @@ def test_paper_preset_sets_estimator_and_guidance_per_task(tmp_path):
     ckpt = str(make_checkpoint(tmp_path))
     lm = DiffusionLM(pretrained=ckpt, preset="paper", mc_num=16)
     piqa, arc, other = lm.settings_for("piqa"), lm.settings_for("arc_easy"), lm.settings_for("winogrande")
-    assert (piqa.estimator, piqa.guidance, arc.estimator, arc.guidance, arc.mc_num) == ("chain_rule", 0.6, "mc", 0.6, 16)
+    assert (piqa.estimator, piqa.guidance, arc.estimator, arc.guidance, arc.mc_num) == \
+        ("chain_rule", 0.6, "mc", 0.6, 16)
     assert (other.estimator, other.guidance) == ("mc", 0.0)
     assert {piqa.eps, arc.eps, other.eps, lm.settings_for("lambada_standard").eps} == {0.0}  # the paper's floor
     assert lm.settings_for("lambada_standard").estimator == "chain_rule"

@@ -25,9 +25,10 @@ FORMATS = ("auto", "text", "jsonl")  # auto: text on a terminal, jsonl into a fi
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (its latest)")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: none, then --input gives them)")
-    parser.add_argument("--input", help="prompts: a .jsonl file with a 'prompt' field per line, else one prompt per line "
-                                         "(default: none, then --prompt gives them)")
+    parser.add_argument("--prompt", action="append",
+                        help="a prompt (repeat for several; default: none, then --input gives them)")
+    parser.add_argument("--input", help="prompts: a .jsonl file with a 'prompt' field per line, else one prompt "
+                                         "per line (default: none, then --prompt gives them)")
     parser.add_argument("--output", help="write here (default: stdout)")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="text: prompt and completion as plain text; jsonl: one JSON object per line; "

@@ -3,9 +3,9 @@
 The paper's scripts (docs/paper-fidelity.md), as estimator and classifier-free guidance weight:
 arc_easy mc 0.6; race mc 0.7; hellaswag mc 0.7; social_iqa mc 0.6; piqa chain_rule 0.6; openbookqa
 and boolq chain_rule 1.6; lambada (the paper's is `lambada_standard`) chain_rule 1.1 with the greedy
-check (our estimators always report the greedy check: lm-eval's `acc` on LAMBADA reads it). arc_challenge (and winogrande) are unspecified
-there: they get plain MC without guidance. The paper also scores with no noise floor (eps = 0) and
-lets its tokenizer put a BOS before every context.
+check (our estimators always report the greedy check: lm-eval's `acc` on LAMBADA reads it).
+arc_challenge (and winogrande) are unspecified there: they get plain MC without guidance. The paper
+also scores with no noise floor (eps = 0) and lets its tokenizer put a BOS before every context.
 """
 
 from __future__ import annotations
