@@ -37,7 +37,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from sinkdlm import diffusion as D
+from sinkdlm import diffusion
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM, KVCache
 from sinkdlm.settings import check_choices, setting
@@ -193,7 +193,7 @@ class RowNoise:
 
     def uniforms(self, stream: int, width: int) -> Tensor:
         """(sum(counts), width) float64 uniforms: counts[i] rows from row i's generator."""
-        seeds = D.draw_uniforms(self.seed, self.step, self.indices, self.STREAMS)[:, stream] * SEED_RANGE
+        seeds = diffusion.draw_uniforms(self.seed, self.step, self.indices, self.STREAMS)[:, stream] * SEED_RANGE
         return torch.cat([
             torch.rand((n, width), generator=torch.Generator(self.device).manual_seed(int(seed)),
                        device=self.device, dtype=torch.float64)

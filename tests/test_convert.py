@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from sinkdlm import diffusion as D  # noqa: E402
+from sinkdlm import diffusion  # noqa: E402
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.convert import convert_hf, model_config  # noqa: E402
@@ -89,9 +89,9 @@ def test_sink_model_is_bidirectional_and_trains_a_step():
     x_late[:, -1] = (x[:, -1] + 1) % VOCAB
     with torch.no_grad():  # bidirectional: a change at the end reaches the first position
         assert not torch.allclose(model(x)[:, 0], model(x_late)[:, 0])
-    p = D.noise_level(D.draw_t(0, 0, [0, 1], 2), 1e-3)
-    noisy, masked = D.mask_tokens(x, p, D.draw_uniforms(0, 0, [0, 1], 16), model.mask_id)
-    loss = D.elbo_loss(model(noisy), x, masked, p, D.pretrain_weights(x))
+    p = diffusion.noise_level(diffusion.draw_t(0, 0, [0, 1], 2), 1e-3)
+    noisy, masked = diffusion.mask_tokens(x, p, diffusion.draw_uniforms(0, 0, [0, 1], 16), model.mask_id)
+    loss = diffusion.elbo_loss(model(noisy), x, masked, p, diffusion.pretrain_weights(x))
     loss.backward()
     assert torch.isfinite(loss) and model.sink.grad.abs().sum() > 0
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)

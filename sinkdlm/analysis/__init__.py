@@ -152,7 +152,7 @@ def training_val_elbo(path: str | Path) -> float | None:
 
 def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | None, from_text: bool) -> dict:
     """How the interventions' held-out ELBO is estimated, beside how training's validation ELBO was."""
-    from sinkdlm.analysis.interventions import NOISE_EPS
+    from sinkdlm.diffusion import NOISE_FLOOR
 
     if windows is None:
         source, n, length = "the prompts followed by the unmodified run's completions", None, None
@@ -162,7 +162,7 @@ def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | Non
     training = {"windows": cfg.data.val_windows, "length": cfg.seq_len, "seed": cfg.data.val_seed,
                 "eps": cfg.train.eps, "val_elbo": training_val_elbo(path)}
     return to_py({"source": source, "windows": n, "length": length, "levels": s.elbo_samples, "seed": s.seed,
-                  "eps": NOISE_EPS, "training": training})
+                  "eps": NOISE_FLOOR, "training": training})
 
 
 def analyze_checkpoint(path: str | Path, texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,

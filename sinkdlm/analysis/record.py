@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sinkdlm import diffusion as D
+from sinkdlm import diffusion
 from sinkdlm.analysis.stats import Trajectory, column_sums, l2_norms
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
@@ -125,8 +125,8 @@ def record_trajectory(model: DLM, prompts: list[list[int]], sample_cfg, eos_id: 
 def masked_inputs(windows: Tensor, level: float, index: int, seed: int, mask_id: int) -> Tensor:
     """Mask every token of each window independently with probability `level` (seeded per level)."""
     n, length = windows.shape
-    uniforms = D.draw_uniforms(seed, index, range(n), length)
-    noisy, _ = D.mask_tokens(windows, torch.full((n,), float(level)), uniforms, mask_id)
+    uniforms = diffusion.draw_uniforms(seed, index, range(n), length)
+    noisy, _ = diffusion.mask_tokens(windows, torch.full((n,), float(level)), uniforms, mask_id)
     return noisy
 
 
