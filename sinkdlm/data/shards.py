@@ -19,15 +19,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from sinkdlm.errors import UserError
+from sinkdlm.files import META_FILE, TMP_SUFFIX, TOKENIZER_FILE, atomic_write
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
-TMP_SUFFIX = ".tmp"
 UINT16_VOCAB_LIMIT = 2**16
 PREPARE_HINT = "run `sinkdlm prepare --source CORPUS --out DIR` and point data.path at DIR"
 
@@ -71,9 +69,7 @@ class ShardWriter:
             os.replace(self._tmp(split), self.out / f"{split}.bin")
             meta["splits"][split] = {"file": f"{split}.bin", "n_tokens": self.n_tokens[split],
                                      "n_docs": self.n_docs[split]}
-        tmp = self.out / (META_FILE + TMP_SUFFIX)
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, self.out / META_FILE)
+        atomic_write(self.out / META_FILE, json.dumps(meta, indent=2) + "\n")
         return meta
 
     def close(self) -> None:

@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sinkdlm.errors import UserError
-from sinkdlm.jsonl import read_jsonl
+from sinkdlm.jsonl import JSONL_SUFFIXES, is_jsonl, read_jsonl
 from sinkdlm.optional import require
 
 TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
 HF_PREFIX = "hf:"
 HF_SPLIT = "train"
 
@@ -60,7 +59,7 @@ def corpus_files(path: Path) -> list[Path]:
 
 def _file_documents(files: list[Path], text_field: str) -> Iterator[str]:
     for file in files:
-        if file.suffix.lower() in JSONL_SUFFIXES:
+        if is_jsonl(file):
             yield from _jsonl_documents(file, text_field)
         else:
             yield _read_text(file)
