@@ -102,7 +102,7 @@ def _argument(hint: Any, default: Any, help_: str) -> tuple[str, dict[str, Any]]
     comma-separated list for a sequence, else the plain type."""
     base = without_none(hint)
     if base is bool:
-        return ("--no-", dict(action="store_false", help=help_)) if default else \
+        return ("--no-", dict(action="store_false", help=f"turn off {help_}")) if default else \
             ("--", dict(action="store_true", help=help_))
     kwargs: dict[str, Any] = dict(default=default, help=help_)
     allowed = choices_of(base)

@@ -119,3 +119,24 @@ def test_no_single_letter_module_aliases():
                if re.match(r"\s*(from [\w.]+ )?import [\w.]+ as [A-Za-z]\s*(#.*)?$", line)
                and "torch.nn.functional as F" not in line]
     assert not aliases, aliases
+
+
+def test_analyze_and_eval_gsm8k_options_come_from_their_settings():
+    from sinkdlm.analysis import AnalysisSettings
+    from sinkdlm.cli import parse_args
+    from sinkdlm.eval.gsm8k import GSM8K_PRESETS
+
+    args = parse_args(["analyze", "--checkpoint", "c", "--out", "o", "--levels", "0.8,0.2", "--no-interventions",
+                       "--rule", "top1"])
+    _, parser = build_parser("analyze")
+    options = [a.dest for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(AnalysisSettings)}]
+    chosen = AnalysisSettings(**{name: getattr(args, name) for name in options})
+    assert (chosen.levels, chosen.interventions, chosen.rule, chosen.steps) == ([0.8, 0.2], False, "top1", 32)
+
+    _, parser = build_parser("eval-gsm8k")
+    from importlib import import_module
+
+    command = import_module("sinkdlm.commands.eval_gsm8k")
+    settings = command.settings_from(parser.parse_args(["--checkpoint", "c", "--preset", "paper", "--steps", "128"]))
+    paper = GSM8K_PRESETS["paper"]
+    assert settings.first == dataclasses.replace(paper.first, steps=128) and settings.second == paper.second
