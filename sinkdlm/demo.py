@@ -8,10 +8,12 @@ Running it again continues (or just re-reports) the same run; `fresh` starts ove
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from sinkdlm.config import Config, config_from_dict, load_config
+from sinkdlm.errors import UserError
 
 DEMO_VOCAB = 4096  # BPE pieces: a small head keeps the CPU step fast
 # mirrors configs/demo.yaml (a test keeps them equal)
@@ -38,13 +40,23 @@ def demo_config() -> Config:
 
 def run_demo(out: str, data: str, steps: int, fresh: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Prepare the corpus at `data` (once), then train (or continue, or re-report) the run at `out`."""
-    from sinkdlm.data.prepare import ensure_demo_data
     from sinkdlm.train import train
 
-    prepared = ensure_demo_data(data, vocab_size=DEMO_VOCAB)
+    prepared = prepared_demo_data(data)
     settings = [f"data.path={prepared}", f"train.out_dir={out}", f"train.max_steps={steps}",
                 f"train.resume={not fresh}", f"train.overwrite={fresh}", *overrides]
     return train(load_config(None, settings, base=demo_config()))
+
+
+def prepared_demo_data(path: str | Path) -> Path:
+    """The demo corpus prepared at `path` (once). Under torchrun it must be there already: every rank
+    would prepare it at once."""
+    from sinkdlm.data.prepare import demo_data_ready, ensure_demo_data
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not demo_data_ready(Path(path), DEMO_VOCAB):
+        raise UserError(f"under torchrun every rank would prepare the demo corpus at once; run `sinkdlm "
+                        f"prepare --source demo --tokenizer bpe:{DEMO_VOCAB} --out {path}` first")
+    return ensure_demo_data(path, vocab_size=DEMO_VOCAB)
 
 
 def uniform_loss(vocab_size: int) -> float:

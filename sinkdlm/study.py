@@ -41,6 +41,8 @@ ACCURACY_SUFFIX = " acc %"  # benchmark columns: lm-eval's `acc` (not acc_norm),
 TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
               "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
               "not acc_norm) in percent.")
+STUDY_TABLE = "study.md"
+STUDY_RESULTS = "study.json"
 # every variant starts from these, so a recipe's own sink/gate settings never leak into "plain"
 PLAIN = {"sink_tokens": 0, "sink_position": "front", "sink_init": "learned", "sink_zero_value": False,
          "sink_self_only": True, "attn_gate": "none"}
@@ -311,3 +313,16 @@ def sink_evaluator(n_texts: int) -> Callable[[Run], dict[str, float]]:
         return {label: float(summary[key]) for key, label in SINK_COLUMNS.items() if summary.get(key) is not None}
 
     return evaluate
+
+
+def write_study(out: Path, title: str, command: str, runs: list[Run], columns: list[str],
+                table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    """study.md (the table, the command, the figures), study.json (every run) and the two figures in
+    `out`; returns the markdown table."""
+    plot_curves(runs, out / "loss_curves.png", title)
+    plot_metric_bars(columns, table, out / "metrics.png", title)
+    text = markdown(columns, table)
+    (out / STUDY_TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
+                                   f"![metrics](metrics.png)\n")
+    (out / STUDY_RESULTS).write_text(json.dumps([vars(r) | {"out": str(r.out)} for r in runs], indent=2))
+    return text

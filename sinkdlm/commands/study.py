@@ -8,16 +8,12 @@ same training loop; rank 0 alone then evaluates and writes the table).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 from sinkdlm import study
 from sinkdlm.errors import UserError
 from sinkdlm.recipes import add_overrides_argument
 
-TABLE = "study.md"
-RESULTS = "study.json"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,34 +52,18 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         overrides.insert(0, f"data.path={args.data}")
     elif args.preset == "demo":
-        from sinkdlm.demo import DEMO_VOCAB
-        from sinkdlm.data.prepare import demo_data_ready, ensure_demo_data
+        from sinkdlm.demo import prepared_demo_data
 
-        path = Path(base.data.path)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not demo_data_ready(path, DEMO_VOCAB):
-            raise UserError(f"under torchrun every rank would prepare the demo corpus at once; run `sinkdlm "
-                            f"prepare --source demo --tokenizer bpe:{DEMO_VOCAB} --out {path}` first")
-        overrides.insert(0, f"data.path={ensure_demo_data(path, vocab_size=DEMO_VOCAB)}")
+        overrides.insert(0, f"data.path={prepared_demo_data(base.data.path)}")
     runs = study.train_runs(base, variants, seeds, out, overrides)
     if not study.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
         return 0
     study.evaluate_runs(runs, study.default_evaluators(args))
     columns, table = study.summarise(runs)
-    write_outputs(out, args, runs, columns, table)
-    return 0
-
-
-def write_outputs(out: Path, args: argparse.Namespace, runs: list[study.Run], columns: list[str],
-                  table: dict) -> None:
     title = f"study {args.preset}: {', '.join(table)}; seeds {args.seeds}"
-    study.plot_curves(runs, out / "loss_curves.png", title)
-    study.plot_metric_bars(columns, table, out / "metrics.png", title)
-    text = study.markdown(columns, table)
-    command = "sinkdlm study " + " ".join(_argv(args))
-    (out / TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
-                             f"![metrics](metrics.png)\n")
-    (out / RESULTS).write_text(json.dumps([vars(r) | {"out": str(r.out)} for r in runs], indent=2))
+    text = study.write_study(out, title, "sinkdlm study " + " ".join(_argv(args)), runs, columns, table)
     print(f"\n{text}\n\ntable, plots and results in {out}")
+    return 0
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
