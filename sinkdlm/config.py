@@ -18,7 +18,7 @@ import yaml
 
 from sinkdlm.diffusion import NOISE_FLOOR, TMode
 from sinkdlm.errors import UserError
-from sinkdlm.settings import check_choices, choices_of, field_types, type_name
+from sinkdlm.settings import check_allowed, check_choices, field_types, type_name
 
 SMDM_SEQ_LEN = 2048  # the sequence length SMDM's FLOPs budgets assume
 FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs
@@ -279,9 +279,7 @@ def _preset_order(name: str) -> tuple[int, str]:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check (and gently convert) a YAML value against a field's type hint."""
-    allowed = choices_of(hint)
-    if allowed is not None and value not in allowed and value is not None:
-        raise UserError(f"{where}={value!r} is not one of {list(allowed)}")
+    check_allowed(value, hint, where)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):

@@ -60,15 +60,17 @@ def type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
-def check_choices(settings: Any, where: str) -> None:
-    """A UserError naming the first field whose value its Literal type does not allow.
+def check_allowed(value: Any, hint: Any, where: str) -> None:
+    """A UserError ("model.attn_impl='x' is not one of [...]") when a Literal type does not allow `value`."""
+    allowed = choices_of(hint)
+    if allowed is not None and value not in allowed and not (value is None and hint is not without_none(hint)):
+        raise UserError(f"{where}={value!r} is not one of {list(allowed)}")
 
-    `where` prefixes the field's name in the message: "model." gives "model.attn_impl='x' is not one of [...]".
-    """
+
+def check_choices(settings: Any, where: str) -> None:
+    """check_allowed for every field of a settings dataclass; `where` prefixes the field names ("model.")."""
     for key, hint in field_types(type(settings)).items():
-        allowed, value = choices_of(hint), getattr(settings, key)
-        if allowed is not None and value not in allowed and not (value is None and hint is not without_none(hint)):
-            raise UserError(f"{where}{key}={value!r} is not one of {list(allowed)}")
+        check_allowed(getattr(settings, key), hint, f"{where}{key}")
 
 
 # ---------------------------------------------------------------------------------------------
