@@ -160,12 +160,12 @@ def values_from(args: argparse.Namespace, names: Sequence[str] | type, given_onl
 
 class HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default: the value, "off" for a flag; an option whose default is
-    None says in its own help what leaving it out means."""
+    None, or that words its default itself, says "default: ..." in its own help."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.required or action.default in (None, argparse.SUPPRESS):
-            return text
+        if "default:" in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text  # the help says what the default is, or there is none
         if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text
         if action.nargs == 0:  # a flag
