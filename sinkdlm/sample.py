@@ -251,7 +251,7 @@ def scheduled_count(remaining: Tensor, steps_left: int) -> Tensor:
 
 
 class Forward:
-    """The model as the sampler sees it: logits at a block's positions, with CFG and caching.
+    """The model as the sampler sees it: logits at a block's positions, with guidance and caching.
 
     With guidance (guidance > 0) every forward runs the conditional rows and, below them, the same rows
     with the prompt masked; with a KV cache both halves keep their own stored K/V.

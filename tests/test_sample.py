@@ -147,7 +147,7 @@ def test_approximate_caches_are_exact_within_a_single_step_block(memorised, cach
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cfg_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
+def test_guidance_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
     # guided rows and their prompt-masked twins keep separate K/V; a padded batch checks the mask
     model = random_model(sink=1)
     cfg = SampleConfig(gen_length=6, steps=6, block_length=1, temperature=1.0, guidance=1.5, seed=3)
@@ -160,7 +160,7 @@ def test_cfg_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
 @pytest.mark.parametrize("guidance", [0.0, 1.5])
 def test_cached_step_with_nothing_decoded_since_the_refresh_gives_the_refresh_logits(kw, cache, guidance):
     """For every sink/gate/GQA variant: the refresh is the full forward (exact), and the cached path
-    (head at the masked positions only, CFG twins, padding) reads K/V that are not stale here, so it
+    (head at the masked positions only, guidance twins, padding) reads K/V that are not stale here, so it
     must reproduce it."""
     torch.manual_seed(0)
     model = DLM(tiny(**_options(kw))).eval()

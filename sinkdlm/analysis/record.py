@@ -4,7 +4,7 @@ The recorder wraps the model from outside: a forward pre-hook injects the model'
 switches attention to the eager path and hands over each layer's probabilities, keys and values)
 and notes each forward's input. Each layer's (B, H, T, S+T) probabilities are reduced at once to
 per-key column sums; full maps are kept only for the few steps chosen for figures. One forward is
-one step: the sampler runs one forward per denoising step (no CFG, no approximate cache).
+one step: the sampler runs one forward per denoising step (no guidance, no approximate cache).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Writes <out>/gsm8k_samples.jsonl (prompt, output, gold, and per metric the extracted answer and
 whether it is correct) and <out>/gsm8k_summary.json (strict-match and flexible-extract accuracy with
 standard errors, the preset's headline metric, settings). `--preset paper` is the paper's decoding
-(length 256 counting the prompt, 256 steps, temperature 0.1, CFG 0.1, two stages) with strict-match
+(length 256 counting the prompt, 256 steps, temperature 0.1, guidance 0.1, two stages) with strict-match
 as headline; sampling options given explicitly override the stage-1 settings of the preset.
 `--data synthetic` scores held-out problems of the synthetic SFT set (NOT GSM8K): a check that SFT
 and decoding work, offline.

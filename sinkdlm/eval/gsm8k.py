@@ -62,7 +62,7 @@ class GSM8KSettings:
 PAPER_GUIDANCE = 0.1  # SMDM's evaluate_gsm8k.py default for both stages (--cfg1, --cfg2)
 GSM8K_PRESETS: dict[str, GSM8KSettings] = {
     # SMDM / the paper: length 256 counting the prompt (SMDM's context_length), 256 steps,
-    # temperature 0.1, CFG 0.1, low-confidence remasking, two stages with the same settings, strict
+    # temperature 0.1, guidance 0.1, low-confidence remasking, two stages with the same settings, strict
     "paper": GSM8KSettings(
         first=SampleConfig(gen_length=256, steps=256, temperature=0.1, guidance=PAPER_GUIDANCE,
                            length_includes_prompt=True),
