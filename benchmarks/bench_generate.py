@@ -85,7 +85,7 @@ def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
 
 def synthetic_problems(checkpoint: str, n: int, device: str):
     """(model, eos id, prompts, gold answers, tokenizer) for n held-out synthetic GSM8K-format problems."""
-    from sinkdlm.commands.generate import load_for_sampling
+    from sinkdlm.sample import load_for_sampling
     from sinkdlm.eval.gsm8k import gold_answer
     from sinkdlm.sft import gsm8k_prompt, synthetic_gsm8k_test
 

@@ -28,14 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from sinkdlm.config import Config, config_from_dict, save_config
 from sinkdlm.errors import UserError
+from sinkdlm.files import META_FILE as META, TOKENIZER_FILE as TOKENIZER, use_umask
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 CONFIG_JSON = "config.json"  # what `sinkdlm export` writes
-TOKENIZER = "tokenizer.json"
 STATE = "trainer_state.pt"  # step and tokens; without FSDP also the whole optimizer state
 SHARDED = "sharded"  # FSDP: the model and optimizer shards (a torch.distributed.checkpoint folder)
-META = "meta.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"  # a folder being deleted: hidden first, so it is never mistaken for a checkpoint
@@ -116,6 +115,7 @@ def finish_checkpoint(tmp: Path, weights: dict[str, torch.Tensor], cfg: Config, 
     run, final = tmp.parent, tmp.parent / tmp.name.removeprefix(TMP_PREFIX)
     step = int(final.name.removeprefix(STEP_PREFIX))
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    use_umask(tmp / WEIGHTS)  # safetensors creates it 0600
     save_config(cfg, tmp / CONFIG)
     (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
     if tokenizer:

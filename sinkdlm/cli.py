@@ -1,6 +1,7 @@
 """`sinkdlm <command>`: each command lives in its own module, imported only when it runs.
 
-A command module exposes `configure(parser)` (its arguments) and `run(args) -> int`.
+A command module exposes `configure(parser)` (its arguments) and `run(args) -> int`; it turns
+arguments into settings and calls the library, and only this table imports it.
 Expected mistakes raise UserError: one line on stderr, exit code 2, no traceback.
 """
 
@@ -11,12 +12,14 @@ import importlib
 import sys
 
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
+from sinkdlm.settings import Parser
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sinkdlm.commands.demo", "fetch Shakespeare, train a small sink-token DLM on the CPU, report val loss"),
-    "prepare": ("sinkdlm.data.prepare", "tokenize a corpus into packed token shards + metadata"),
+    "prepare": ("sinkdlm.commands.prepare", "tokenize a corpus into packed token shards + metadata"),
     "train": ("sinkdlm.commands.train", "pretrain a diffusion LM from a YAML config (SMDM recipe)"),
+    "config": ("sinkdlm.commands.config", "print every section.key of a config with its type and value"),
     "sft": ("sinkdlm.commands.sft", "supervised fine-tuning (prompt never masked), e.g. on GSM8K"),
     "generate": ("sinkdlm.commands.generate", "sample completions by reverse diffusion"),
     "eval-gsm8k": ("sinkdlm.commands.eval_gsm8k", "GSM8K accuracy by diffusion sampling"),
@@ -30,19 +33,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
-    """The top-level parser, and the parser of the command named in sys.argv (None if none is)."""
-    parser = argparse.ArgumentParser(
-        prog="sinkdlm",
-        description="Train, sample, evaluate and dissect masked diffusion LMs with a sink token.",
-    )
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the parser of `command` (None if it names none). Only that command's
+    module is imported to declare its arguments."""
+    parser = Parser(prog="sinkdlm",
+                    description="Train, sample, evaluate and dissect masked diffusion LMs with a sink token.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     chosen = None
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module, command=name)
-        # arguments are declared by the module, imported lazily only for the chosen command
-        if len(sys.argv) > 1 and sys.argv[1] == name:
+        if name == command:
             importlib.import_module(module).configure(p)
             chosen = p
     return parser, chosen
@@ -51,16 +52,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | N
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """A command's arguments are parsed intermixed, so `section.key=value` overrides may stand
     before or after options (plain parsing would blame an override before an option on a later one)."""
-    parser, chosen = build_parser()
-    if chosen is None or any(isinstance(a, argparse._SubParsersAction) for a in chosen._actions):
+    parser, chosen = build_parser(argv[0] if argv else None)
+    if chosen is None or chosen._subparsers is not None:
         return parser.parse_args(argv)  # no command, help, or a command with its own subcommands
     return chosen.parse_intermixed_args(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    args = parse_args(sys.argv[1:])
+    """Run the command `argv` names (default: sys.argv[1:]); returns the exit code, also for --help (0)
+    and usage errors (2), which argparse reports by exiting."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as done:
+        return int(done.code or 0)
     if not args.command:
         build_parser()[0].print_help()
         return 0

@@ -12,22 +12,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 
+from sinkdlm.diffusion import NOISE_FLOOR, TMode
 from sinkdlm.errors import UserError
+from sinkdlm.settings import check_allowed, check_choices, field_types, type_name
 
 SMDM_SEQ_LEN = 2048  # the sequence length SMDM's FLOPs budgets assume
 FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs
 # metrics.jsonl is always written; these are the extra loggers `train.loggers` may name
 LOGGERS = ("csv", "tensorboard", "wandb")
 DEFAULT_LOGGERS = ("csv", "tensorboard")  # tensorboard only where installed (the `log` extra)
-STRATEGIES = ("auto", "ddp", "fsdp")  # fsdp = FSDP2 (fully_shard per Block, then the root), see parallelize.py
+Strategy = Literal["auto", "ddp", "fsdp"]
 FSDP_PRECISIONS = ("32-true", "bf16-mixed")  # what FSDP2's MixedPrecisionPolicy is built from
 # data.order: random = windows start anywhere, drawn with replacement; epoch = each pass over the
 # data visits every non-overlapping window once, shuffled (SMDM). Both: a function of (seed, step, index)
-WINDOW_ORDERS = ("random", "epoch")
+WindowOrder = Literal["random", "epoch"]
+WINDOW_ORDERS = get_args(WindowOrder)
 
 
 @dataclass
@@ -60,24 +63,17 @@ class ModelConfig:
     logit_shift: bool = False  # Dream/DiffuLLaMA adaptation: position i predicts token i+1
     # --- the sink (0 tokens = the plain model) ---
     sink_tokens: int = 0
-    sink_position: str = "front"  # front | end
-    sink_init: str = "learned"  # learned (random normal) | zero; trained either way
+    sink_position: Literal["front", "end"] = "front"
+    sink_init: Literal["learned", "zero"] = "learned"  # learned = random normal; trained either way
     sink_zero_value: bool = False  # force the sink's value vectors to zero
     sink_self_only: bool = True  # False = ablation: the sink attends to everything
     # --- gated attention baseline (Qiu et al. 2025) ---
-    attn_gate: str = "none"  # none | elementwise | headwise
-    attn_impl: str = "fast"  # fast (mask-free sink) | reference (dense mask) | eager (keeps probabilities)
+    attn_gate: Literal["none", "elementwise", "headwise"] = "none"
+    # fast: mask-free sink | reference: dense mask | eager: keeps the probabilities
+    attn_impl: Literal["fast", "reference", "eager"] = "fast"
 
     def __post_init__(self) -> None:
-        choices = {
-            "sink_position": ("front", "end"),
-            "sink_init": ("learned", "zero"),
-            "attn_gate": ("none", "elementwise", "headwise"),
-            "attn_impl": ("fast", "reference", "eager"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"model.{key}={getattr(self, key)!r} is not one of {list(allowed)}")
+        check_choices(self, "model.")
         if self.sink_tokens < 0:
             raise UserError(f"model.sink_tokens={self.sink_tokens} must be >= 0")
         for key in ("block_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
@@ -93,12 +89,22 @@ class ModelConfig:
         return [f.name for f in dataclasses.fields(self)
                 if f.name not in free and getattr(self, f.name) != getattr(other, f.name)]
 
+    def require_architecture_of(self, checkpoint: ModelConfig, where: str) -> None:
+        """A UserError unless only RUNTIME_FIELDS differ from the checkpoint's model (they change no weights)."""
+        differing = self.differences(checkpoint, self.RUNTIME_FIELDS)
+        if differing:
+            key = differing[0]
+            raise UserError(f"model.{key}={getattr(self, key)!r} but the checkpoint {where} has "
+                            f"{getattr(checkpoint, key)!r}; the architecture comes from the checkpoint: drop the "
+                            f"key, or convert again (e.g. --sink-tokens); only {sorted(self.RUNTIME_FIELDS)} "
+                            f"may differ")
+
     def runtime(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in sorted(self.RUNTIME_FIELDS)}
 
     def with_runtime(self, **values: Any) -> ModelConfig:
         """A copy with runtime fields changed, each checked as a YAML value would be."""
-        types_ = _field_types(ModelConfig)
+        types_ = field_types(ModelConfig)
         for key in values:
             if key not in self.RUNTIME_FIELDS:
                 raise UserError(f"model.{key} is fixed by the checkpoint's weights; only "
@@ -152,11 +158,10 @@ class DataConfig:
     val_seed: int = 1234  # seeds the fixed validation masks, so runs are comparable
     # SFT: JSONL {prompt, response} or SMDM's GSM8K train.txt; empty = pretraining data above
     sft_path: str = ""
-    order: str = "random"  # training windows: one of WINDOW_ORDERS
+    order: WindowOrder = "random"  # training windows
 
     def __post_init__(self) -> None:
-        if self.order not in WINDOW_ORDERS:
-            raise UserError(f"data.order={self.order!r} is not one of {list(WINDOW_ORDERS)}")
+        check_choices(self, "data.")
 
 
 @dataclass
@@ -180,17 +185,17 @@ class TrainConfig:
     flops: float = 0.0  # budget in units of 1e18 FLOPs (SMDM): steps = F*1e18 / (6 N B L); 0 = max_steps
     seed: int = 42
     # diffusion objective
-    eps: float = 1e-3  # p = (1 - eps) t + eps
-    t_sampling: str = "uniform"  # uniform | stratified | antithetic (over the global batch)
+    eps: float = NOISE_FLOOR  # p = (1 - eps) t + eps
+    t_sampling: TMode = "uniform"  # over the global batch
     random_length_prob: float = 0.0  # SMDM's stochastic sequence length
-    objective: str = "pretrain"  # pretrain | sft
+    objective: Literal["pretrain", "sft"] = "pretrain"
     init_from: str = ""  # checkpoint to start from (SFT, adaptation)
     mask_anneal_steps: int = 0  # DiffuLLaMA: attention goes from causal to full over these steps
     # hardware (Lightning Fabric)
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # one of STRATEGIES
+    strategy: Strategy = "auto"  # fsdp = FSDP2 (fully_shard per Block, then the root), see parallelize.py
     precision: str = "32-true"  # e.g. bf16-mixed on GPUs; with fsdp one of FSDP_PRECISIONS
     compile: bool = False  # torch.compile each Block (before FSDP shards it)
     activation_checkpointing: bool = False  # recompute each Block's activations in backward
@@ -207,12 +212,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.t_sampling not in ("uniform", "stratified", "antithetic"):
-            raise UserError(f"train.t_sampling={self.t_sampling!r} is not uniform|stratified|antithetic")
-        if self.objective not in ("pretrain", "sft"):
-            raise UserError(f"train.objective={self.objective!r} is not pretrain|sft")
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"train.strategy={self.strategy!r} is not one of {list(STRATEGIES)}")
+        check_choices(self, "train.")
         if self.strategy == "fsdp" and self.precision not in FSDP_PRECISIONS:
             raise UserError(f"train.precision={self.precision!r} is not supported with train.strategy=fsdp; "
                             f"choose one of {list(FSDP_PRECISIONS)}")
@@ -267,20 +267,20 @@ SMDM_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 SMDM_VOCAB = 32000  # Llama-2 / TinyLlama tokenizer
 
-PRESETS: dict[str, dict[str, Any]] = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     name: dict(name=name, vocab_size=SMDM_VOCAB, block_size=SMDM_SEQ_LEN, n_layer=l, n_head=h,
                n_embd=e, intermediate_size=i)
     for name, (l, h, e, i) in SMDM_SIZES.items()
 }
 # CPU presets: `tiny` for tests (seconds), `demo` for the default job (minutes on 2 cores)
-PRESETS["tiny"] = dict(name="tiny", block_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64)
-PRESETS["demo"] = dict(name="demo", block_size=128, n_layer=4, n_head=4, n_embd=128, intermediate_size=512)
+MODEL_PRESETS["tiny"] = dict(name="tiny", block_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64)
+MODEL_PRESETS["demo"] = dict(name="demo", block_size=128, n_layer=4, n_head=4, n_embd=128, intermediate_size=512)
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS, key=_preset_order)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    if name not in MODEL_PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS, key=_preset_order)}")
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
 
 
 def _preset_order(name: str) -> tuple[int, str]:
@@ -291,13 +291,9 @@ def _preset_order(name: str) -> tuple[int, str]:
 # strict merging of YAML files and `section.key=value` overrides
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check (and gently convert) a YAML value against a field's type hint."""
+    check_allowed(value, hint, where)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -340,9 +336,9 @@ def merge(cfg: Config, updates: dict[str, Any], source: str) -> Config:
         new = dict(raw)
         if section_name == "model" and "preset" in new:
             # a preset sets the shape only: sink/gate fields chosen elsewhere survive it
-            shape = PRESETS[model_preset(str(new.pop("preset"))).name]
+            shape = MODEL_PRESETS[model_preset(str(new.pop("preset"))).name]
             section = dataclasses.replace(section, n_query_groups=None, head_dim=None, **shape)
-        types_ = _field_types(type(section))
+        types_ = field_types(type(section))
         values = dataclasses.asdict(section)
         for key, value in new.items():
             if key not in types_:
@@ -388,6 +384,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     return merge(Config(), data, source)
+
+
+def describe_keys(cfg: Config) -> list[str]:
+    """One line per `section.key`: its type and its value in `cfg`, aligned in columns."""
+    rows = [(f"{section.name}.{key}", type_name(hint), repr(getattr(getattr(cfg, section.name), key)))
+            for section in dataclasses.fields(Config)
+            for key, hint in field_types(type(getattr(cfg, section.name))).items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return [f"{key:{widths[0]}}  {kind:{widths[1]}}  {value}" for key, kind, value in rows]
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -6,14 +6,17 @@ sample sees the same noise whatever the world size, micro-batch or resume point.
 
 from __future__ import annotations
 
-from typing import Sequence
+import typing
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-T_MODES = ("uniform", "stratified", "antithetic")
+TMode = Literal["uniform", "stratified", "antithetic"]  # how a batch draws its t (see draw_t)
+T_MODES: tuple[str, ...] = typing.get_args(TMode)
+NOISE_FLOOR = 1e-3  # eps of p = (1 - eps) t + eps in training (SMDM); the paper evaluates with 0
 ANNEAL_STREAM = 2**32 + 3  # keeps annealing draws apart from the per-sample streams
 
 

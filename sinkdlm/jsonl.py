@@ -9,6 +9,14 @@ from typing import Any
 
 from sinkdlm.errors import UserError
 
+# file names read as JSON Lines wherever a data file may be JSONL or plain text (SFT data, prompts,
+# corpora); a one-document .json fails on its second line, naming it
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def is_jsonl(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in JSONL_SUFFIXES
+
 
 def read_jsonl(path: str | Path, required: Sequence[str] = (), hint: str = "") -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line. Invalid JSON, a non-object, a missing string

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from sinkdlm import attention as A
+from sinkdlm import attention
 from sinkdlm.config import ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # cos, sin, broadcastable to (B, H, T, D)
@@ -103,8 +103,8 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, observer: Observer | None,
                layer: int, n_sink: int) -> Tensor:
         if observer is None and self.cfg.attn_impl != "eager":
-            return A.sdpa(q, k, v, mask)
-        y, probs = A.eager(q, k, v, mask)
+            return attention.sdpa(q, k, v, mask)
+        y, probs = attention.eager(q, k, v, mask)
         if observer is not None:
             observer(layer, probs, k, v, n_sink)
         return y
@@ -206,7 +206,7 @@ class Block(nn.Module):
         if self.index == self.cfg.n_layer - 1:  # no later layer reads the sink
             return x, sink
         keys_seen = None if mask is None else mask.any(dim=-2, keepdim=True)
-        sink = sink + self.attn.out(A.sdpa(qs, keys, values, keys_seen), hs)
+        sink = sink + self.attn.out(attention.sdpa(qs, keys, values, keys_seen), hs)
         return x, sink + self.mlp(self.norm_mlp(sink))
 
 
@@ -259,7 +259,7 @@ class DLM(nn.Module):
         ar = torch.arange(t + s, device=device)
         if self.cfg.sink_position == "front":
             return ar[s:], ar[None, :s]
-        return ar[:t], A.row_lengths(cmask, t, device)[:, None] + ar[None, :s]
+        return ar[:t], attention.row_lengths(cmask, t, device)[:, None] + ar[None, :s]
 
     def forward(self, idx: Tensor, attention_mask: Tensor | None = None, logits_at: Tensor | None = None,
                 kv: KVCache | None = None, query_index: Tensor | None = None,
@@ -279,7 +279,7 @@ class DLM(nn.Module):
         if query_index is not None and (kv is None or self.cfg.logit_shift):
             raise ValueError("query_index needs a KVCache and an unshifted model")
         x = self.wte(idx if query_index is None else idx.gather(1, query_index))
-        cmask = A.content_mask(attention_mask, self.cfg.causal, idx.shape[1], idx.device)
+        cmask = attention.content_mask(attention_mask, self.cfg.causal, idx.shape[1], idx.device)
         if self.cfg.sink_tokens and self.cfg.attn_impl == "reference" and observer is None and kv is None:
             x = self._run_reference(x, cmask)
         else:
@@ -312,7 +312,7 @@ class DLM(nn.Module):
         """Content rows x (B, N, E) of a width-w input; sinks as [sink keys; content keys]."""
         pos_c, pos_s = self.positions(w, cmask, x.device)
         rope, sink_rope = self._rope(pos_c if rows is None else pos_c[rows]), self._rope(pos_s)
-        mask = A.with_sink_columns(A.query_rows(cmask, rows), self.cfg.sink_tokens)
+        mask = attention.with_sink_columns(attention.query_rows(cmask, rows), self.cfg.sink_tokens)
         if self.cfg.sink_tokens and not self.cfg.sink_self_only:
             if kv is not None:
                 raise ValueError("a KV cache needs sinks that attend only to themselves")
@@ -335,7 +335,7 @@ class DLM(nn.Module):
         s, front = self.cfg.sink_tokens, self.cfg.sink_position == "front"
         sinks = self.sink[None].expand(b, -1, -1)
         seq = torch.cat([sinks, x], 1) if front else torch.cat([x, sinks], 1)
-        mask = A.dense_sink_mask(cmask, b, t, s, front, self.cfg.sink_self_only, x.device)
+        mask = attention.dense_sink_mask(cmask, b, t, s, front, self.cfg.sink_self_only, x.device)
         pos_c, pos_s = self.positions(t, cmask, x.device)
         pos_c = pos_c.expand(pos_s.shape[0], -1)
         rope = self._rope(torch.cat([pos_s, pos_c] if front else [pos_c, pos_s], dim=1))

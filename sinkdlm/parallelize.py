@@ -25,7 +25,7 @@ VIEW_OUTPUT_WARNING = r"FSDP2-wrapped module \(\w+\) returned a view tensor"
 PARAM_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 
 
-def apply_block_options(model: DLM, t: TrainConfig) -> DLM:
+def apply_block_options(model: DLM, train_cfg: TrainConfig) -> DLM:
     """Activation checkpointing, then torch.compile, per Block, in place (any strategy).
 
     The wrappers add `_checkpoint_wrapped_module.` / `_orig_mod.` to parameter names; the
@@ -35,9 +35,9 @@ def apply_block_options(model: DLM, t: TrainConfig) -> DLM:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(list(model.blocks)):
-        if t.activation_checkpointing:
+        if train_cfg.activation_checkpointing:
             block = checkpoint_wrapper(block)  # non-reentrant: composes with compile and FSDP2
-        if t.compile:
+        if train_cfg.compile:
             block = torch.compile(block)
         model.blocks.register_module(str(i), block)
     return model
@@ -56,14 +56,14 @@ def flat_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
     return init_device_mesh(device_mesh.device_type, (device_mesh.size(),), mesh_dim_names=(FSDP_MESH_DIM,))
 
 
-def parallelize(model: DLM, device_mesh: DeviceMesh, t: TrainConfig) -> DLM:
+def parallelize(model: DLM, device_mesh: DeviceMesh, train_cfg: TrainConfig) -> DLM:
     """Block options, then FSDP2: each Block is its own unit (gathered for its forward and
     backward, resharded after), then the root holds the embedding, sinks, final norm and head."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     warnings.filterwarnings("ignore", message=VIEW_OUTPUT_WARNING, category=UserWarning)
-    model = apply_block_options(model, t)
-    mesh, policy = flat_mesh(device_mesh), mixed_precision(t.precision)
+    model = apply_block_options(model, train_cfg)
+    mesh, policy = flat_mesh(device_mesh), mixed_precision(train_cfg.precision)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
         for name in BLOCK_FORWARD_METHODS:

@@ -31,53 +31,60 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from sinkdlm import diffusion as D
+from sinkdlm import diffusion
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM, KVCache
+from sinkdlm.settings import check_choices, setting
 
-REMASKING = ("low_confidence", "random", "margin", "entropy")
-EOS_MODES = ("stop", "fill")
-RANKINGS = ("per_sequence", "flattened_batch")
-CACHES = ("none", "prefix", "dual")
-PADDINGS = ("right", "left")
 UNIFORM_FLOOR = 1e-300  # keeps -log(-log u) finite in float64
 SEED_RANGE = 2**53  # a float64 uniform's bits, turned into a generator seed
+DEFAULT_BATCH = 8  # prompts per forward; completions do not depend on it
 
 StepCallback = Callable[[int, Tensor], None]
 
 
 @dataclass
 class SampleConfig:
-    gen_length: int = 64  # new tokens per sequence (or the total, with length_includes_prompt)
-    steps: int = 64  # denoising steps over the whole generation (split evenly over blocks)
-    block_length: int | None = None  # semi-autoregressive block; None = one block
-    temperature: float = 0.0  # Gumbel-max temperature (0 = argmax)
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    remasking: str = "low_confidence"  # low_confidence | random | margin | entropy
-    cfg_scale: float = 0.0  # unsupervised CFG: un + (w + 1)(cond - un), prompt masked for `un`
-    threshold: float | None = None  # also unmask every candidate with p(x0) > threshold (Fast-dLLM)
-    eos: str = "stop"  # stop: cut the output at the first EOS | fill: EOS after the first EOS at once
-    suppress_eos_steps: int = 0  # forbid EOS during the first N steps
-    min_length: int = 0  # forbid EOS in the first N generated positions
-    batch_ranking: str = "per_sequence"  # flattened_batch: SMDM GSM8K script's ranking over the batch
-    # (a batch-level rule: the only setting under which a row's output depends on its batch mates)
-    cache: str = "none"  # none | prefix | dual (approximate, Fast-dLLM)
-    padding: str = "right"  # right | left (left: front sinks' distance to a row's content depends on its batch)
-    length_includes_prompt: bool = False  # SMDM's context_length: gen_length counts the prompt
-    seed: int = 0
+    """Decoding settings; `sinkdlm generate` and `eval-gsm8k` build their options from these fields."""
+
+    gen_length: int = setting(64, "new tokens per prompt (with length_includes_prompt: the total)")
+    steps: int = setting(64, "denoising steps over the whole generation, split evenly over the blocks")
+    block_length: int | None = setting(None, "semi-autoregressive block length, dividing gen_length",
+                                       unset="one block")
+    temperature: float = setting(0.0, "Gumbel-max temperature; 0 = argmax")
+    top_k: int = setting(0, "sample among the K most likely tokens only; 0 = off")
+    top_p: float = setting(1.0, "sample among the most likely tokens of total probability P only; 1 = off")
+    remasking: Literal["low_confidence", "random", "margin", "entropy"] = setting(
+        "low_confidence", "which masked positions to unmask first: highest p(x0), random, largest margin "
+                          "p1 - p2, or lowest entropy")
+    guidance: float = setting(0.0, "unsupervised classifier-free guidance weight w: logits = un + (w + 1)"
+                                   "(cond - un), the prompt masked for un; 0 = off")
+    threshold: float | None = setting(None, "also unmask every candidate with p(x0) above this, in (0, 1] "
+                                            "(Fast-dLLM parallel decoding)", unset="off")
+    eos: Literal["stop", "fill"] = setting("stop", "stop: cut the output at the first EOS; fill: put EOS "
+                                                   "after the first EOS at once")
+    suppress_eos_steps: int = setting(0, "forbid EOS during the first N denoising steps")
+    min_length: int = setting(0, "forbid EOS in the first N generated positions")
+    batch_ranking: Literal["per_sequence", "flattened_batch"] = setting(
+        "per_sequence", "flattened_batch: rank candidates over the whole batch, as SMDM's GSM8K script "
+                        "(the only setting under which a row's output depends on its batch mates)")
+    cache: Literal["none", "prefix", "dual"] = setting(
+        "none", "approximate KV cache (Fast-dLLM): prefix recomputes the block and what follows it, dual "
+                "the block only")
+    padding: Literal["right", "left"] = setting(
+        "right", "where a shorter prompt's padding goes; left aligns the generated regions (LLaDA), which "
+                 "makes front sinks' distance to a row's content depend on its batch")
+    length_includes_prompt: bool = setting(False, "gen_length counts the prompt too (SMDM's context_length)")
+    seed: int = setting(0, "a prompt's draws are a function of (seed, its index, step)")
 
     def __post_init__(self) -> None:
-        choices = {"remasking": REMASKING, "eos": EOS_MODES, "batch_ranking": RANKINGS,
-                   "cache": CACHES, "padding": PADDINGS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"sampling {key}={getattr(self, key)!r} is not one of {list(allowed)}")
+        check_choices(self, "sampling ")
         if self.gen_length <= 0 or self.steps <= 0:
             raise UserError(f"gen_length={self.gen_length} and steps={self.steps} must both be > 0")
         block = self.block_length or self.gen_length
@@ -186,7 +193,7 @@ class RowNoise:
 
     def uniforms(self, stream: int, width: int) -> Tensor:
         """(sum(counts), width) float64 uniforms: counts[i] rows from row i's generator."""
-        seeds = D.draw_uniforms(self.seed, self.step, self.indices, self.STREAMS)[:, stream] * SEED_RANGE
+        seeds = diffusion.draw_uniforms(self.seed, self.step, self.indices, self.STREAMS)[:, stream] * SEED_RANGE
         return torch.cat([
             torch.rand((n, width), generator=torch.Generator(self.device).manual_seed(int(seed)),
                        device=self.device, dtype=torch.float64)
@@ -244,15 +251,15 @@ def scheduled_count(remaining: Tensor, steps_left: int) -> Tensor:
 
 
 class Forward:
-    """The model as the sampler sees it: logits at a block's positions, with CFG and caching.
+    """The model as the sampler sees it: logits at a block's positions, with guidance and caching.
 
-    With CFG (cfg_scale > 0) every forward runs the conditional rows and, below them, the same rows
+    With guidance (guidance > 0) every forward runs the conditional rows and, below them, the same rows
     with the prompt masked; with a KV cache both halves keep their own stored K/V.
     """
 
     def __init__(self, model: DLM, canvas: Canvas, cfg: SampleConfig) -> None:
         self.model, self.cfg = model, cfg
-        self.guided = cfg.cfg_scale > 0
+        self.guided = cfg.guidance > 0
         valid = None if bool(canvas.valid.all()) else canvas.valid
         self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
         self.is_prompt = canvas.is_prompt
@@ -270,7 +277,7 @@ class Forward:
         if not self.guided:
             return logits
         cond, uncond = logits.chunk(2)  # both halves want the same number of positions
-        return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
+        return uncond + (self.cfg.guidance + 1) * (cond - uncond)
 
     def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
         if self.cfg.cache != "none" and not refresh:  # window = the first columns of queries
@@ -410,3 +417,15 @@ def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig
     prompts2 = [p + r for p, r in zip(prompts, reasoning)]
     answers = generate(model, prompts2, second, mask_id, eos_id, indices=indices)
     return [r + a for r, a in zip(reasoning, answers)]
+
+
+def load_for_sampling(checkpoint: str | Path, device: str = "cpu") -> tuple[DLM, Any, int]:
+    """(model, tokenizer, EOS id) of a checkpoint: the EOS its training recorded (meta.json), else the
+    tokenizer's; a UserError when the tokenizer has none."""
+    from sinkdlm.checkpoint import load_meta, load_model, load_tokenizer
+    from sinkdlm.data.tokenizer import eos_id as tokenizer_eos
+
+    model, _ = load_model(checkpoint, device)
+    tok = load_tokenizer(checkpoint)
+    eos = load_meta(checkpoint).get("eos_id")
+    return model, tok, int(eos) if eos is not None else tokenizer_eos(tok)

@@ -25,13 +25,12 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from sinkdlm.errors import UserError
-from sinkdlm.jsonl import read_jsonl
+from sinkdlm.jsonl import is_jsonl, read_jsonl
 
 QUESTION_PREFIX = "Question: "
 ANSWER_PREFIX = "Answer: "
 FINAL_MARK = "####"
 FIELD_SEP = "||"
-JSONL_SUFFIXES = (".jsonl", ".json")
 SFT_STREAM = 3  # the sft_indices RNG stream, apart from diffusion's t (no suffix) and masks (1)
 
 
@@ -80,7 +79,7 @@ def read_examples(path: str | Path, tok: Tokenizer, eos_id: int) -> list[list[tu
     p = Path(path)
     if not p.is_file():
         raise UserError(f"SFT data {p} does not exist; pass a JSONL or a GSM8K train.txt file")
-    if p.suffix in JSONL_SUFFIXES:
+    if is_jsonl(p):
         return _jsonl_examples(p, tok, eos_id)
     return [ex for ex in (gsm8k_examples(line, tok, eos_id) for line in p.read_text().splitlines()) if ex]
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from sinkdlm.config import Config, load_config
 from sinkdlm.errors import UserError
+from sinkdlm.files import METRICS_LOG
 from sinkdlm.optional import available, install_hint, require
 
 # variant name -> model overrides (each a field of the one model; see README)
@@ -40,6 +41,8 @@ ACCURACY_SUFFIX = " acc %"  # benchmark columns: lm-eval's `acc` (not acc_norm),
 TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
               "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
               "not acc_norm) in percent.")
+STUDY_TABLE = "study.md"
+STUDY_RESULTS = "study.json"
 # every variant starts from these, so a recipe's own sink/gate settings never leak into "plain"
 PLAIN = {"sink_tokens": 0, "sink_position": "front", "sink_init": "learned", "sink_zero_value": False,
          "sink_self_only": True, "attn_gate": "none"}
@@ -56,7 +59,7 @@ class Run:
 def base_config(preset: str) -> Config:
     """`demo` = the demo recipe on Shakespeare; an SMDM size = the paper's 472M recipe at that size."""
     if preset == "demo":
-        from sinkdlm.commands.demo import demo_config
+        from sinkdlm.demo import demo_config
 
         return demo_config()
     recipe = Path(__file__).resolve().parents[1] / "configs" / "paper_472_plain.yaml"
@@ -141,7 +144,7 @@ def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, 
 def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(train loss, validation ELBO) points from a run's metrics.jsonl."""
     train_pts, val_pts = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / METRICS_LOG).read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
             train_pts.append((rec["step"], rec["loss"]))
@@ -263,19 +266,12 @@ def axis_range(column: str, highest: float) -> tuple[float, float]:
 
 def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], dict[str, float]]:
     """Offline benchmark accuracy (%) through the lm-eval model, when lm-eval is installed."""
-    import argparse
-
-    from sinkdlm.commands import eval as eval_cmd
+    from sinkdlm.eval.run import EvalOptions, accuracies, evaluate_checkpoint
 
     def evaluate(run: Run) -> dict[str, float]:
-        parser = argparse.ArgumentParser()
-        eval_cmd.configure(parser)
-        args = parser.parse_args(["--checkpoint", str(run.out), "--tasks", tasks, "--limit", str(limit),
-                                  "--mc-num", str(mc_num), "--output", str(run.out / "eval")])
-        eval_cmd.run(args)
-        results = eval_cmd.load_results(run.out / "eval")["results"]
-        key = f"{eval_cmd.METRIC},none"
-        return {f"{task}{ACCURACY_SUFFIX}": eval_cmd.PERCENT * r[key] for task, r in results.items() if key in r}
+        results, _ = evaluate_checkpoint(run.out, tasks.split(","), EvalOptions(limit=limit, mc_num=mc_num),
+                                         run.out / "eval")
+        return {f"{task}{ACCURACY_SUFFIX}": acc for task, acc in accuracies(results).items()}
 
     return evaluate
 
@@ -317,3 +313,16 @@ def sink_evaluator(n_texts: int) -> Callable[[Run], dict[str, float]]:
         return {label: float(summary[key]) for key, label in SINK_COLUMNS.items() if summary.get(key) is not None}
 
     return evaluate
+
+
+def write_study(out: Path, title: str, command: str, runs: list[Run], columns: list[str],
+                table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    """study.md (the table, the command, the figures), study.json (every run) and the two figures in
+    `out`; returns the markdown table."""
+    plot_curves(runs, out / "loss_curves.png", title)
+    plot_metric_bars(columns, table, out / "metrics.png", title)
+    text = markdown(columns, table)
+    (out / STUDY_TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
+                                   f"![metrics](metrics.png)\n")
+    (out / STUDY_RESULTS).write_text(json.dumps([vars(r) | {"out": str(r.out)} for r in runs], indent=2))
+    return text

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm import diffusion as D
+from sinkdlm import diffusion
 from sinkdlm.config import Config, ModelConfig, OptimConfig, TrainConfig
 from sinkdlm.errors import UserError
+from sinkdlm.files import METRICS_LOG as METRICS  # the canonical log; train.loggers' are extra views
 from sinkdlm.model import DLM, count_params
 from sinkdlm.parallelize import apply_block_options, parallelize
 
-METRICS = "metrics.jsonl"  # the canonical log; the loggers of train.loggers are extra views
 LOGGER_DIRS = {"csv": "csv", "tensorboard": "tb", "wandb": "wandb"}  # each logger's folder in the run
 LOGGER_INSTALL = {"tensorboard": 'pip install -e ".[log]"', "wandb": "pip install wandb"}
 WANDB_PROJECT = "sinkdlm"
@@ -103,11 +103,11 @@ def diffusion_loss(model: torch.nn.Module, ids: Tensor, response: Tensor | None,
                    step: int, indices: list[int], batch: int, t_mode: str, eps: float,
                    attention: Tensor | None = None) -> Tensor:
     """The ELBO for one micro-batch: mask with p(t), predict the masked tokens, weight by 1/p."""
-    p = D.noise_level(D.draw_t(seed, step, indices, batch, t_mode), eps)
-    uniforms = D.draw_uniforms(seed, step, indices, ids.shape[1])
-    noisy, masked = D.mask_tokens(ids, p, uniforms, mask_id, maskable=response)
-    weights = D.pretrain_weights(ids) if response is None else D.sft_weights(response)
-    return D.elbo_loss(model(noisy, attention), ids, masked, p, weights)
+    p = diffusion.noise_level(diffusion.draw_t(seed, step, indices, batch, t_mode), eps)
+    uniforms = diffusion.draw_uniforms(seed, step, indices, ids.shape[1])
+    noisy, masked = diffusion.mask_tokens(ids, p, uniforms, mask_id, maskable=response)
+    weights = diffusion.pretrain_weights(ids) if response is None else diffusion.sft_weights(response)
+    return diffusion.elbo_loss(model(noisy, attention), ids, masked, p, weights)
 
 
 def lr_at(step: int, total: int, o: OptimConfig) -> float:
@@ -125,15 +125,15 @@ def validate(model: torch.nn.Module, val: tuple[Tensor, Tensor | None], mask_id:
     """Held-out ELBO (nats per token) with fixed, stratified masks: comparable across runs."""
     ids, response = val
     n, length = ids.shape
-    p = D.noise_level(D.draw_t(seed, 0, range(n), n, "stratified"), eps)
-    noisy, masked = D.mask_tokens(ids, p, D.draw_uniforms(seed, 0, range(n), length), mask_id, response)
-    weights = D.pretrain_weights(ids) if response is None else D.sft_weights(response)
+    p = diffusion.noise_level(diffusion.draw_t(seed, 0, range(n), n, "stratified"), eps)
+    noisy, masked = diffusion.mask_tokens(ids, p, diffusion.draw_uniforms(seed, 0, range(n), length), mask_id, response)
+    weights = diffusion.pretrain_weights(ids) if response is None else diffusion.sft_weights(response)
     device = next(model.parameters()).device
     total = 0.0
     for s in range(0, n, micro):
         part = slice(s, s + micro)
         logits = model(noisy[part].to(device))
-        total += D.elbo_loss(logits, ids[part].to(device), masked[part].to(device), p[part],
+        total += diffusion.elbo_loss(logits, ids[part].to(device), masked[part].to(device), p[part],
                              weights[part].to(device)).item()
     return total
 
@@ -144,8 +144,8 @@ def sink_monitor(model: torch.nn.Module, val: tuple[Tensor, Tensor | None], mask
     the value-vector L2 norm of the sink against the median content token's."""
     ids = val[0][:MONITOR_WINDOWS]
     response = None if val[1] is None else val[1][:MONITOR_WINDOWS]
-    uniforms = D.draw_uniforms(seed, 1, range(len(ids)), ids.shape[1])
-    noisy, _ = D.mask_tokens(ids, torch.full((len(ids),), MONITOR_T), uniforms, mask_id, response)
+    uniforms = diffusion.draw_uniforms(seed, 1, range(len(ids)), ids.shape[1])
+    noisy, _ = diffusion.mask_tokens(ids, torch.full((len(ids),), MONITOR_T), uniforms, mask_id, response)
     rows: list[dict] = []
 
     def observe(layer: int, probs: Tensor, keys: Tensor, values: Tensor, n_sink: int) -> None:
@@ -301,26 +301,26 @@ def check_same_tokenizer(model_tok: Path, data_tok: Path) -> None:
                         f"prepare the data with --tokenizer {model_tok}")
 
 
-def accumulation(t: TrainConfig, world: int) -> int:
-    per_step = world * t.micro_batch
-    if t.global_batch % per_step:
-        raise UserError(f"train.global_batch={t.global_batch} is not a multiple of devices x micro_batch "
-                        f"= {world} x {t.micro_batch}; change train.micro_batch")
-    return t.global_batch // per_step
+def accumulation(train_cfg: TrainConfig, world: int) -> int:
+    per_step = world * train_cfg.micro_batch
+    if train_cfg.global_batch % per_step:
+        raise UserError(f"train.global_batch={train_cfg.global_batch} is not a multiple of devices x micro_batch "
+                        f"= {world} x {train_cfg.micro_batch}; change train.micro_batch")
+    return train_cfg.global_batch // per_step
 
 
-def make_fabric(t: TrainConfig):
+def make_fabric(train_cfg: TrainConfig):
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import ModelParallelStrategy
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    strategy: Any = t.strategy
-    precision = t.precision
+    strategy: Any = train_cfg.strategy
+    precision = train_cfg.precision
     if strategy == "fsdp":
-        strategy = ModelParallelStrategy(functools.partial(parallelize, t=t))
+        strategy = ModelParallelStrategy(functools.partial(parallelize, train_cfg=train_cfg))
         precision = "32-true"  # FSDP2's MixedPrecisionPolicy casts (parallelize.py), not Fabric's autocast
     try:
-        return Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        return Fabric(accelerator=train_cfg.accelerator, devices=train_cfg.devices, num_nodes=train_cfg.num_nodes,
                       strategy=strategy, precision=precision)
     except (ValueError, RuntimeError, MisconfigurationException) as e:  # e.g. a GPU asked for on a CPU machine
         raise UserError(f"train.accelerator/devices/strategy/precision: {str(e).splitlines()[0]}") from None
@@ -529,25 +529,27 @@ class Loop:
                          f"{cfg.train.global_batch} x {cfg.seq_len} tokens; accumulation {accum}")
 
     def micro_indices(self, micro: int) -> list[int]:
-        t, f = self.cfg.train, self.fabric
-        start = (micro * f.world_size + f.global_rank) * t.micro_batch
-        return list(range(start, start + t.micro_batch))
+        train_cfg, f = self.cfg.train, self.fabric
+        start = (micro * f.world_size + f.global_rank) * train_cfg.micro_batch
+        return list(range(start, start + train_cfg.micro_batch))
 
     def train_step(self, step: int) -> float:
-        cfg, t = self.cfg, self.cfg.train
-        length = D.truncated_length(t.seed, step, cfg.seq_len, t.random_length_prob)
+        cfg, train_cfg = self.cfg, self.cfg.train
+        length = diffusion.truncated_length(train_cfg.seed, step, cfg.seq_len, train_cfg.random_length_prob)
         total = torch.zeros((), device=self.fabric.device)
         attention = None
-        if step < t.mask_anneal_steps:
-            attention = D.annealed_mask(t.seed, step, length, step / t.mask_anneal_steps).to(self.fabric.device)
+        if step < train_cfg.mask_anneal_steps:
+            opened = step / train_cfg.mask_anneal_steps
+            attention = diffusion.annealed_mask(train_cfg.seed, step, length, opened).to(self.fabric.device)
         for micro in range(self.accum):
             indices = self.micro_indices(micro)
             ids, response = self.source.batch(step, indices)
             ids = ids[:, :length].to(self.fabric.device)
             response = None if response is None else response[:, :length].to(self.fabric.device)
             with self.fabric.no_backward_sync(self.model, enabled=micro < self.accum - 1):
-                loss = diffusion_loss(self.model, ids, response, cfg.model.mask_id, t.seed, step, indices,
-                                      t.global_batch, t.t_sampling, t.eps, attention) / self.accum
+                loss = diffusion_loss(self.model, ids, response, cfg.model.mask_id, train_cfg.seed, step, indices,
+                                      train_cfg.global_batch, train_cfg.t_sampling, train_cfg.eps,
+                                      attention) / self.accum
                 self.fabric.backward(loss)
             total += loss.detach()
         loss_value = float(self.fabric.all_reduce(total, reduce_op="mean"))
@@ -575,10 +577,10 @@ class Loop:
     def train_all(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        t = self.cfg.train
-        tokens_per_step = t.global_batch * self.cfg.seq_len
+        train_cfg = self.cfg.train
+        tokens_per_step = train_cfg.global_batch * self.cfg.seq_len
         bar = tqdm(total=self.steps, initial=self.state["step"], unit="step", dynamic_ncols=True,
-                   disable=not (t.progress and self.fabric.global_rank == 0))
+                   disable=not (train_cfg.progress and self.fabric.global_rank == 0))
         while self.state["step"] < self.steps:
             step, started = self.state["step"], time.perf_counter()
             loss = self.train_step(step)
@@ -592,16 +594,16 @@ class Loop:
                 "tokens": self.state["tokens"]}
 
     def periodic(self, step: int, loss: float, tokens_per_s: float) -> None:
-        t = self.cfg.train
-        if step % t.log_every == 0 or step == 1:
+        train_cfg = self.cfg.train
+        if step % train_cfg.log_every == 0 or step == 1:
             self.log.write({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                             "tokens": self.state["tokens"], "tokens_per_s": tokens_per_s})
-        if t.sink_monitor_every and step % t.sink_monitor_every == 0:
+        if train_cfg.sink_monitor_every and step % train_cfg.sink_monitor_every == 0:
             rows = sink_monitor(self.model, self.source.val, self.cfg.model.mask_id, self.cfg.data.val_seed)
             self.log.write({"step": step, "sink_monitor": rows})
-        if step % t.val_every == 0 or step == self.steps:
+        if step % train_cfg.val_every == 0 or step == self.steps:
             self.validation(step)
-        if step % t.save_every == 0 or step == self.steps:
+        if step % train_cfg.save_every == 0 or step == self.steps:
             self.save(step)
 
     def validation(self, step: int) -> None:
@@ -615,20 +617,20 @@ class Loop:
     def save(self, step: int) -> None:
         """Every rank takes part (FSDP writes its shards and gathers the whole model collectively);
         rank 0 writes the rest and renames the folder into place."""
-        run, t = self.run_dir, self.cfg.train
+        run, train_cfg = self.run_dir, self.cfg.train
         tmp = on_rank_zero(self.fabric, lambda: ckpt.start_checkpoint(run, step))
         trainer_state: dict[str, Any] = {"step": step, "tokens": self.state["tokens"]}
-        if t.strategy == "fsdp":
+        if train_cfg.strategy == "fsdp":
             self.fabric.save(tmp / ckpt.SHARDED, {"model": self.model, "optimizer": self.optimizer})
         else:
             trainer_state["optimizer"] = self.optimizer.state_dict()
         weights = full_weights(self.model.module)
         meta = {"tokens": self.state["tokens"], "eos_id": self.source.eos_id, "val_loss": self.val_loss,
-                "objective": t.objective, "data": self.source.identity}
+                "objective": train_cfg.objective, "data": self.source.identity}
 
         def finish() -> Path:
             final = ckpt.finish_checkpoint(tmp, weights, self.cfg, meta, self.source.tokenizer_path,
-                                           trainer_state, t.keep_last)
+                                           trainer_state, train_cfg.keep_last)
             settle_previous_run(run)  # the new run has a checkpoint: an overwritten one goes
             return final
 

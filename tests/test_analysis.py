@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sinkdlm.analysis import stats as S
+from sinkdlm.analysis import stats
 from sinkdlm.analysis.interventions import (TopKSinkMasker, hide_keys, model_without_sink, token_agreement,
                                             top_content_keys)
 from sinkdlm.analysis.record import Recorder, RecordSettings, record_masked, record_trajectory
@@ -24,38 +24,38 @@ def attention_with_sink(t: int, sink: int, mass: float) -> torch.Tensor:
 
 def test_column_sums_of_hand_made_attention_find_the_sink_by_every_rule():
     # 20 keys: one outlier among n keys is at most (n - 1) / sqrt(n) std above the mean
-    colsum = S.column_sums(attention_with_sink(20, sink=3, mass=0.6))  # c_3 = 12, others 8/19
+    colsum = stats.column_sums(attention_with_sink(20, sink=3, mass=0.6))  # c_3 = 12, others 8/19
     assert colsum.shape == (1, 1, 20)
     assert float(colsum.sum()) == pytest.approx(20.0, abs=1e-5)
     expected = torch.zeros(20, dtype=torch.bool)
     expected[3] = True
-    for rule in S.RULES:
-        assert torch.equal(S.detect(colsum, rule)[0, 0], expected), rule
+    for rule in stats.RULES:
+        assert torch.equal(stats.detect(colsum, rule)[0, 0], expected), rule
 
 
 def test_eps_rule_is_additive_on_column_sums():
     colsum = torch.tensor([1.0, 1.0, 1.0, 4.0, 1.0])  # others' mean 1: 4 is not > 1 + 3
-    assert not S.detect_eps(colsum, eps=3.0).any()
-    assert S.detect_eps(colsum, eps=2.9).tolist() == [False, False, False, True, False]
+    assert not stats.detect_eps(colsum, eps=3.0).any()
+    assert stats.detect_eps(colsum, eps=2.9).tolist() == [False, False, False, True, False]
 
 
 def test_std_rule_uses_population_std_over_valid_keys():
     colsum = torch.tensor([1.0] * 9 + [10.0])  # mean 1.9, std 2.7
-    assert not S.detect_std(colsum, k=3.01).any()
-    assert S.detect_std(colsum, k=2.9)[-1]
-    assert S.detect_std(colsum, k=2.9).sum() == 1
+    assert not stats.detect_std(colsum, k=3.01).any()
+    assert stats.detect_std(colsum, k=2.9)[-1]
+    assert stats.detect_std(colsum, k=2.9).sum() == 1
 
 
 def test_padding_keys_are_never_sinks_and_do_not_count():
     colsum = torch.tensor([1.0, 1.0, 5.0, 9.0])
     valid = torch.tensor([True, True, True, False])
-    assert S.detect_top1(colsum, valid).tolist() == [False, False, True, False]
-    assert S.detect_eps(colsum, 2.9, valid).tolist() == [False, False, True, False]  # 5 > 1 + 2.9
+    assert stats.detect_top1(colsum, valid).tolist() == [False, False, True, False]
+    assert stats.detect_eps(colsum, 2.9, valid).tolist() == [False, False, True, False]  # 5 > 1 + 2.9
 
 
 def test_top1_picks_one_key_per_head():
     colsum = torch.tensor([[[0.5, 3.0, 0.5], [2.0, 0.5, 0.5]]])
-    assert S.detect_top1(colsum).long().tolist() == [[[0, 1, 0], [1, 0, 0]]]
+    assert stats.detect_top1(colsum).long().tolist() == [[[0, 1, 0], [1, 0, 0]]]
 
 
 # ---- moving-sink metrics on hand-made trajectories ------------------------------------------------
@@ -63,9 +63,9 @@ def test_top1_picks_one_key_per_head():
 
 def test_stability_and_distinct_positions():
     positions = torch.tensor([3, 3, 5, 5, 5])
-    assert float(S.stability(positions)) == 0.75
-    assert int(S.distinct_positions(positions, 8)) == 2
-    assert math.isnan(float(S.stability(positions[:1])))
+    assert float(stats.stability(positions)) == 0.75
+    assert int(stats.distinct_positions(positions, 8)) == 2
+    assert math.isnan(float(stats.stability(positions[:1])))
 
 
 def test_consecutive_iou_and_union_of_sink_sets():
@@ -73,18 +73,18 @@ def test_consecutive_iou_and_union_of_sink_sets():
     sets[0, [1, 2]] = True  # {1,2} -> {2}: 1/2;  {2} -> {2}: 1;  {2} -> {}: 0
     sets[1, 2] = True
     sets[2, 2] = True
-    assert float(S.consecutive_iou(sets)) == pytest.approx(0.5)
-    assert int(S.distinct_sinks(sets)) == 2
-    assert float(S.consecutive_iou(torch.zeros(3, 5, dtype=torch.bool))) == 1.0  # nothing -> nothing
+    assert float(stats.consecutive_iou(sets)) == pytest.approx(0.5)
+    assert int(stats.distinct_sinks(sets)) == 2
+    assert float(stats.consecutive_iou(torch.zeros(3, 5, dtype=torch.bool))) == 1.0  # nothing -> nothing
 
 
 def test_norm_rank_capture_share_and_absorption():
     norms = torch.tensor([0.1, 2.0, 1.0, 3.0])
-    assert (S.norm_rank(norms) * 3).tolist() == [0.0, 2.0, 1.0, 3.0]
+    assert (stats.norm_rank(norms) * 3).tolist() == [0.0, 2.0, 1.0, 3.0]
     colsum = torch.tensor([4.0, 1.0, 3.0, 2.0])  # one dedicated sink (key 0); content sink at key 2
     sinks = torch.tensor([True, False, True, False])
-    assert float(S.absorption_rate(colsum, 1)) == pytest.approx(0.4)
-    assert float(S.capture_share(colsum, sinks, 1)) == pytest.approx(4 / 7)
+    assert float(stats.absorption_rate(colsum, 1)) == pytest.approx(0.4)
+    assert float(stats.capture_share(colsum, sinks, 1)) == pytest.approx(4 / 7)
 
 
 def test_mask_share_counts_sinks_on_mask_tokens():
@@ -92,8 +92,8 @@ def test_mask_share_counts_sinks_on_mask_tokens():
     sets[0, 0, 0, 0, [1, 2]] = True
     sets[0, 1, 0, 0, 0] = True  # only the dedicated sink in layer 1
     tokens = torch.tensor([[[9, 7, 7]]])  # content 0 is [MASK] (id 9)
-    assert S.mask_share(sets, tokens, 1, mask_id=9).tolist() == [0.5, 0.0]
-    assert S.sink_token_counts(sets, tokens, 1) == {9: 1, 7: 1}
+    assert stats.mask_share(sets, tokens, 1, mask_id=9).tolist() == [0.5, 0.0]
+    assert stats.sink_token_counts(sets, tokens, 1) == {9: 1, 7: 1}
 
 
 # ---- the recorder against the model ---------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_absorption_rate_reads_the_dedicated_sink_for_front_and_end_placement(po
         unmasked = Recorder(model, RecordSettings(layers=[0]))
         with unmasked.attached():
             model(idx)
-    absorption = S.absorption_rate(unmasked.steps[0].colsum[0], 1)
+    absorption = stats.absorption_rate(unmasked.steps[0].colsum[0], 1)
     torch.testing.assert_close(absorption, expected, rtol=0, atol=1e-5)
     assert tr.n_sink == 1 and tr.colsum.shape[-1] == 1 + t
 

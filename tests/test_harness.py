@@ -91,14 +91,15 @@ def test_every_variant_loads_from_its_checkpoint_alone(tmp_path, variant):
     assert lm.loglikelihood_rolling([rolling], disable_tqdm=True)[0] < 0
 
 
-def test_paper_preset_sets_estimator_and_cfg_per_task(tmp_path):
+def test_paper_preset_sets_estimator_and_guidance_per_task(tmp_path):
     from sinkdlm.eval.harness import DiffusionLM
 
     ckpt = str(make_checkpoint(tmp_path))
     lm = DiffusionLM(pretrained=ckpt, preset="paper", mc_num=16)
     piqa, arc, other = lm.settings_for("piqa"), lm.settings_for("arc_easy"), lm.settings_for("winogrande")
-    assert (piqa.estimator, piqa.cfg, arc.estimator, arc.cfg, arc.mc_num) == ("chain_rule", 0.6, "mc", 0.6, 16)
-    assert (other.estimator, other.cfg) == ("mc", 0.0)
+    assert (piqa.estimator, piqa.guidance, arc.estimator, arc.guidance, arc.mc_num) == \
+        ("chain_rule", 0.6, "mc", 0.6, 16)
+    assert (other.estimator, other.guidance) == ("mc", 0.0)
     assert {piqa.eps, arc.eps, other.eps, lm.settings_for("lambada_standard").eps} == {0.0}  # the paper's floor
     assert lm.settings_for("lambada_standard").estimator == "chain_rule"
     default = DiffusionLM(pretrained=ckpt, mc_num=16)
@@ -151,7 +152,7 @@ def test_offline_converters_match_lm_eval_prompts():
 
 
 def test_missing_lm_eval_is_a_user_error(monkeypatch):
-    from sinkdlm.commands.eval import import_harness
+    from sinkdlm.eval.run import import_harness
 
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)

@@ -47,11 +47,11 @@ def test_exact_elbo_weights_integrate_to_the_true_likelihood_of_a_uniform_model(
 
 
 @pytest.mark.parametrize("variant", [{}, {"sink_tokens": 1}, {"attn_gate": "elementwise"}])
-@pytest.mark.parametrize("cfg", [0.0, 0.6])
-def test_mc_mean_converges_to_the_exact_elbo(variant, cfg):
+@pytest.mark.parametrize("guidance", [0.0, 0.6])
+def test_mc_mean_converges_to_the_exact_elbo(variant, guidance):
     model = tiny_model(**variant)
-    exact = exact_elbo(model, CONTEXT, CONTINUATION, cfg=cfg)
-    estimate = score_pairs(model, [(CONTEXT, CONTINUATION)], Settings(mc_num=16384, cfg=cfg))[0]
+    exact = exact_elbo(model, CONTEXT, CONTINUATION, guidance=guidance)
+    estimate = score_pairs(model, [(CONTEXT, CONTINUATION)], Settings(mc_num=16384, guidance=guidance))[0]
     # tolerance: 4 standard errors (the i.i.d. formula, conservative under stratification); ~0.1 nats here
     assert estimate.stderr < 0.05
     assert abs(estimate.loglik - exact) < 4 * estimate.stderr
@@ -93,14 +93,14 @@ def test_chain_rule_equals_its_definition_with_padding_and_batching():
         assert estimate.greedy == greedy and estimate.stderr == 0.0
 
 
-def test_cfg_combines_conditional_and_prompt_masked_logits():
+def test_guidance_combines_conditional_and_prompt_masked_logits():
     model, w = tiny_model(), 1.1
     ids = torch.tensor([CONTEXT + [model.mask_id]])
     un_ids = torch.tensor([[model.mask_id] * len(CONTEXT) + [model.mask_id]])
     with torch.no_grad():
         cond, un = model(ids)[0, -1], model(un_ids)[0, -1]
     expected = (un + (w + 1) * (cond - un)).log_softmax(-1)[4]
-    got = score_pairs(model, [(CONTEXT, [4])], Settings(estimator="chain_rule", cfg=w))[0]
+    got = score_pairs(model, [(CONTEXT, [4])], Settings(estimator="chain_rule", guidance=w))[0]
     assert got.loglik == pytest.approx(float(expected), abs=1e-5)
 
 

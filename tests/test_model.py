@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sinkdlm.config import SMDM_SIZES, model_preset
-from sinkdlm import attention as A
+from sinkdlm import attention
 from sinkdlm.model import DLM, KVCache, count_params
 from tests.conftest import tiny
 
@@ -263,8 +263,8 @@ def test_observer_keys_equal_the_reference_paths(kw, padded, monkeypatch):
     fast, ref = _pair(**_options(kw))
     idx, am = torch.randint(0, 51, (3, 12)), _padding(padded)
     seen, ref_keys = {}, []
-    sdpa = A.sdpa
-    monkeypatch.setattr(A, "sdpa", lambda q, k, v, mask: ref_keys.append(k) or sdpa(q, k, v, mask))
+    sdpa = attention.sdpa
+    monkeypatch.setattr(attention, "sdpa", lambda q, k, v, mask: ref_keys.append(k) or sdpa(q, k, v, mask))
     with torch.no_grad():
         fast(idx, am, observer=lambda layer, probs, keys, values, n_sink: seen.update({layer: keys}))
         ref_keys.clear()  # the fast path's ablation sink calls the kernel too

@@ -110,7 +110,7 @@ def test_one_plus_minus_notation_in_code_and_docs():
 
 
 def test_demo_ends_with_the_uniform_reference_and_the_next_commands(tmp_path):
-    from sinkdlm.commands.demo import NEXT_STEPS, ending
+    from sinkdlm.demo import NEXT_STEPS, ending
 
     ckpt = save_checkpoint(tmp_path / "run", 1, DLM(tiny()).state_dict(), Config(model=tiny()), {"eos_id": EOS})
     text = ending(ckpt, "runs/mine")
@@ -188,10 +188,10 @@ def test_analyze_prints_a_summary_and_the_report_defines_metrics_and_decodes_tok
 
 
 def test_study_metric_axes_span_each_metrics_natural_range():
-    from sinkdlm import study as S
+    from sinkdlm import study
 
-    assert S.axis_range("arc_easy" + S.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
-    assert S.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)
-    assert S.axis_range("val_elbo", 6.2) == (0.0, pytest.approx(6.2 * S.HEADROOM))
-    columns, table = S.summarise([S.Run("a", 1, Path("."), {"val_elbo": 6.0})])
-    assert "mean ± standard deviation over seeds" in S.markdown(columns, table)
+    assert study.axis_range("arc_easy" + study.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
+    assert study.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)
+    assert study.axis_range("val_elbo", 6.2) == (0.0, pytest.approx(6.2 * study.HEADROOM))
+    columns, table = study.summarise([study.Run("a", 1, Path("."), {"val_elbo": 6.0})])
+    assert "mean ± standard deviation over seeds" in study.markdown(columns, table)

@@ -42,12 +42,12 @@ def test_pretraining_configs_are_smdms_472_run(variant):
 
 
 def test_likelihood_paper_preset_is_eval_mdm_sh():
-    paper = presets.PRESETS["paper"]
+    paper = presets.LIKELIHOOD_PRESETS["paper"]
     assert (paper.mc_num, paper.eps, paper.add_bos) == (1024, 0.0, True)
-    # eval_mdm.sh: nll_type and cfg per task (LAMBADA: lambada_standard)
+    # eval_mdm.sh: nll_type and cfg (the guidance weight) per task (LAMBADA: lambada_standard)
     assert paper.tasks == {"arc_easy": ("mc", 0.6), "race": ("mc", 0.7), "hellaswag": ("mc", 0.7),
                            "social_iqa": ("mc", 0.6), "piqa": ("chain_rule", 0.6), "openbookqa": ("chain_rule", 1.6),
                            "boolq": ("chain_rule", 1.6), "lambada_standard": ("chain_rule", 1.1),
                            "lambada_openai": ("chain_rule", 1.1)}
-    default = presets.PRESETS["default"]
+    default = presets.LIKELIHOOD_PRESETS["default"]
     assert (default.eps, default.add_bos, default.tasks) == (1e-3, False, {})

@@ -105,19 +105,19 @@ def test_overwrite_with_a_bad_config_keeps_the_old_run(tiny_data, tmp_path):
 
 
 def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(tiny_data, tmp_path, monkeypatch):
-    from sinkdlm import train as T
+    import sinkdlm.train as trainer
 
     run = tmp_path / "run"
     train(config(tiny_data, run))
     before = (run / "metrics.jsonl").read_text()
-    real = T.Loop.train_step
+    real = trainer.Loop.train_step
 
     def fail_at_step_1(self, step):
         if step == 1:
             raise RuntimeError("out of memory")
         return real(self, step)
 
-    monkeypatch.setattr(T.Loop, "train_step", fail_at_step_1)
+    monkeypatch.setattr(trainer.Loop, "train_step", fail_at_step_1)
     with pytest.raises(RuntimeError, match="out of memory"):
         train(config(tiny_data, run, overwrite=True, seed=7))
     assert (run / "metrics.jsonl").read_text() == before

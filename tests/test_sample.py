@@ -111,7 +111,7 @@ def test_threshold_decoding_leaves_no_masks_and_saves_steps(memorised):
 def test_prompt_tokens_never_change_and_padding_is_untouched():
     model = random_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    cfg = SampleConfig(gen_length=8, steps=8, temperature=2.0, cfg_scale=0.5, top_k=10, top_p=0.9)
+    cfg = SampleConfig(gen_length=8, steps=8, temperature=2.0, guidance=0.5, top_k=10, top_p=0.9)
     canvases = []
     generate(model, prompts, cfg, MASK, EOS, on_step=lambda s, x: canvases.append(x))
     for x in canvases:
@@ -147,24 +147,24 @@ def test_approximate_caches_are_exact_within_a_single_step_block(memorised, cach
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cfg_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
+def test_guidance_with_a_kv_cache_is_exact_within_a_single_step_block(cache):
     # guided rows and their prompt-masked twins keep separate K/V; a padded batch checks the mask
     model = random_model(sink=1)
-    cfg = SampleConfig(gen_length=6, steps=6, block_length=1, temperature=1.0, cfg_scale=1.5, seed=3)
+    cfg = SampleConfig(gen_length=6, steps=6, block_length=1, temperature=1.0, guidance=1.5, seed=3)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     assert generate(model, prompts, cfg.replace(cache=cache), MASK, EOS) == generate(model, prompts, cfg, MASK, EOS)
 
 
 @pytest.mark.parametrize("kw", SELF_ONLY_VARIANTS, ids=_name)
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
-def test_cached_step_with_nothing_decoded_since_the_refresh_gives_the_refresh_logits(kw, cache, cfg_scale):
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_cached_step_with_nothing_decoded_since_the_refresh_gives_the_refresh_logits(kw, cache, guidance):
     """For every sink/gate/GQA variant: the refresh is the full forward (exact), and the cached path
-    (head at the masked positions only, CFG twins, padding) reads K/V that are not stale here, so it
+    (head at the masked positions only, guidance twins, padding) reads K/V that are not stale here, so it
     must reproduce it."""
     torch.manual_seed(0)
     model = DLM(tiny(**_options(kw))).eval()
-    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, cache=cache, cfg_scale=cfg_scale)
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, cache=cache, guidance=guidance)
     canvas = build_canvas([[1, 2, 3], [4, 5, 6, 7, 8]], [8, 8], "right", MASK, EOS, torch.device("cpu"))
     window = canvas.start[:, None] + torch.arange(4)
     queries = canvas.start[:, None] + torch.arange(8 if cache == "prefix" else 4)
@@ -203,7 +203,7 @@ BATCH_PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 12]]
 @pytest.mark.parametrize("model_kw", [dict(sink=0), dict(sink=1), dict(sink=2, sink_position="end")], ids=str)
 @pytest.mark.parametrize("changes", [
     dict(temperature=0.7), dict(remasking="random"), dict(temperature=0.7, top_p=0.9, padding="left"),
-    dict(temperature=0.7, remasking="random", threshold=0.3, cfg_scale=1.0, cache="dual", suppress_eos_steps=3),
+    dict(temperature=0.7, remasking="random", threshold=0.3, guidance=1.0, cache="dual", suppress_eos_steps=3),
 ], ids=str)
 def test_a_prompts_sample_does_not_depend_on_its_batch(model_kw, changes):
     """Every random draw of a row is a function of (seed, the prompt's index, step): batch sizes 1

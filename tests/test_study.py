@@ -8,32 +8,32 @@ from pathlib import Path
 
 import pytest
 
-from sinkdlm import study as S
+from sinkdlm import study
 from sinkdlm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_variants_are_config_fields_only():
-    base = S.base_config("demo")  # the demo recipe itself has a sink: "plain" must not inherit it
-    plain = S.variant_config(base, "plain", 3, Path("/tmp/x"), []).model
+    base = study.base_config("demo")  # the demo recipe itself has a sink: "plain" must not inherit it
+    plain = study.variant_config(base, "plain", 3, Path("/tmp/x"), []).model
     assert plain.sink_tokens == 0 and plain.attn_gate == "none"
-    for name in S.VARIANTS:
-        cfg = S.variant_config(base, name, 3, Path("/tmp/x"), [])
+    for name in study.VARIANTS:
+        cfg = study.variant_config(base, name, 3, Path("/tmp/x"), [])
         assert cfg.train.seed == 3 and cfg.train.resume
         changed = {k for k, v in vars(cfg.model).items() if getattr(plain, k) != v}
-        assert changed == set(S.VARIANTS[name]), name
+        assert changed == set(study.VARIANTS[name]), name
     with pytest.raises(UserError, match="unknown variant"):
-        S.parse_variants("plain,nope")
+        study.parse_variants("plain,nope")
 
 
 def test_summary_mean_and_std_over_seeds():
-    runs = [S.Run("a", 1, Path("."), {"x": 1.0}), S.Run("a", 2, Path("."), {"x": 3.0}),
-            S.Run("b", 1, Path("."), {"x": 5.0, "y": 1.0})]
-    columns, table = S.summarise(runs)
+    runs = [study.Run("a", 1, Path("."), {"x": 1.0}), study.Run("a", 2, Path("."), {"x": 3.0}),
+            study.Run("b", 1, Path("."), {"x": 5.0, "y": 1.0})]
+    columns, table = study.summarise(runs)
     assert columns == ["x", "y"]
     assert table["a"]["x"] == (2.0, pytest.approx(2 ** 0.5), 2) and "y" not in table["a"]
-    assert "| a | 2 ± 1.4 | - |" in S.markdown(columns, table)
+    assert "| a | 2 ± 1.4 | - |" in study.markdown(columns, table)
 
 
 @pytest.mark.slow

@@ -156,10 +156,10 @@ def test_kill_during_checkpoint_write_leaves_the_previous_intact(tiny_data, tmp_
 
 
 def test_nan_loss_stops_and_names_the_step(tiny_data, tmp_path, monkeypatch):
-    from sinkdlm import train as T
+    import sinkdlm.train as trainer
 
-    real = T.diffusion_loss
-    monkeypatch.setattr(T, "diffusion_loss", lambda m, ids, *a: real(m, ids, *a) * (
+    real = trainer.diffusion_loss
+    monkeypatch.setattr(trainer, "diffusion_loss", lambda m, ids, *a: real(m, ids, *a) * (
         float("nan") if a[3] == 4 else 1.0))  # a[3] is the step
     with pytest.raises(UserError, match="loss is nan at step 4.*step-00000003"):
         train(tiny_train_config(tiny_data, tmp_path / "run", steps=6))
@@ -184,7 +184,7 @@ def test_every_shipped_config_loads_and_round_trips():
 
 
 def test_demo_yaml_mirrors_the_demo_command():
-    from sinkdlm.commands.demo import demo_config
+    from sinkdlm.demo import demo_config
 
     assert load_config(ROOT / "configs" / "demo.yaml") == demo_config()
 
@@ -283,16 +283,16 @@ def test_tensorboard_logger_writes_events(tiny_data, tmp_path):
 
 
 def test_a_missing_logger_package_is_named_with_its_install(tiny_data, tmp_path, capsys, monkeypatch):
-    from sinkdlm import train as T
+    import sinkdlm.train as trainer
 
-    real = T.make_logger
+    real = trainer.make_logger
 
     def without_packages(name, run):
         if name != "csv":
             raise ModuleNotFoundError(name)
         return real(name, run)
 
-    monkeypatch.setattr(T, "make_logger", without_packages)
+    monkeypatch.setattr(trainer, "make_logger", without_packages)
     train(tiny_train_config(tiny_data, tmp_path / "run", steps=1, loggers=["csv", "tensorboard", "wandb"]))
     out = capsys.readouterr().out
     assert 'tensorboard is not installed (pip install -e ".[log]")' in out

@@ -11,48 +11,49 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis.record import RecordSettings, record_masked, record_trajectory
-from sinkdlm.analysis.stats import (DEFAULT_EPS, DEFAULT_STD_K, RULES, Trajectory, moving_sink_summary,
+from sinkdlm.analysis.stats import (DEFAULT_EPS, DEFAULT_STD_K, Rule, Trajectory, moving_sink_summary,
                                     to_py, trajectory_metrics, uniform_baselines)
 from sinkdlm.errors import UserError
+from sinkdlm.settings import check_choices, setting
 
-MODES = ("trajectory", "masked")
 __all__ = ["AnalysisSettings", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]
 
 
 @dataclass
 class AnalysisSettings:
-    mode: str = "trajectory"  # trajectory: record a generation | masked: fixed text at masking levels
-    levels: Sequence[float] = (0.75, 0.5, 0.25)  # masked mode, in this order (default: as denoising runs)
-    steps: int = 32  # trajectory: denoising steps
-    gen_length: int = 32  # trajectory: new tokens
-    temperature: float = 0.0
-    eps: float = DEFAULT_EPS
-    std_k: float = DEFAULT_STD_K
-    rule: str = "eps"  # the rule behind the per-layer tables: eps | std | top1
-    layers: Sequence[int] | None = None  # None = all
-    map_steps: Sequence[int] | None = None  # two steps for the attention-map figure; None = 1/4 and 3/4
-    prompt_tokens: int = 16  # prompts cut from held-out text when none are given
-    max_prompts: int = 2
-    max_windows: int = 4  # held-out windows (masked mode, ELBO)
-    top_k: Sequence[int] = (1, 4)  # interventions: hide the top-K sinks of the previous step
-    interventions: bool = True
-    elbo_samples: int = 8  # masking levels per window for the intervention ELBOs (0 = skip)
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    """What `analyze` records and measures; `sinkdlm analyze` builds its options from these fields."""
+
+    mode: Literal["trajectory", "masked"] = setting(
+        "trajectory", "trajectory: record a generation; masked: fixed text at masking levels")
+    levels: Sequence[float] = setting((0.75, 0.5, 0.25), "masked mode: masking levels, in this order")
+    steps: int = setting(32, "trajectory: denoising steps")
+    gen_length: int = setting(32, "trajectory: tokens to generate")
+    temperature: float = setting(0.0, "trajectory: sampling temperature; 0 = greedy")
+    eps: float = setting(DEFAULT_EPS, "sink rule of 2510.15731 on column sums")
+    std_k: float = setting(DEFAULT_STD_K, "sink rule: column sum above mean + k * std")
+    rule: Rule = setting("eps", "the detection rule behind the per-layer tables")
+    layers: Sequence[int] | None = setting(None, "layers to record, e.g. 0,3", unset="all")
+    map_steps: Sequence[int] | None = setting(None, "two steps for the attention-map figure",
+                                              unset="1/4 and 3/4 of the way")
+    prompt_tokens: int = setting(16, "length of the prompts cut from held-out text when none are given")
+    max_prompts: int = setting(2, "prompts cut from held-out text when none are given")
+    max_windows: int = setting(4, "held-out windows (masked mode, ELBO)")
+    top_k: Sequence[int] = setting((1, 4), "interventions: hide the top-K sinks of the previous step")
+    interventions: bool = setting(True, "the intervention runs")
+    elbo_samples: int = setting(8, "masking levels per window for the intervention ELBOs; 0 = skip")
+    seed: int = setting(0, "seeds sampling and the ELBO's masks")
+    device: str = setting("cpu", "torch device, e.g. cuda")
+    progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"analysis mode {self.mode!r} is not one of {list(MODES)}")
-        if self.rule not in RULES:
-            raise UserError(f"sink rule {self.rule!r} is not one of {list(RULES)}")
+        check_choices(self, "analysis ")
         if not self.levels or any(not 0 < x <= 1 for x in self.levels):
             raise UserError(f"masking levels {list(self.levels)} must be in (0, 1]")
 
@@ -152,7 +153,7 @@ def training_val_elbo(path: str | Path) -> float | None:
 
 def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | None, from_text: bool) -> dict:
     """How the interventions' held-out ELBO is estimated, beside how training's validation ELBO was."""
-    from sinkdlm.analysis.interventions import NOISE_EPS
+    from sinkdlm.diffusion import NOISE_FLOOR
 
     if windows is None:
         source, n, length = "the prompts followed by the unmodified run's completions", None, None
@@ -162,7 +163,7 @@ def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | Non
     training = {"windows": cfg.data.val_windows, "length": cfg.seq_len, "seed": cfg.data.val_seed,
                 "eps": cfg.train.eps, "val_elbo": training_val_elbo(path)}
     return to_py({"source": source, "windows": n, "length": length, "levels": s.elbo_samples, "seed": s.seed,
-                  "eps": NOISE_EPS, "training": training})
+                  "eps": NOISE_FLOOR, "training": training})
 
 
 def analyze_checkpoint(path: str | Path, texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,

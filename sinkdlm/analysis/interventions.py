@@ -18,11 +18,10 @@ import torch
 from torch import Tensor
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm import diffusion as D
+from sinkdlm import diffusion
 from sinkdlm.analysis.record import Recorder, RecordSettings
 from sinkdlm.model import DLM
 
-NOISE_EPS = 1e-3  # p = (1 - eps) t + eps, as in training
 
 
 def model_without_sink(path: str | Path, device: str | torch.device = "cpu") -> DLM:
@@ -108,11 +107,11 @@ def elbo(model: DLM, windows: Tensor, samples: int, seed: int, hide_top_k: int =
     total = 0.0
     for j in range(samples):
         t = torch.full((n,), (j + 0.5) / samples, dtype=torch.float64)
-        p = D.noise_level(t, NOISE_EPS)
-        noisy, masked = D.mask_tokens(ids, p, D.draw_uniforms(seed, j, range(n), length), model.mask_id)
+        p = diffusion.noise_level(t, diffusion.NOISE_FLOOR)  # as in training
+        noisy, masked = diffusion.mask_tokens(ids, p, diffusion.draw_uniforms(seed, j, range(n), length), model.mask_id)
         mask = _hidden_sinks_mask(model, noisy, hide_top_k) if hide_top_k else None
         logits = model(noisy, attention_mask=mask)
-        total += D.elbo_loss(logits, ids, masked, p, D.pretrain_weights(ids)).item()
+        total += diffusion.elbo_loss(logits, ids, masked, p, diffusion.pretrain_weights(ids)).item()
     return total / samples
 
 

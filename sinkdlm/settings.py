@@ -1,0 +1,215 @@
+"""Settings dataclasses: allowed values declared once, and command-line options built from the fields.
+
+A field's allowed values are its `Literal[...]` type, read both by `check_choices` (the dataclass's
+own check, whatever built it: YAML, Python or a flag) and by `add_arguments` (argparse's choices).
+A field's help is its metadata (`setting(default, "help")`). So a flag's type, default, allowed
+values and help all come from the one field, instead of being declared again in each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from sinkdlm.errors import UserError
+
+HELP = "help"  # the metadata key of a field's help text
+UNSET = "unset"  # ... and of what a None value means
+
+
+def setting(default: Any, help: str, unset: str | None = None) -> Any:
+    """A dataclass field with its help text (shown by --help) and, for a field that may be None, what
+    None means ("one block")."""
+    return dataclasses.field(default=default, metadata={HELP: help, UNSET: unset})
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's resolved type hint (annotations are strings under `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def without_none(hint: Any) -> Any:
+    """`X | None` -> X; any other hint unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def choices_of(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` type (also inside `| None`), else None."""
+    hint = without_none(hint)
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def type_name(hint: Any) -> str:
+    """A type as a user would write its values: int, float | None, fast|reference|eager, list[str]."""
+    allowed = choices_of(hint)
+    if allowed is not None:
+        return "|".join(str(v) for v in allowed) + (" | None" if hint is not without_none(hint) else "")
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def check_allowed(value: Any, hint: Any, where: str) -> None:
+    """A UserError ("model.attn_impl='x' is not one of [...]") when a Literal type does not allow `value`."""
+    allowed = choices_of(hint)
+    if allowed is not None and value not in allowed and not (value is None and hint is not without_none(hint)):
+        raise UserError(f"{where}={value!r} is not one of {list(allowed)}")
+
+
+def check_choices(settings: Any, where: str) -> None:
+    """check_allowed for every field of a settings dataclass; `where` prefixes the field names ("model.")."""
+    for key, hint in field_types(type(settings)).items():
+        check_allowed(getattr(settings, key), hint, f"{where}{key}")
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line options
+
+
+def comma_list(item: type) -> Callable[[str], list[Any]]:
+    """An argparse type: "0.25,0.5" -> [0.25, 0.5] with each item converted by `item`."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [item(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} should be comma-separated {item.__name__} values, "
+                                             f"e.g. {'0,3' if item is int else '0.25,0.5'}") from None
+
+    parse.__name__ = f"comma-separated {item.__name__}"  # what argparse names in its error messages
+    return parse
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"field {f.name} has no default; a settings field needs one to become an option")
+
+
+def _argument(hint: Any, default: Any, help_: str) -> tuple[str, dict[str, Any]]:
+    """(option prefix, argparse keywords) of a field: a flag for a bool, choices for a Literal, a
+    comma-separated list for a sequence, else the plain type."""
+    base = without_none(hint)
+    if base is bool:
+        return ("--no-", dict(action="store_false", help=f"turn off {help_}")) if default else \
+            ("--", dict(action="store_true", help=help_))
+    kwargs: dict[str, Any] = dict(default=default, help=help_)
+    allowed = choices_of(base)
+    if allowed is not None:
+        kwargs.update(choices=allowed, type=type(allowed[0]))
+    elif typing.get_origin(base) in (list, tuple, Sequence):
+        (item, *_) = typing.get_args(base)
+        kwargs.update(type=comma_list(item), metavar="A,B,...")
+    else:
+        kwargs["type"] = base
+    return "--", kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None,
+                  overrides_preset: bool = False) -> list[str]:
+    """One option per field of the settings dataclass `cls` (or of `names` only), named after the field
+    (gen_length -> --gen-length), with its type, allowed values, default and help; returns the names.
+
+    overrides_preset: each option changes a preset's value, so it defaults to None ("the preset's").
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    chosen = list(names) if names is not None else list(fields)
+    hints = field_types(cls)
+    for name in chosen:
+        f = fields[name]
+        if HELP not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{name} has no help; declare it with settings.setting(default, help)")
+        default = None if overrides_preset else _default(f)
+        help_ = f.metadata[HELP]
+        if overrides_preset:
+            help_ += " (default: the preset's)"
+        elif default is None:
+            help_ += f" (default: {f.metadata[UNSET]})"
+        prefix, kwargs = _argument(hints[name], default, help_)
+        if overrides_preset and "action" in kwargs:
+            kwargs.update(action="store_const", const=kwargs["action"] == "store_true", default=None)
+        parser.add_argument(prefix + name.replace("_", "-"), dest=name, **kwargs)
+    return chosen
+
+
+def values_from(args: argparse.Namespace, names: Sequence[str] | type, given_only: bool = False) -> dict[str, Any]:
+    """{name: value} of the options `add_arguments` declared (for `names`, or every field of a settings
+    class); given_only drops those left at None."""
+    if isinstance(names, type):
+        names = [f.name for f in dataclasses.fields(names)]
+    values = {name: getattr(args, name) for name in names}
+    return {k: v for k, v in values.items() if v is not None} if given_only else values
+
+
+# ---------------------------------------------------------------------------------------------
+# parsers
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: the value, "off" for a flag; an option whose default is
+    None, or that words its default itself, says "default: ..." in its own help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text  # the help says what the default is, or there is none
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        if action.nargs == 0:  # a flag
+            return f"{text} (default: off)"
+        return f"{text} (default: {_shown(action.default)})"
+
+
+def _shown(default: Any) -> str:
+    """A default as it would be typed: a list as comma-separated values, [] as none."""
+    if isinstance(default, (list, tuple)):
+        return ",".join(str(v) for v in default) or "none"
+    return str(default).replace("%", "%%")
+
+
+def close_option(parser: argparse.ArgumentParser, wrong: str) -> str | None:
+    """The option of `parser` closest to a misspelled one, if any is close."""
+    import difflib
+
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    found = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows every default, and which names an unknown option, and the
+    closest known one, in the usage of the command it was given to (argparse blames the top level
+    when a nested command does not know an option)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        if args is not None and not self._subparsers:
+            self._check_options(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _check_options(self, args: list[str]) -> None:
+        words = args[: args.index("--")] if "--" in args else args
+        known = [s for action in self._actions for s in action.option_strings]
+        for word in words:
+            name = word.split("=", 1)[0]
+            if not name.startswith("--") or any(s.startswith(name) for s in known):  # argparse takes prefixes
+                continue
+            near = close_option(self, name)
+            self.error(f"unrecognized argument {name}; " +
+                       (f"did you mean {near}?" if near else f"see `{self.prog} --help` for the options"))
