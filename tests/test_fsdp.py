@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm import parallelize as P
+from sinkdlm import parallelize
 from sinkdlm.config import FSDP_PRECISIONS, TrainConfig
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
@@ -63,7 +63,7 @@ def pair(mesh, **train):
     plain = DLM(cfg)
     twin = DLM(cfg)
     twin.load_state_dict(plain.state_dict())
-    return plain, P.parallelize(twin, mesh, TrainConfig(strategy="fsdp", **train))
+    return plain, parallelize.parallelize(twin, mesh, TrainConfig(strategy="fsdp", **train))
 
 
 def test_parallelize_shards_every_block_then_the_root_and_computes_the_same(mesh):
@@ -127,7 +127,7 @@ def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_weights(mesh):
 def test_fsdp_takes_only_the_precisions_its_policy_is_built_from():
     with pytest.raises(UserError, match="train.precision='16-mixed' is not supported with train.strategy=fsdp"):
         TrainConfig(strategy="fsdp", precision="16-mixed")
-    assert set(P.PARAM_DTYPES) == set(FSDP_PRECISIONS)
+    assert set(parallelize.PARAM_DTYPES) == set(FSDP_PRECISIONS)
 
 
 class RankStub:
@@ -159,17 +159,17 @@ def test_a_failure_on_rank_zero_stops_every_rank():
 KILL_AT = 5  # the killed run dies after this step: past the step-3 checkpoint, before step 6's
 KILLING_DRIVER = f"""
 import os, signal, sys
-from sinkdlm import train as T
+from sinkdlm import train as trainer
 from sinkdlm.cli import main
 
-periodic = T.Loop.periodic
+periodic = trainer.Loop.periodic
 
 def periodic_then_die(self, step, *args):
     periodic(self, step, *args)
     if step == {KILL_AT}:  # no collective runs between here and the other rank's kill
         os.kill(os.getpid(), signal.SIGKILL)
 
-T.Loop.periodic = periodic_then_die
+trainer.Loop.periodic = periodic_then_die
 sys.exit(main(sys.argv[1:]))
 """
 

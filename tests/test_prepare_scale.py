@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sinkdlm.data import PackedData, sample_windows
+from sinkdlm.commands import prepare as prepare_command
 from sinkdlm.data import prepare as prep
 from sinkdlm.data.shards import ShardWriter
 from sinkdlm.data.sources import RecordFilter, documents
@@ -290,7 +291,7 @@ def test_the_documented_slimpajama_command_parses_to_the_github_filter():
                       (root / "docs" / "prepare.md").read_text(), re.S)
     for command in (readme.group(1), block.group(1).replace("\\\n", " ")):
         parser = argparse.ArgumentParser()
-        prep.configure(parser)
+        prepare_command.configure(parser)
         args = parser.parse_args(shlex.split(command)[2:])
         assert args.exclude == ["meta.redpajama_set_name=RedPajamaGithub"]
         assert args.val_source == "hf:cerebras/SlimPajama-627B@validation"

@@ -23,22 +23,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION})")
     parser.add_argument("--val-source", default=None,
                         help="the corpus's own validation split instead of --val-fraction (same forms as "
-                             "--source, e.g. hf:cerebras/SlimPajama-627B@validation)")
+                             "--source, e.g. hf:cerebras/SlimPajama-627B@validation; default: none)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the train/val split")
-    parser.add_argument("--max-docs", type=int, default=None, help="use only the first N documents of --source")
+    parser.add_argument("--max-docs", type=int, default=None, help="use only the first N documents of --source (default: all)")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="stop before the train split would pass N tokens (whole documents)")
+                        help="stop before the train split would pass N tokens (whole documents; default: no limit)")
     parser.add_argument("--exclude", action="append", default=[], metavar="FIELD=VALUE",
                         help="drop JSON records whose dotted FIELD equals VALUE (repeatable), e.g. "
-                             "meta.redpajama_set_name=RedPajamaGithub")
+                             "meta.redpajama_set_name=RedPajamaGithub; default: none)")
     parser.add_argument("--include", action="append", default=[], metavar="FIELD=VALUE",
-                        help="keep only JSON records matching one of these (repeatable)")
+                        help="keep only JSON records matching one of these (repeatable; default: all records)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                         help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="tokenizing processes; 1 = this process (default: the CPU cores, here "
                              f"{default_workers()}); the output does not depend on it")
-    parser.add_argument("--overwrite", action="store_true", help="replace a prepared folder at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a prepared folder at --out (default: off)")
 
 
 def run(args: argparse.Namespace) -> int:
