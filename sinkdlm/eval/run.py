@@ -7,6 +7,7 @@ Results: <output>/results.json (lm-eval's, plus our settings) and <output>/resul
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ RESULTS_MD = "results.md"
 EVAL_SUBDIR = "eval"  # default output folder, inside the checkpoint it measures
 PERCENT = 100.0
 METRIC = "acc"  # the paper reports accuracy on every task
+TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown task name is taken for a misspelt offline one
 PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its default 100k is slow
 
 
@@ -44,6 +46,22 @@ class EvalOptions:
     crn: bool = True
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"limit={self.limit} must be >= 1 (or unset for every document)")
+
+
+def check_task_names(tasks: list[str]) -> None:
+    """A task without an offline copy that is one typo away from one that has it is a typo, not a Hub
+    task: say so at once rather than after lm-eval tries the Hub."""
+    for task in tasks:
+        if task in benchmarks.BENCHMARKS or task in benchmarks.NOT_OFFLINE:
+            continue
+        close = difflib.get_close_matches(task, list(benchmarks.BENCHMARKS), n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise UserError(f"unknown task {task!r}; did you mean {close[0]!r}? offline tasks: "
+                            f"{', '.join(sorted(benchmarks.BENCHMARKS))}")
+
 
 def import_harness() -> Any:
     """sinkdlm.eval.harness, or a UserError naming the `eval` extra (lm-eval is optional)."""
@@ -60,6 +78,7 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalO
     ckpt = resolve(checkpoint)
     harness = import_harness()  # before fetching any benchmark data
     tasks = [benchmarks.canonical(t) for t in tasks if t]
+    check_task_names(tasks)
     local = [t for t in tasks if t in benchmarks.BENCHMARKS]
     benchmarks.materialise(local)
     if len(local) == len(tasks):  # nothing needs the Hub: never wait on it
