@@ -612,7 +612,10 @@ class Loop:
                                  self.cfg.train.micro_batch, self.cfg.data.val_seed, self.cfg.train.eps)
         self.model.train()
         self.log.write({"step": step, "val_loss": self.val_loss})
-        self.fabric.print(f"step {step}: validation ELBO {self.val_loss:.4f} nats/token")
+        if self.fabric.global_rank == 0:  # through tqdm, so the line is not glued onto the progress bar
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {step}: validation ELBO {self.val_loss:.4f} nats/token")
 
     def save(self, step: int) -> None:
         """Every rank takes part (FSDP writes its shards and gathers the whole model collectively);
