@@ -28,10 +28,12 @@ from sinkdlm.config import Config, ModelConfig, OptimConfig, TrainConfig
 from sinkdlm.errors import UserError
 from sinkdlm.files import METRICS_LOG as METRICS  # the canonical log; train.loggers' are extra views
 from sinkdlm.model import DLM, count_params
+from sinkdlm.optional import install_hint
 from sinkdlm.parallelize import apply_block_options, parallelize
 
 LOGGER_DIRS = {"csv": "csv", "tensorboard": "tb", "wandb": "wandb"}  # each logger's folder in the run
-LOGGER_INSTALL = {"tensorboard": 'pip install -e ".[log]"', "wandb": "pip install wandb"}
+# wandb is no extra of ours: it is installed on its own
+LOGGER_INSTALL = {"tensorboard": install_hint("tensorboard"), "wandb": "pip install wandb"}
 WANDB_PROJECT = "sinkdlm"
 PREVIOUS_RUN = ".previous-run"  # an overwritten run waits here until the new run writes a checkpoint
 MONITOR_WINDOWS = 2  # validation windows the sink monitor looks at
