@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sinkdlm.checkpoint import list_checkpoints, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
+from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
 from sinkdlm.optional import require
 
@@ -68,6 +69,8 @@ def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model folder, a Hub name or a .gguf file")
     transformers = require_loaders(gguf=gguf_file is not None)
+    if not path.exists():
+        require_hub(f"model {str(source)!r} (not a local path)")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(source), **extra)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,3 +43,22 @@ def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
         print(f"downloaded {files[0].name} ({size_mb:.0f} MB) in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
         return files[0].replace(dest / files[0].name)
+
+
+HUB_HOST, HUB_PORT = "huggingface.co", 443
+HUB_PROBE_SECONDS = 3.0  # one TCP connect: offline, libraries retry for 30-40 s before failing
+
+
+def require_hub(what: str) -> None:
+    """UserError at once when the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE set, or no
+    connection within a few seconds), instead of the libraries' long retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.create_connection((HUB_HOST, HUB_PORT), timeout=HUB_PROBE_SECONDS).close()
+            return
+        except OSError as e:
+            reason = f"{HUB_HOST} is not reachable ({type(e).__name__})"
+    raise UserError(f"{what} needs the Hugging Face Hub, but {reason}; download it where the Hub is "
+                    f"reachable and pass the local folder or file (docs/offline-data.md lists offline sources)")

@@ -109,6 +109,9 @@ def _from_file(path: Path) -> Tokenizer:
 
 
 def _from_hub(name: str) -> Tokenizer:
+    from sinkdlm.data.fetch import require_hub
+
+    require_hub(f"tokenizer {name!r} (not a local path)")
     try:
         return Tokenizer.from_pretrained(name)
     except Exception as e:  # network errors and missing repos surface as bare Exceptions

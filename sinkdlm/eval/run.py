@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkdlm.checkpoint import resolve
+from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
 from sinkdlm.eval import benchmarks
 from sinkdlm.eval.likelihood import Estimator, Settings
@@ -81,6 +82,9 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalO
     check_task_names(tasks)
     local = [t for t in tasks if t in benchmarks.BENCHMARKS]
     benchmarks.materialise(local)
+    hub_tasks = [t for t in tasks if t not in local]
+    if hub_tasks:
+        require_hub(f"tasks {hub_tasks} (no offline copy: {', '.join(sorted(benchmarks.BENCHMARKS))} have one)")
     if len(local) == len(tasks):  # nothing needs the Hub: never wait on it
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
