@@ -2,6 +2,7 @@
 
 Records a denoising trajectory (or fixed text at masking levels), measures attention sinks per
 step, layer and head, runs the interventions, and writes metrics.json, PNG figures and report.md.
+With --checkpoint-steps, DIR is a run or study folder and its checkpoints are analysed over training.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def _floats(text: str) -> list[float]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    parser.add_argument("--checkpoint-steps",
+                        help="sinks over training: `all` or steps (e.g. 200,400) of the run folder, or of every "
+                             "run of the study folder, given as --checkpoint (no interventions)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="UTF-8 text file to analyse (default: the run's validation data)")
     source.add_argument("--prompt", action="append", help="a prompt to generate from (repeatable)")
@@ -67,7 +71,19 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, eps=args.eps, std_k=args.std_k, rule=args.rule, layers=args.layers,
         map_steps=args.map_steps, top_k=args.top_k, interventions=not args.no_interventions,
         elbo_samples=args.elbo_samples, max_windows=args.max_windows, seed=args.seed, device=args.device)
+    if args.checkpoint_steps is not None:
+        return _over_training(args, texts, settings)
     metrics, trajectory = run_analysis(args.checkpoint, texts=texts, prompts=args.prompt, settings=settings)
     report = write_report(args.out, metrics, trajectory)
     print("\n".join(summary_lines(metrics, report)))
+    return 0
+
+
+def _over_training(args: argparse.Namespace, texts: list[str] | None, settings) -> int:
+    from sinkdlm.analysis.training import FIGURE_FILE, TABLE_FILE, analyze_over_training, parse_steps
+
+    steps = parse_steps(args.checkpoint_steps)
+    rows = analyze_over_training(args.checkpoint, args.out, steps, settings, texts, args.prompt)
+    print(f"sinks over training: {len(rows)} checkpoints of {len({r['run'] for r in rows})} run(s); "
+          f"{Path(args.out) / TABLE_FILE}, {Path(args.out) / FIGURE_FILE}")
     return 0
