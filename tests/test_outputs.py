@@ -186,7 +186,7 @@ def test_analyze_prints_a_summary_and_the_report_defines_metrics_and_decodes_tok
 
 
 def test_study_metric_axes_span_each_metrics_natural_range():
-    from sinkdlm import study as S
+    from sinkdlm import study_report as S
 
     assert S.axis_range("arc_easy" + S.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
     assert S.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)

@@ -122,10 +122,15 @@ def analyze_over_training(path: str | Path, out: str | Path, steps: str | Sequen
     rows = []
     for run in find_runs(path):
         rows += analyze_run(run, steps, s, out / f"{run.name}.json", texts, prompts)
+    write_training(rows, out, f"sinks over training: {Path(path).name}")
+    return rows
+
+
+def write_training(rows: list[dict[str, Any]], out: Path, title: str) -> None:
+    """training.json, training.md and training.png of the rows into `out`."""
     _write_json(out / ROWS_FILE, rows)
     (out / TABLE_FILE).write_text(training_table(rows))
-    plot_training(rows, out / FIGURE_FILE, f"sinks over training: {Path(path).name}")
-    return rows
+    plot_training(rows, out / FIGURE_FILE, title)
 
 
 def by_variant(rows: list[dict[str, Any]], metric: str,

@@ -1,33 +1,33 @@
 """`sinkdlm study --preset demo --variants plain,gate,sink [--seeds 1,2,3]`: the paper's ablation.
 
-At `--preset demo` it runs on a 2-core CPU; at `--preset 472` it is the paper's experiment (launch it
-on GPUs with `torchrun --nproc-per-node N -m sinkdlm study ... train.devices=N` so every rank runs the
-same training loop; rank 0 alone then evaluates and writes the table).
+At `--preset demo` it runs on a 2-core CPU in minutes, at `--preset cpu` in hours (8 variants x 3
+seeds); at `--preset 472` it is the paper's experiment (launch it on GPUs with `torchrun
+--nproc-per-node N -m sinkdlm study ... train.devices=N` so every rank runs the same training loop;
+rank 0 alone then evaluates and writes the table). The same command again resumes a stopped study.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 from sinkdlm import study as S
 from sinkdlm.errors import UserError
 
-TABLE = "study.md"
-RESULTS = "study.json"
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo", help="demo (CPU minutes) or an SMDM size, e.g. 472")
-    parser.add_argument("--variants", default=",".join(S.PAPER_VARIANTS),
-                        help=f"comma-separated, from: {', '.join(S.VARIANTS)}")
+    parser.add_argument("--preset", default="demo",
+                        help="demo (CPU minutes), cpu (CPU hours, docs/study-cpu.md) or an SMDM size, e.g. 472")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from: {', '.join(S.VARIANTS)} (default: {','.join(S.PAPER_VARIANTS)}; "
+                             f"at --preset cpu: {','.join(S.CPU_VARIANTS)})")
     parser.add_argument("--seeds", default="1", help="comma-separated training seeds")
     parser.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--flops", type=float, default=None, help="budget per run in 1e18 FLOPs (all variants)")
-    parser.add_argument("--data", default=None, help="prepared data folder (default: the demo corpus at demo)")
+    parser.add_argument("--data", default=None,
+                        help="prepared data folder (default: the preset's corpus, prepared once: Shakespeare at "
+                             "demo, BoolQ passages at cpu)")
     parser.add_argument("--tasks", default="arc_easy,piqa", help="offline lm-eval tasks ('' = none)")
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per choice")
@@ -37,51 +37,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def seeds_of(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {text!r} should be comma-separated integers, e.g. 1,2,3") from None
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds {text!r} should be comma-separated integers, e.g. 1,2,3")
+    return seeds
 
 
 def run(args: argparse.Namespace) -> int:
-    variants, seeds = S.parse_variants(args.variants), seeds_of(args.seeds)
-    out = Path(args.out or f"runs/study-{args.preset}")
-    base = S.base_config(args.preset)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     if args.flops is not None:
         overrides.append(f"train.flops={args.flops}")
-    if args.data:
-        overrides.insert(0, f"data.path={args.data}")
-    elif args.preset == "demo":
-        from sinkdlm.commands.demo import DEMO_VOCAB
-        from sinkdlm.data.prepare import demo_data_ready, ensure_demo_data
-
-        path = Path(base.data.path)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not demo_data_ready(path, DEMO_VOCAB):
-            raise UserError(f"under torchrun every rank would prepare the demo corpus at once; run `sinkdlm "
-                            f"prepare --source demo --tokenizer bpe:{DEMO_VOCAB} --out {path}` first")
-        overrides.insert(0, f"data.path={ensure_demo_data(path, vocab_size=DEMO_VOCAB)}")
-    runs = S.train_runs(base, variants, seeds, out, overrides)
-    if not S.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
-        return 0
-    S.evaluate_runs(runs, S.default_evaluators(args))
-    columns, table = S.summarise(runs)
-    write_outputs(out, args, runs, columns, table)
+    settings = S.StudySettings(
+        preset=args.preset, variants=S.parse_variants(args.variants) if args.variants else None,
+        seeds=seeds_of(args.seeds), out=Path(args.out) if args.out else None, data=args.data, overrides=overrides,
+        tasks=args.tasks, limit=args.limit, mc_num=args.mc_num, analysis_texts=args.analysis_texts,
+        command="sinkdlm study " + " ".join(_argv(args)))
+    S.run_study(settings)
     return 0
-
-
-def write_outputs(out: Path, args: argparse.Namespace, runs: list[S.Run], columns: list[str],
-                  table: dict) -> None:
-    title = f"study {args.preset}: {', '.join(table)}; seeds {args.seeds}"
-    S.plot_curves(runs, out / "loss_curves.png", title)
-    S.plot_metric_bars(columns, table, out / "metrics.png", title)
-    text = S.markdown(columns, table)
-    command = "sinkdlm study " + " ".join(_argv(args))
-    (out / TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
-                             f"![metrics](metrics.png)\n")
-    (out / RESULTS).write_text(json.dumps([vars(r) | {"out": str(r.out)} for r in runs], indent=2))
-    print(f"\n{text}\n\ntable, plots and results in {out}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

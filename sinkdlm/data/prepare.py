@@ -43,7 +43,7 @@ STAGING_PREFIX = ".preparing-"  # the new folder is written beside --out and mov
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
-                        help="demo | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG]")
+                        help="demo | boolq | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG]")
     parser.add_argument("--out", required=True, help="folder to write (meta.json, tokenizer.json, *.bin)")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                         help="bpe:N (train on the corpus) | gpt2 | tokenizer.json | HF folder | Hub name "

@@ -1,4 +1,4 @@
-"""Corpora as streams of documents (str): `demo`, text files/folders, JSONL, `hf:NAME[:CONFIG]`.
+"""Corpora as streams of documents (str): `demo`, `boolq`, text files/folders, JSONL, `hf:NAME[:CONFIG]`.
 
 `documents(source)` returns a function that starts a fresh stream each call, because preparing
 with a tokenizer trained on the corpus reads it twice. Empty documents are skipped.
@@ -28,6 +28,10 @@ def documents(source: str, text_field: str = "text") -> DocStream:
         from sinkdlm.data.demo import demo_corpus_texts
 
         return lambda: iter(demo_corpus_texts())
+    if source == "boolq":
+        from sinkdlm.data.boolq import boolq_passages
+
+        return lambda: iter(boolq_passages())
     if source.startswith(HF_PREFIX):
         return lambda: _hf_documents(source[len(HF_PREFIX):], text_field)
     files = corpus_files(Path(source).expanduser())
@@ -40,6 +44,10 @@ def describe(source: str) -> str:
         from sinkdlm.data.demo import DESCRIPTION
 
         return DESCRIPTION
+    if source == "boolq":
+        from sinkdlm.data.boolq import DESCRIPTION as BOOLQ
+
+        return BOOLQ
     if source.startswith(HF_PREFIX):
         return f"Hugging Face dataset {source[len(HF_PREFIX):]} (split {HF_SPLIT})"
     return str(Path(source).expanduser().resolve())
