@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sinkdlm import study_report as report
-from sinkdlm.config import Config, ModelConfig, config_from_dict, gate_matched_intermediate_size, gate_params, load_config
+from sinkdlm.config import (Config, ModelConfig, config_from_dict, gate_matched_intermediate_size, gate_params,
+                            load_config)
 from sinkdlm.errors import UserError
 from sinkdlm.optional import available, install_hint, require
-from sinkdlm.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO
+from sinkdlm.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 
 # variant name -> model overrides (each a field of the one model; see README), or a function of the
 # plain model giving them (the parameter-matched gate narrows the MLP by what the gate adds)
@@ -55,16 +56,6 @@ CPU_RECIPE = {
 }
 # preset -> (corpus source for `sinkdlm prepare`, default variants); SMDM sizes bring their own data
 PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS)}
-
-
-@dataclass
-class Run:
-    variant: str
-    seed: int
-    out: Path
-    metrics: dict[str, float] = field(default_factory=dict)
-    baselines: dict[str, float] = field(default_factory=dict)  # column -> its uniform baseline
-    info: dict[str, Any] = field(default_factory=dict)  # steps, tokens, epochs, params
 
 
 @dataclass

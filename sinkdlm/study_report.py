@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sinkdlm.intervals import T_INTERVAL_NOTE, t_interval
 from sinkdlm.optional import require
-
-if TYPE_CHECKING:
-    from sinkdlm.study import Run
 
 TABLE = "study.md"
 RESULTS = "study.json"
@@ -56,6 +53,18 @@ EXCESS = {
     "sink value rank − uniform": ("sink value-norm rank", None),
     "dedicated value rank − uniform": ("dedicated value-norm rank", None),
 }
+
+
+@dataclass
+class Run:
+    """One trained (variant, seed) of a study and what was measured on it."""
+
+    variant: str
+    seed: int
+    out: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)  # column -> its uniform baseline
+    info: dict[str, Any] = field(default_factory=dict)  # steps, tokens, epochs, params
 
 
 @dataclass

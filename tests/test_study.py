@@ -94,7 +94,8 @@ def test_t_quantiles_match_the_tables():
     for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
         assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4), df
     low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: 2 ± 4.3027 / sqrt(3)
-    assert (low, high) == (pytest.approx(2 - 4.3027 / 3 ** 0.5, abs=1e-4), pytest.approx(2 + 4.3027 / 3 ** 0.5, abs=1e-4))
+    half = 4.3027 / 3 ** 0.5
+    assert (low, high) == (pytest.approx(2 - half, abs=1e-4), pytest.approx(2 + half, abs=1e-4))
     assert t_interval([5.0]) is None
 
 
@@ -112,7 +113,8 @@ def test_paired_differences_use_the_same_seeds_and_say_when_not_resolved():
     sink = diffs["sink − plain"]["val_elbo"]  # differences -0.1, -0.15, -0.1: mean -0.35 / 3, sd 0.05 / sqrt(3)
     half = 4.3027 * (0.05 / 3 ** 0.5) / 3 ** 0.5
     assert (sink.n, sink.mean) == (3, pytest.approx(-0.35 / 3))
-    assert sink.low == pytest.approx(-0.35 / 3 - half, abs=1e-4) and sink.high == pytest.approx(-0.35 / 3 + half, abs=1e-4)
+    assert sink.low == pytest.approx(-0.35 / 3 - half, abs=1e-4)
+    assert sink.high == pytest.approx(-0.35 / 3 + half, abs=1e-4)
     assert sink.resolved and "not resolved" not in sink.cell()
     gate = diffs["gate − plain"]["val_elbo"]  # seeds 1 and 2 only: -1.0 and +0.2
     assert gate.n == 2 and gate.mean == pytest.approx(-0.4) and not gate.resolved
