@@ -172,7 +172,7 @@ def run_info(cfg: Config) -> dict[str, Any]:
     except (UserError, OSError, KeyError):
         train_tokens = None
     model = cfg.model
-    return {"steps": steps, "tokens": tokens, "epochs": tokens / train_tokens if train_tokens else float("nan"),
+    return {"steps": steps, "tokens": tokens, "epochs": tokens / train_tokens if train_tokens else None,
             "params": model.non_embedding_params() + gate_params(model)}
 
 

@@ -206,8 +206,9 @@ def runs_table(runs: list[Run]) -> str:
     lines = ["| run | steps | tokens | epochs | non-embedding parameters (gate included) |", "|---|---|---|---|---|"]
     for r in runs:
         info = r.info
-        lines.append(f"| {r.variant}, seed {r.seed} | {info.get('steps')} | {info.get('tokens'):,} | "
-                     f"{info.get('epochs', float('nan')):.2f} | {info.get('params'):,} |")
+        epochs = "n/a" if info.get("epochs") is None else f"{info['epochs']:.2f}"
+        lines.append(f"| {r.variant}, seed {r.seed} | {info.get('steps')} | {info.get('tokens'):,} | {epochs} | "
+                     f"{info.get('params'):,} |")
     return "\n".join(lines)
 
 
