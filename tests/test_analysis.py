@@ -92,7 +92,8 @@ def test_mask_share_counts_sinks_on_mask_tokens():
     sets[0, 0, 0, 0, [1, 2]] = True
     sets[0, 1, 0, 0, 0] = True  # only the dedicated sink in layer 1
     tokens = torch.tensor([[[9, 7, 7]]])  # content 0 is [MASK] (id 9)
-    assert S.mask_share(sets, tokens, 1, mask_id=9).tolist() == [0.5, 0.0]
+    share = S.mask_share(sets, tokens, 1, mask_id=9)
+    assert share[0] == 0.5 and math.isnan(share[1])  # layer 1 has no content sink: undefined, not 0
     assert S.sink_token_counts(sets, tokens, 1) == {9: 1, 7: 1}
 
 

@@ -182,12 +182,12 @@ def sink_token_counts(sets: Tensor, tokens: Tensor, n_sink: int) -> Counter:
     return Counter(tokens[hits].tolist())
 
 
-def mask_share(sets: Tensor, tokens: Tensor, n_sink: int, mask_id: int) -> Tensor:
-    """Per layer: share of detected content sinks whose input token is [MASK]. sets (S, L, B, H, K)."""
+def mask_share(sets: Tensor, tokens: Tensor, n_sink: int, mask_id: int, dims: tuple[int, ...] = (0, 2, 3)) -> Tensor:
+    """Share of detected content sinks whose input token is [MASK], pooled (counts) over the cell axes
+    `dims` (default: per layer); NaN where no content sink was detected. sets (S, L, B, H, K)."""
     content = sets[..., n_sink:]
     is_mask = (tokens == mask_id)[:, None, :, None, :]  # (S, 1, B, 1, T)
-    n = content.sum(dim=(0, 2, 3, 4)).float()
-    return (content & is_mask).sum(dim=(0, 2, 3, 4)).float() / n.clamp(min=1)
+    return pooled((content & is_mask).sum(-1), content.sum(-1), dims)
 
 
 def nan_mean(x: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
@@ -312,16 +312,10 @@ class Cells:
                 "distinct_dominant_positions": distinct_positions(self.dominant, k).float().mean(dims),
                 "distinct_sink_positions": distinct_sinks(self.sinks).float().mean(dims)}
 
-    def mask_share(self, dims: tuple[int, ...]) -> Tensor:
-        """Share of detected content sinks whose input token is [MASK], pooled (counts)."""
-        content = self.content_sinks[..., self.tr.n_sink:]
-        is_mask = (self.tr.tokens == self.mask_id)[:, None, :, None, :]
-        return pooled((content & is_mask).sum(-1), content.sum(-1), dims)
-
     def table(self, level: str) -> dict[str, Tensor]:
         cells, moving = POOLING[level]
         return {**self.shares(cells), **self.norms(cells), **self.moving(moving),
-                "mask_share_of_sinks": self.mask_share(cells)}
+                "mask_share_of_sinks": mask_share(self.sinks, self.tr.tokens, self.tr.n_sink, self.mask_id, cells)}
 
 
 def dominant_by_layer(tr: Trajectory, item: int = 0) -> Tensor:
