@@ -46,13 +46,14 @@ PLAIN = {"sink_tokens": 0, "sink_position": "front", "sink_init": "learned", "si
 CURVE_POINTS = 8  # checkpoints kept per run for the sinks-over-training analysis (and the last one)
 EVAL_CACHE = "study-eval.json"
 CURVES_DIR = "training"
-# `cpu`: the demo model on BoolQ's Wikipedia passages, long enough for sinks to have a chance to form
-# within ~2.5 h on 2 idle cores for 8 variants x 3 seeds (docs/study-cpu.md explains the choice)
+# `cpu`: the demo model on BoolQ's Wikipedia passages for 3.3M tokens, where a check run formed a
+# dedicated sink (after 2.5M tokens; 1.6M were not enough): about 4 h on 2 idle cores for 8 variants
+# x 3 seeds (docs/study-cpu.md gives the check's numbers)
 CPU_RECIPE = {
     "model": {"preset": "demo"},
     "data": {"path": "runs/cpu-data", "val_windows": 64},
     "optim": {"lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_min_steps": 50},
-    "train": {"global_batch": 32, "micro_batch": 32, "max_steps": 500, "log_every": 10, "sink_monitor_every": 0},
+    "train": {"global_batch": 32, "micro_batch": 32, "max_steps": 800, "log_every": 10, "sink_monitor_every": 0},
 }
 # preset -> (corpus source for `sinkdlm prepare`, default variants); SMDM sizes bring their own data
 PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS)}
