@@ -277,6 +277,23 @@ MODEL_PRESETS["tiny"] = dict(name="tiny", block_size=64, n_layer=2, n_head=2, n_
 MODEL_PRESETS["demo"] = dict(name="demo", block_size=128, n_layer=4, n_head=4, n_embd=128, intermediate_size=512)
 
 
+def gate_params(m: ModelConfig) -> int:
+    """Parameters the attention gate adds (SMDM's N leaves them out): E x (H x hd) per layer for the
+    elementwise gate, E x H for the headwise one."""
+    per_layer = {"none": 0, "elementwise": m.n_embd * m.n_head * m.hd, "headwise": m.n_embd * m.n_head}
+    return m.n_layer * per_layer[m.attn_gate]
+
+
+def gate_matched_intermediate_size(m: ModelConfig) -> int:
+    """The MLP width at which an elementwise-gated copy of `m` has m's non-embedding parameters, gate
+    counted (within one MLP unit, 3 E, per layer): the gate adds E x (H x hd), SwiGLU 3 E per unit."""
+    width = m.intermediate_size - round(m.n_head * m.hd / 3)
+    if width < 1:
+        raise UserError(f"model.intermediate_size={m.intermediate_size} is too small to give the gate's "
+                        f"{m.n_embd * m.n_head * m.hd} parameters per layer back; use a wider MLP")
+    return width
+
+
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise UserError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS, key=_preset_order)}")

@@ -32,3 +32,62 @@ def format_share(share: float, n: int, digits: int = 1) -> str:
         return "n/a (no items)"
     lo, hi = wilson_interval(round(share * n), n)
     return f"{PERCENT * share:.{digits}f} [{PERCENT * lo:.{digits}f}, {PERCENT * hi:.{digits}f}]"
+
+
+# ---- a mean over a few paired measurements (seeds): Student's t interval ---------------------------
+
+T_INTERVAL_NOTE = "[lo, hi] = 95% Student t interval of the mean: mean ± t(0.975, n - 1) x sd / sqrt(n)"
+_BISECTIONS = 200  # halvings of the search interval: far below float precision
+_T_SEARCH_MAX = 1e7  # t(0.975, 1) = 12.7; t(0.9995, 1) = 637: quantiles of interest lie far below
+_FRACTION_TERMS, _FRACTION_TOL = 300, 1e-15  # the continued fraction converges in a few dozen terms
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b), by its continued fraction (Numerical Recipes 6.4)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point
+        return 1.0 - _incomplete_beta(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, _FRACTION_TERMS):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1) < _FRACTION_TOL:
+            break
+    return front * f
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    tail = 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t > 0 else tail
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The q quantile of Student's t (0.5 < q < 1), by bisection on the CDF."""
+    if not 0.5 < q < 1 or df <= 0:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df > 0, got q={q}, df={df}")
+    lo, hi = 0.0, _T_SEARCH_MAX
+    for _ in range(_BISECTIONS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """(low, high) of the t interval of the mean of `values`; None with fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half

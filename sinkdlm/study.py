@@ -1,28 +1,35 @@
 """The paper's ablation as one command: train every variant on the same data order, seeds and FLOPs
-budget through the normal trainer, evaluate each, and write one comparison table and plots.
+budget through the normal trainer, evaluate each, follow its sinks over training, and write one
+comparison (study_report: mean ± sd over seeds, paired differences with 95% t intervals) and plots.
 
-Each run lives in `<out>/<variant>-seed<S>/` and is resumed if present, so an interrupted study
-continues where it stopped.
+Each run lives in `<out>/<variant>-seed<S>/`. The same command again skips what is done: a finished
+run is not trained again, an interrupted one resumes from its last checkpoint, and evaluations and
+checkpoint analyses are cached beside each run (keyed by their settings and the final checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sinkdlm.config import Config, load_config
+from sinkdlm import study_report as report
+from sinkdlm.config import (Config, ModelConfig, config_from_dict, gate_matched_intermediate_size, gate_params,
+                            load_config)
 from sinkdlm.errors import UserError
-from sinkdlm.files import METRICS_LOG
+from sinkdlm.files import atomic_write
 from sinkdlm.optional import available, install_hint, require
+from sinkdlm.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 
-# variant name -> model overrides (each a field of the one model; see README)
-VARIANTS: dict[str, dict[str, Any]] = {
+# variant name -> model overrides (each a field of the one model; see README), or a function of the
+# plain model giving them (the parameter-matched gate narrows the MLP by what the gate adds)
+VARIANTS: dict[str, dict[str, Any] | Callable[[ModelConfig], dict[str, Any]]] = {
     "plain": {},
     "gate": {"attn_gate": "elementwise"},
+    "gate_matched": lambda m: {"attn_gate": "elementwise", "intermediate_size": gate_matched_intermediate_size(m)},
     "headgate": {"attn_gate": "headwise"},
     "sink": {"sink_tokens": 1},
     "sink_end": {"sink_tokens": 1, "sink_position": "end"},
@@ -33,35 +40,58 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sink_sees_all": {"sink_tokens": 1, "sink_self_only": False},
 }
 PAPER_VARIANTS = ["plain", "gate", "sink"]
-METRIC_PANELS_PER_ROW = 4
-LINE_STYLES = ("-", "--", "-.", ":")  # one per variant: curves that coincide stay distinguishable
-MARKERS = ("o", "s", "^", "D", "v", "P")
-HEADROOM = 1.15  # open-ended metric axes reach this far above the highest point
-ACCURACY_SUFFIX = " acc %"  # benchmark columns: lm-eval's `acc` (not acc_norm), in percent
-TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
-              "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
-              "not acc_norm) in percent.")
-STUDY_TABLE = "study.md"
-STUDY_RESULTS = "study.json"
+CPU_VARIANTS = ["plain", "gate", "gate_matched", "sink", "sink_sees_all", "sink_zero_value", "sink_end", "sink2"]
 # every variant starts from these, so a recipe's own sink/gate settings never leak into "plain"
 PLAIN = {"sink_tokens": 0, "sink_position": "front", "sink_init": "learned", "sink_zero_value": False,
          "sink_self_only": True, "attn_gate": "none"}
+CURVE_POINTS = 8  # checkpoints kept per run for the sinks-over-training analysis (and the last one)
+EVAL_CACHE = "study-eval.json"
+CURVES_DIR = "training"
+# `cpu`: the demo model on BoolQ's Wikipedia passages for 3.3M tokens, where a check run formed a
+# dedicated sink (after 2.5M tokens; 1.6M were not enough): about 4 h on 2 idle cores for 8 variants
+# x 3 seeds (docs/study-cpu.md gives the check's numbers)
+CPU_RECIPE = {
+    "model": {"preset": "demo"},
+    "data": {"path": "runs/cpu-data", "val_windows": 64},
+    "optim": {"lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_min_steps": 50},
+    "train": {"global_batch": 32, "micro_batch": 32, "max_steps": 800, "log_every": 10, "sink_monitor_every": 0},
+}
+# preset -> (corpus source for `sinkdlm prepare`, default variants); SMDM sizes bring their own data
+PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS)}
 
 
 @dataclass
-class Run:
-    variant: str
-    seed: int
-    out: Path
-    metrics: dict[str, float] = field(default_factory=dict)
+class StudySettings:
+    preset: str = "demo"
+    variants: list[str] | None = None  # None = the preset's
+    seeds: list[int] = field(default_factory=lambda: [1])
+    out: Path | None = None  # None = runs/study-<preset>
+    data: str | None = None  # prepared data folder; None = the preset's corpus
+    overrides: list[str] = field(default_factory=list)  # section.key=value for every run
+    tasks: str = "arc_easy,piqa"  # offline lm-eval tasks ('' = none)
+    limit: int = 200
+    mc_num: int = 16
+    analysis_texts: int = 4  # held-out windows for the sink metrics
+    curves: bool = True  # analyse every kept checkpoint (sinks over training)
+    command: str = "sinkdlm study"  # as typed, for the table's header
+
+    @property
+    def folder(self) -> Path:
+        return self.out or Path(f"runs/study-{self.preset}")
+
+
+# ---- configs --------------------------------------------------------------------------------------
 
 
 def base_config(preset: str) -> Config:
-    """`demo` = the demo recipe on Shakespeare; an SMDM size = the paper's 472M recipe at that size."""
+    """`demo` = the demo recipe on Shakespeare; `cpu` = CPU_RECIPE on BoolQ passages; an SMDM size =
+    the paper's 472M recipe at that size."""
     if preset == "demo":
         from sinkdlm.demo import demo_config
 
         return demo_config()
+    if preset == "cpu":
+        return config_from_dict(CPU_RECIPE, "cpu study preset")
     recipe = Path(__file__).resolve().parents[1] / "configs" / "paper_472_plain.yaml"
     if not recipe.is_file():
         raise UserError(f"--preset {preset} needs the repository's {recipe}; run from a source checkout")
@@ -76,15 +106,85 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
+def variant_fields(variant: str, plain: ModelConfig) -> dict[str, Any]:
+    """The model fields a variant changes from the plain model `plain`."""
+    fields = VARIANTS[variant]
+    return fields(plain) if callable(fields) else dict(fields)
+
+
 def variant_config(base: Config, variant: str, seed: int, out: Path, overrides: list[str]) -> Config:
-    fields = {**PLAIN, **VARIANTS[variant]}
-    model = [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in fields.items()]
+    """One run's config: the plain model plus the variant's fields, the seed, resume on, and (unless
+    overridden) a checkpoint and a validation every 1/CURVE_POINTS of the run, all kept; under a
+    FLOPs budget, the plain model's number of steps."""
     train = [f"train.seed={seed}", f"train.out_dir={out}", "train.resume=true"]
-    return load_config(None, [*model, *train, *overrides], base=base)
+    plain = load_config(None, [*_model_overrides(PLAIN), *train, *overrides], base=base)
+    steps = plain.steps()
+    every = max(1, steps // CURVE_POINTS)
+    curves = [f"train.save_every={every}", f"train.val_every={every}", "train.keep_last=0"]
+    # a FLOPs budget counts SMDM's N, which a narrowed MLP lowers: every variant trains plain's steps
+    same_steps = [f"train.max_steps={steps}", "train.flops=0"] if plain.train.flops > 0 else []
+    fields = {**PLAIN, **variant_fields(variant, plain.model)}
+    return load_config(None, [*_model_overrides(fields), *train, *curves, *overrides, *same_steps], base=base)
+
+
+def _model_overrides(fields: dict[str, Any]) -> list[str]:
+    return [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in fields.items()]
+
+
+def corpus_ready(path: Path, source: str, tokenizer: str) -> bool:
+    """Whether `path` holds `source` prepared with `tokenizer` (an old or broken folder: no)."""
+    from sinkdlm.data.shards import PackedData
+
+    try:
+        settings = PackedData(path).meta.get("settings") or {}
+    except (UserError, OSError, KeyError, ValueError):
+        return False
+    return settings.get("source") == source and settings.get("tokenizer") == tokenizer
+
+
+def study_data(preset: str, base: Config, data: str | None) -> list[str]:
+    """The data override of every run: --data, else the preset's corpus (prepared once, reused)."""
+    if data:
+        return [f"data.path={data}"]
+    if preset not in PRESET_DATA:
+        return []  # an SMDM size: the recipe's data.path, or data.path=... among the overrides
+    if preset == "demo":
+        from sinkdlm.demo import prepared_demo_data
+
+        return [f"data.path={prepared_demo_data(base.data.path)}"]
+    from sinkdlm.demo import DEMO_VOCAB
+    from sinkdlm.data.prepare import prepare
+
+    source, tokenizer, path = PRESET_DATA[preset][0], f"bpe:{DEMO_VOCAB}", Path(base.data.path)
+    if not corpus_ready(path, source, tokenizer):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(f"under torchrun every rank would prepare the {source} corpus at once; run `sinkdlm "
+                            f"prepare --source {source} --tokenizer {tokenizer} --out {path}` first")
+        prepare(source, path, tokenizer, overwrite=True)
+    return [f"data.path={path}"]
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def run_info(cfg: Config) -> dict[str, Any]:
+    """Steps, tokens and epochs of the training split a run sees, and its parameters (gate included)."""
+    from sinkdlm.data.shards import PackedData
+
+    steps = cfg.steps()
+    tokens = steps * cfg.train.global_batch * cfg.seq_len
+    try:
+        train_tokens = PackedData(cfg.data.path).meta["splits"]["train"]["n_tokens"]
+    except (UserError, OSError, KeyError):
+        train_tokens = None
+    model = cfg.model
+    return {"steps": steps, "tokens": tokens, "epochs": tokens / train_tokens if train_tokens else None,
+            "params": model.non_embedding_params() + gate_params(model)}
 
 
 def train_runs(base: Config, variants: list[str], seeds: list[int], out: Path,
                overrides: list[str]) -> list[Run]:
+    """Train (or resume, or skip when finished) every (variant, seed) run."""
     from sinkdlm.train import train
 
     require("matplotlib", "sinkdlm study (its figures)")  # before hours of training, not after
@@ -93,9 +193,21 @@ def train_runs(base: Config, variants: list[str], seeds: list[int], out: Path,
         for seed in seeds:
             run_dir = out / f"{variant}-seed{seed}"
             print(f"\n== study: {variant}, seed {seed} -> {run_dir}")
-            result = train(variant_config(base, variant, seed, run_dir, overrides))
-            runs.append(Run(variant, seed, run_dir, {"val_elbo": result["val_loss"]}))
+            cfg = variant_config(base, variant, seed, run_dir, overrides)
+            result = train(cfg)
+            vocab = _vocab(run_dir)
+            runs.append(Run(variant, seed, run_dir, {VAL_ELBO: result["val_loss"]},
+                            {VAL_ELBO: math.log(vocab)} if vocab else {}, run_info(cfg)))
     return runs
+
+
+def _vocab(run_dir: Path) -> int | None:
+    from sinkdlm.checkpoint import load_config_of
+
+    try:
+        return load_config_of(run_dir).model.vocab_size
+    except UserError:
+        return None
 
 
 def is_global_zero() -> bool:
@@ -105,163 +217,35 @@ def is_global_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def evaluate_runs(runs: list[Run], evaluators: list[Callable[[Run], dict[str, float]]]) -> None:
+# ---- evaluation, cached beside each run -----------------------------------------------------------
+
+
+@dataclass
+class Evaluator:
+    """A named evaluation: run -> (metric columns, their uniform baselines); `key` its settings."""
+
+    name: str
+    key: dict[str, Any]
+    evaluate: Callable[[Run], tuple[dict[str, float], dict[str, float]]]
+
+
+def evaluate_runs(runs: list[Run], evaluators: list[Evaluator]) -> None:
+    """Each evaluator once per final checkpoint and settings: results are cached in <run>/study-eval.json."""
+    from sinkdlm.checkpoint import resolve
+
     for run in runs:
-        for evaluate in evaluators:
-            run.metrics.update(evaluate(run))
-
-
-def summarise(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
-    """variant -> metric -> (mean, std over seeds, n seeds), keeping the metrics' first-seen order."""
-    columns: list[str] = []
-    for run in runs:
-        columns += [k for k in run.metrics if k not in columns]
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for variant in dict.fromkeys(r.variant for r in runs):
-        table[variant] = {}
-        for col in columns:
-            values = [r.metrics[col] for r in runs if r.variant == variant and col in r.metrics]
-            if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                table[variant][col] = (statistics.fmean(values), std, len(values))
-    return columns, table
-
-
-def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
-    lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for variant, row in table.items():
-        cells = []
-        for col in columns:
-            if col not in row:
-                cells.append("-")
-                continue
-            mean, std, n = row[col]
-            cells.append(f"{mean:.4g} ± {std:.2g}" if n > 1 else f"{mean:.4g}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", TABLE_NOTE])
-
-
-def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train loss, validation ELBO) points from a run's metrics.jsonl."""
-    train_pts, val_pts = [], []
-    for line in (run_dir / METRICS_LOG).read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            train_pts.append((rec["step"], rec["loss"]))
-        if "val_loss" in rec:
-            val_pts.append((rec["step"], rec["val_loss"]))
-    return train_pts, val_pts
-
-
-def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
-    """Training loss and validation ELBO of every variant on one shared y axis that reaches the uniform
-    guess (ln V): the raw per-step loss is drawn faintly behind its smoothed curve to show the spread,
-    and each variant has its own line style and marker so that equal curves stay visible."""
-    require("matplotlib", "drawing the study's figures").use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    variants = list(dict.fromkeys(r.variant for r in runs))
-    style = {v: (plt.cm.tab10.colors[i % 10], LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)])
-             for i, v in enumerate(variants)}
-    val_points = []
-    for run in runs:
-        train_pts, val_pts = read_curves(run.out)
-        colour, ls, marker = style[run.variant]
-        label = f"{run.variant} (seed {run.seed})"
-        if train_pts:
-            steps, values = zip(*train_pts)
-            ax_train.plot(steps, values, color=colour, lw=0.6, alpha=0.25)
-            ax_train.plot(steps, _smooth(values), color=colour, ls=ls, label=label, lw=1.4)
-        if val_pts:
-            steps, values = zip(*val_pts)
-            ax_val.plot(steps, values, color=colour, ls=ls, marker=marker, label=label, ms=6, mfc="none")
-        val_points.append(len(val_pts))
-    uniform = _uniform_loss(runs)
-    for ax in (ax_train, ax_val):
-        if uniform is not None:
-            ax.axhline(uniform, color="0.4", lw=0.8, ls=":", label=f"uniform guess, ln V = {uniform:.2f}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax_train.set_ylabel("nats / token")
-    ax_train.set_title("training loss (ELBO; faint: per step, bold: smoothed)")
-    one = max(val_points, default=0) <= 1
-    ax_val.set_title("validation ELBO (fixed masks)" + ("\none validation per run (train.val_every >= steps)"
-                                                        if one else ""))
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _uniform_loss(runs: list[Run]) -> float | None:
-    """ln V of the runs' vocabulary: the loss of a uniform guess, the top of every loss axis."""
-    from sinkdlm.checkpoint import load_config_of
-
-    try:
-        return math.log(load_config_of(runs[0].out).model.vocab_size)
-    except (UserError, IndexError):
-        return None
-
-
-def _smooth(values: tuple[float, ...], weight: float = 0.9) -> list[float]:
-    """Exponential moving average, as TensorBoard draws it."""
-    out, last = [], values[0]
-    for v in values:
-        last = weight * last + (1 - weight) * v
-        out.append(last)
-    return out
-
-
-def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float, float, int]]],
-                     path: Path, title: str) -> Path | None:
-    """One panel per metric: each variant's mean, with its std over seeds as an error bar. Each axis
-    spans the metric's natural range (a share 0..1, an accuracy 0..100 %, a loss from 0), so that a
-    difference inside the noise is not blown up to fill the panel; a panel says which variants have no
-    value (e.g. dedicated-sink metrics of models without a sink)."""
-    require("matplotlib", "drawing the study's figures").use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not columns:
-        return None
-    ncols = min(len(columns), METRIC_PANELS_PER_ROW)
-    nrows = -(-len(columns) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), squeeze=False)
-    variants = list(table)
-    colours = plt.cm.tab10.colors
-    for ax, col in zip(axes.flat, columns):
-        for i, v in enumerate(variants):
-            if col in table[v]:
-                mean, std, _ = table[v][col]
-                ax.errorbar([i], [mean], yerr=[std], fmt="o", color=colours[i % len(colours)], capsize=4, ms=7)
-        ax.set_xticks(range(len(variants)), variants, rotation=30, fontsize=8)
-        ax.set_xlim(-0.5, len(variants) - 0.5)
-        tops = [mean + std for v in variants if col in table[v] for mean, std, _ in [table[v][col]]]
-        ax.set_ylim(*axis_range(col, max(tops, default=1.0)))
-        missing = [v for v in variants if col not in table[v]]
-        ax.set_title(col + (f"\n(no value for {', '.join(missing)})" if missing else ""), fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(columns):]:
-        ax.axis("off")
-    seeds = max(n for row in table.values() for _, _, n in row.values())
-    fig.suptitle(title + ("\none seed: no spread over seeds to show" if seeds == 1 else
-                          "\nerror bars: std over seeds"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def axis_range(column: str, highest: float) -> tuple[float, float]:
-    """(bottom, top) of a metric's panel: its natural range; losses and counts from zero to just above
-    the highest value (plus its error bar)."""
-    if column.endswith(ACCURACY_SUFFIX):
-        return 0.0, 100.0
-    if column in SHARE_COLUMNS:
-        return 0.0, 1.0
-    return 0.0, HEADROOM * highest
+        path, final = run.out / EVAL_CACHE, resolve(run.out).name
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+        if cache.get("checkpoint") != final:
+            cache = {"checkpoint": final, "evaluations": {}}
+        for ev in evaluators:
+            done = cache["evaluations"].get(ev.name)
+            if done is None or done["key"] != ev.key:
+                metrics, baselines = ev.evaluate(run)
+                done = cache["evaluations"][ev.name] = {"key": ev.key, "metrics": metrics, "baselines": baselines}
+                atomic_write(path, json.dumps(cache, indent=1))  # a kill part-way leaves the previous cache
+            run.metrics.update(done["metrics"])
+            run.baselines.update(done["baselines"])
 
 
 def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], dict[str, float]]:
@@ -276,53 +260,83 @@ def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], di
     return evaluate
 
 
-def default_evaluators(args: Any) -> list[Callable[[Run], dict[str, float]]]:
-    evaluators: list[Callable[[Run], dict[str, float]]] = [sink_evaluator(args.analysis_texts)]
-    if args.tasks:
+def default_evaluators(s: StudySettings) -> list[Evaluator]:
+    evaluators = [sink_evaluator(s.analysis_texts)]
+    if s.tasks:
         if available("lm_eval"):
-            evaluators.append(lm_eval_evaluator(args.tasks, args.limit, args.mc_num))
+            accuracy = lm_eval_evaluator(s.tasks, s.limit, s.mc_num)
+            evaluators.append(Evaluator("lm_eval", {"tasks": s.tasks, "limit": s.limit, "mc_num": s.mc_num},
+                                        lambda run: (accuracy(run), {})))
         else:
             print(f"study: lm-eval is not installed; skipping benchmark accuracy ({install_hint('lm_eval')})")
     return evaluators
 
 
-# moving_sink_summary key -> table column
-SINK_COLUMNS = {
-    "dominant_stability": "dominant-sink stability",
-    "sink_set_iou": "sink-set IoU",
-    "distinct_dominant_positions": "distinct dominant positions",
-    "dedicated_capture_share": "dedicated-sink capture",
-    "value_rank_sinks": "sink value-norm rank",
-}
-SHARE_COLUMNS = {SINK_COLUMNS[k] for k in ("dominant_stability", "sink_set_iou", "dedicated_capture_share",
-                                           "value_rank_sinks")}  # values in [0, 1]
+def sink_columns(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """The study's sink columns of an analysis and the uniform baselines of those that have one."""
+    values, baselines = {}, {}
+    for key, label in SINK_COLUMNS.items():
+        if isinstance(key, tuple):  # (null model, metric)
+            value, base = ((metrics.get("nulls") or {}).get(key[0]) or {}).get(key[1]), None
+        else:
+            value, base = metrics["summary"].get(key), metrics["baselines"].get(key)
+        if value is not None:
+            values[label] = float(value)
+            if base is not None:
+                baselines[label] = float(base)
+    return values, baselines
 
 
-def sink_evaluator(n_texts: int) -> Callable[[Run], dict[str, float]]:
-    """Moving-sink metrics of a denoising trajectory (sinkdlm analyze, no interventions); the full
-    report with figures goes to <run>/analysis."""
+def sink_evaluator(n_texts: int) -> Evaluator:
+    """Sink metrics of a denoising trajectory, their baselines and null models (sinkdlm analyze, no
+    interventions); the full report with figures goes to <run>/analysis."""
     from sinkdlm.analysis import AnalysisSettings, run_analysis
     from sinkdlm.analysis.report import write_report
 
-    def evaluate(run: Run) -> dict[str, float]:
+    def evaluate(run: Run) -> tuple[dict[str, float], dict[str, float]]:
         settings = AnalysisSettings(interventions=False, max_windows=n_texts, max_prompts=n_texts,
                                     progress=False, seed=run.seed)
         metrics, trajectory = run_analysis(run.out, settings=settings)
         write_report(run.out / "analysis", metrics, trajectory)
-        summary = metrics["summary"]
-        return {label: float(summary[key]) for key, label in SINK_COLUMNS.items() if summary.get(key) is not None}
+        return sink_columns(metrics)
 
-    return evaluate
+    return Evaluator("sinks", {"texts": n_texts}, evaluate)
 
 
-def write_study(out: Path, title: str, command: str, runs: list[Run], columns: list[str],
-                table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
-    """study.md (the table, the command, the figures), study.json (every run) and the two figures in
-    `out`; returns the markdown table."""
-    plot_curves(runs, out / "loss_curves.png", title)
-    plot_metric_bars(columns, table, out / "metrics.png", title)
-    text = markdown(columns, table)
-    (out / STUDY_TABLE).write_text(f"# {title}\n\n`{command}`\n\n{text}\n\n![curves](loss_curves.png)\n\n"
-                                   f"![metrics](metrics.png)\n")
-    (out / STUDY_RESULTS).write_text(json.dumps([vars(r) | {"out": str(r.out)} for r in runs], indent=2))
-    return text
+def sinks_over_training(runs: list[Run], out: Path, n_texts: int) -> None:
+    """Analyse every kept checkpoint of every run (cached per run) and draw one line per variant."""
+    from sinkdlm.analysis import AnalysisSettings
+    from sinkdlm.analysis.training import analyze_run, write_training
+
+    rows = []
+    for run in runs:
+        settings = AnalysisSettings(interventions=False, max_windows=n_texts, max_prompts=n_texts, progress=False,
+                                    seed=run.seed)
+        rows += analyze_run(run.out, "all", settings, out / f"{run.out.name}.json")
+    write_training(rows, out, f"sinks over training: {out.parent.name}")
+
+
+# ---- the whole study ------------------------------------------------------------------------------
+
+
+def run_study(s: StudySettings) -> list[Run] | None:
+    """Train, evaluate, follow the sinks over training and write the comparison; None on ranks > 0."""
+    variants = s.variants or PRESET_DATA.get(s.preset, (None, PAPER_VARIANTS))[1]
+    base = base_config(s.preset)
+    overrides = study_data(s.preset, base, s.data) + list(s.overrides)
+    runs = train_runs(base, variants, s.seeds, s.folder, overrides)
+    if not is_global_zero():  # several training processes: rank 0 alone evaluates and writes
+        return None
+    evaluate_runs(runs, default_evaluators(s))
+    if s.curves:
+        sinks_over_training(runs, s.folder / CURVES_DIR, s.analysis_texts)
+    title = f"study {s.preset}: {', '.join(dict.fromkeys(variants))}; seeds {','.join(map(str, s.seeds))}"
+    text = write_study(s.folder, title, s.command, runs)
+    print(f"\n{text}\ntable, plots and results in {s.folder}")
+    return runs
+
+
+def write_study(out: Path, title: str, command: str, runs: list[Run]) -> str:
+    """study.md (the table with its intervals, the command, the figures), study.json (every run and the
+    statistics) and the figures in `out`; returns the markdown."""
+    return report.write_outputs(out, title, command, runs)

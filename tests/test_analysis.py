@@ -92,7 +92,8 @@ def test_mask_share_counts_sinks_on_mask_tokens():
     sets[0, 0, 0, 0, [1, 2]] = True
     sets[0, 1, 0, 0, 0] = True  # only the dedicated sink in layer 1
     tokens = torch.tensor([[[9, 7, 7]]])  # content 0 is [MASK] (id 9)
-    assert stats.mask_share(sets, tokens, 1, mask_id=9).tolist() == [0.5, 0.0]
+    share = stats.mask_share(sets, tokens, 1, mask_id=9)
+    assert share[0] == 0.5 and math.isnan(share[1])  # layer 1 has no content sink: undefined, not 0
     assert stats.sink_token_counts(sets, tokens, 1) == {9: 1, 7: 1}
 
 
@@ -234,6 +235,9 @@ def test_analyze_command_writes_metrics_figures_and_report(tiny_data, tmp_path):
     summary = metrics["summary"]
     assert 0 <= summary["dedicated_capture_share"] <= 1 and 0 <= summary["dominant_stability"] <= 1
     assert all(f"]({name})" in (out / "report.md").read_text() for name in FIGURES)
+    for null in ("random_attention", "fixed_text"):  # both null models of a trajectory, in the report too
+        assert 0 <= metrics["nulls"][null]["dominant_stability"] <= 1, null
+    assert "## Moving-sink metrics against their null models" in (out / "report.md").read_text()
 
 
 def test_analyze_masked_mode_and_summary_of_a_plain_model(tiny_data, tmp_path):
@@ -246,3 +250,54 @@ def test_analyze_masked_mode_and_summary_of_a_plain_model(tiny_data, tmp_path):
     assert metrics["sinks"]["steps"] == 3
     assert summary["dedicated_capture_share"] is None and summary["absorption_rate"] is None
     assert 0 <= summary["dominant_stability"] <= 1
+
+
+# ---- sinks over training ---------------------------------------------------------------------------
+
+
+def checkpoints_at(data_path, run, steps, **model) -> None:
+    """Random tiny checkpoints of one run at the given steps (8 tokens per step)."""
+    from sinkdlm.checkpoint import save_checkpoint
+    from sinkdlm.config import Config, DataConfig
+    from sinkdlm.data.shards import PackedData
+
+    data = PackedData(data_path)
+    cfg = Config(model=tiny(vocab_size=data.vocab_size, **model), data=DataConfig(path=str(data_path), seq_len=32))
+    for step in steps:
+        save_checkpoint(run, step, DLM(cfg.model).state_dict(), cfg,
+                        {"eos_id": data.eos_id, "tokens": 8 * step, "val_loss": 5.0 - step / 10},
+                        tokenizer=data.path / data.meta["tokenizer_file"])
+
+
+def test_analyze_over_training_of_a_study_folder_writes_one_row_per_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from sinkdlm.analysis import training
+    from sinkdlm.cli import main
+
+    study = tmp_path / "study"
+    checkpoints_at(tiny_data, study / "plain-seed1", [2, 4])
+    checkpoints_at(tiny_data, study / "sink-seed1", [2, 4], sink_tokens=1)
+    out = tmp_path / "curves"
+    args = ["analyze", "--checkpoint", str(study), "--checkpoint-steps", "all", "--out", str(out), "--steps", "3",
+            "--gen-length", "3", "--max-windows", "2"]
+    assert main(args) == 0
+    rows = json.loads((out / "training.json").read_text())
+    assert [(r["variant"], r["seed"], r["step"], r["tokens"]) for r in rows] == [
+        ("plain", 1, 2, 16), ("plain", 1, 4, 32), ("sink", 1, 2, 16), ("sink", 1, 4, 32)]
+    assert rows[1]["val_elbo"] == pytest.approx(4.6) and rows[0]["absorption_rate"] is None
+    assert 0 <= rows[2]["dedicated_top1_rate"] <= 1 and rows[2]["nulls"]["fixed_text"] is not None
+    assert (out / "training.png").stat().st_size > 0 and "| sink | 4 | 32 | 1 |" in (out / "training.md").read_text()
+    # a second call reuses the cached rows instead of analysing again
+    monkeypatch.setattr(training, "analyze_checkpoint", lambda *a, **k: pytest.fail("analysed again"))
+    assert main(args) == 0
+    assert json.loads((out / "training.json").read_text()) == rows
+
+
+def test_analyze_over_training_rejects_steps_the_run_does_not_have(tiny_data, tmp_path, capsys):
+    from sinkdlm.cli import main
+
+    checkpoints_at(tiny_data, tmp_path / "run", [2, 4])
+    out = tmp_path / "curves"
+    assert main(["analyze", "--checkpoint", str(tmp_path / "run"), "--checkpoint-steps", "2,3", "--out", str(out)]) == 2
+    assert "no checkpoint at step(s) [3]; it has [2, 4]" in capsys.readouterr().err
+    assert main(["analyze", "--checkpoint", str(tmp_path / "run"), "--checkpoint-steps", "x", "--out", str(out)]) == 2
+    assert not out.exists()

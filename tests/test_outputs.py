@@ -188,10 +188,10 @@ def test_analyze_prints_a_summary_and_the_report_defines_metrics_and_decodes_tok
 
 
 def test_study_metric_axes_span_each_metrics_natural_range():
-    from sinkdlm import study
+    from sinkdlm import study_report
 
-    assert study.axis_range("arc_easy" + study.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
-    assert study.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)
-    assert study.axis_range("val_elbo", 6.2) == (0.0, pytest.approx(6.2 * study.HEADROOM))
-    columns, table = study.summarise([study.Run("a", 1, Path("."), {"val_elbo": 6.0})])
-    assert "mean ± standard deviation over seeds" in study.markdown(columns, table)
+    assert study_report.axis_range("arc_easy" + study_report.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
+    assert study_report.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)
+    assert study_report.axis_range("val_elbo", 6.2) == (0.0, pytest.approx(6.2 * study_report.HEADROOM))
+    columns, table = study_report.summarise([study_report.Run("a", 1, Path("."), {"val_elbo": 6.0})])
+    assert "mean ± standard deviation over seeds" in study_report.markdown(columns, table)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkdlm import study
+from sinkdlm import study, study_report
 from sinkdlm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def test_variants_are_config_fields_only():
         cfg = study.variant_config(base, name, 3, Path("/tmp/x"), [])
         assert cfg.train.seed == 3 and cfg.train.resume
         changed = {k for k, v in vars(cfg.model).items() if getattr(plain, k) != v}
-        assert changed == set(study.VARIANTS[name]), name
+        assert changed == set(study.variant_fields(name, plain)), name
     with pytest.raises(UserError, match="unknown variant"):
         study.parse_variants("plain,nope")
 
@@ -30,10 +30,10 @@ def test_variants_are_config_fields_only():
 def test_summary_mean_and_std_over_seeds():
     runs = [study.Run("a", 1, Path("."), {"x": 1.0}), study.Run("a", 2, Path("."), {"x": 3.0}),
             study.Run("b", 1, Path("."), {"x": 5.0, "y": 1.0})]
-    columns, table = study.summarise(runs)
+    columns, table = study_report.summarise(runs)
     assert columns == ["x", "y"]
     assert table["a"]["x"] == (2.0, pytest.approx(2 ** 0.5), 2) and "y" not in table["a"]
-    assert "| a | 2 ± 1.4 | - |" in study.markdown(columns, table)
+    assert "| a | 2 ± 1.4 | - |" in study_report.markdown(columns, table)
 
 
 @pytest.mark.slow
@@ -45,9 +45,9 @@ def test_study_end_to_end_on_tiny_runs(tiny_data, tmp_path):
            "train.global_batch=4", "train.micro_batch=4", "train.progress=false", "optim.warmup_min_steps=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((out / "study.json").read_text())
+    results = json.loads((out / "study.json").read_text())["runs"]
     assert [r["variant"] for r in results] == ["plain", "sink"]
-    assert all("val_elbo" in r["metrics"] and "dominant-sink stability" in r["metrics"] for r in results)
+    assert all("val_elbo" in r["metrics"] and "dominant-key stability" in r["metrics"] for r in results)
     assert "dedicated-sink capture" in results[1]["metrics"]
     for name in ("loss_curves.png", "metrics.png", "study.md"):
         assert (out / name).stat().st_size > 0
@@ -71,7 +71,7 @@ def test_study_under_torchrun_trains_on_two_processes_and_rank_zero_alone_report
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("table, plots and results in") == 1
-    assert [r["variant"] for r in json.loads((out / "study.json").read_text())] == ["plain", "sink"]
+    assert [r["variant"] for r in json.loads((out / "study.json").read_text())["runs"]] == ["plain", "sink"]
 
 
 def test_study_under_torchrun_refuses_to_prepare_the_demo_corpus_on_every_rank(tmp_path, monkeypatch, capsys):
@@ -82,3 +82,133 @@ def test_study_under_torchrun_refuses_to_prepare_the_demo_corpus_on_every_rank(t
     assert main(["study", "--preset", "demo", "--out", str(tmp_path / "s")]) == 2
     assert "sinkdlm prepare --source demo" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ---- statistics over seeds ------------------------------------------------------------------------
+
+
+def test_t_quantiles_match_the_tables():
+    from sinkdlm.intervals import t_interval, t_quantile
+
+    for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4), df
+    low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: 2 ± 4.3027 / sqrt(3)
+    half = 4.3027 / 3 ** 0.5
+    assert (low, high) == (pytest.approx(2 - half, abs=1e-4), pytest.approx(2 + half, abs=1e-4))
+    assert t_interval([5.0]) is None
+
+
+def runs_by_hand() -> list:
+    """plain and sink over seeds 1-3 (same seeds: paired), gate over seeds 1-2."""
+    elbo = {("plain", 1): 6.0, ("plain", 2): 6.2, ("plain", 3): 6.1, ("sink", 1): 5.9, ("sink", 2): 6.05,
+            ("sink", 3): 6.0, ("gate", 1): 5.0, ("gate", 2): 6.4}
+    return [study.Run(v, s, Path("."), {"val_elbo": x, "absorption": 0.05 * s}, {"absorption": 0.02})
+            for (v, s), x in elbo.items()]
+
+
+def test_paired_differences_use_the_same_seeds_and_say_when_not_resolved():
+    diffs = study_report.paired(runs_by_hand())
+    assert list(diffs) == ["sink − plain", "gate − plain", "gate − sink"]
+    sink = diffs["sink − plain"]["val_elbo"]  # differences -0.1, -0.15, -0.1: mean -0.35 / 3, sd 0.05 / sqrt(3)
+    half = 4.3027 * (0.05 / 3 ** 0.5) / 3 ** 0.5
+    assert (sink.n, sink.mean) == (3, pytest.approx(-0.35 / 3))
+    assert sink.low == pytest.approx(-0.35 / 3 - half, abs=1e-4)
+    assert sink.high == pytest.approx(-0.35 / 3 + half, abs=1e-4)
+    assert sink.resolved and "not resolved" not in sink.cell()
+    gate = diffs["gate − plain"]["val_elbo"]  # seeds 1 and 2 only: -1.0 and +0.2
+    assert gate.n == 2 and gate.mean == pytest.approx(-0.4) and not gate.resolved
+    assert gate.cell().endswith("not resolved")
+    single = study_report.paired([study.Run("plain", 1, Path("."), {"x": 1.0}),
+                                  study.Run("sink", 1, Path("."), {"x": 2.0})])
+    assert single["sink − plain"]["x"].cell() == "1 (n=1: no interval)"
+
+
+def test_within_variant_excess_over_the_uniform_baseline():
+    within = study_report.excess(runs_by_hand())
+    sink = within["sink"]["absorption − uniform"]  # 0.05 s - 0.02 for s = 1, 2, 3: mean 0.08
+    assert sink.mean == pytest.approx(0.08) and sink.n == 3
+    assert "stability − fixed-text null" not in within["sink"]  # no such column measured
+
+
+def test_study_markdown_and_json_carry_spread_intervals_and_baselines(tmp_path):
+    runs = runs_by_hand()
+    for r in runs:
+        r.info = {"steps": 10, "tokens": 1280, "epochs": 0.5, "params": 1000}
+    text, results = study_report.render("t", "sinkdlm study", runs)
+    assert "| uniform baseline | - | 0.02 | |" in text and "| sink − plain | " in text
+    assert results["paired"]["gate − plain"]["val_elbo"]["n"] == 2
+    assert results["per_variant"]["sink"]["val_elbo"]["n"] == 3 and "Student t" in results["interval"]
+    assert "| sink, seed 2 | 10 | 1,280 | 0.50 | 1,000 |" in text
+
+
+# ---- the parameter-matched gate and the checkpoints a study keeps ----------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "6"])
+def test_the_matched_gate_has_the_plain_models_non_embedding_parameters_within_one_percent(preset):
+    from sinkdlm.config import gate_params
+    from sinkdlm.model import DLM
+
+    base = study.base_config("demo" if preset == "tiny" else preset)  # 6: the paper's recipe at SMDM's 6M size
+    overrides = ["model.preset=tiny"] if preset == "tiny" else []
+    counts = {}
+    for variant in ("plain", "gate", "gate_matched"):
+        model = study.variant_config(base, variant, 1, Path("/tmp/x"), ["model.vocab_size=50", *overrides]).model
+        net = DLM(model)
+        counts[variant] = sum(p.numel() for n, p in net.named_parameters()
+                              if not n.startswith(("wte.", "lm_head.")) and n != "sink")  # the gate counted
+        assert counts[variant] == model.non_embedding_params() + gate_params(model), variant
+    assert counts["gate"] > 1.05 * counts["plain"]  # the unmatched gate is larger ...
+    assert abs(counts["gate_matched"] / counts["plain"] - 1) < 0.01  # ... the matched one is not
+
+
+def test_a_study_keeps_enough_checkpoints_and_trains_every_variant_the_same_steps():
+    base = study.base_config("cpu")
+    cfg = study.variant_config(base, "sink", 1, Path("/tmp/x"), ["train.max_steps=400"])
+    assert cfg.train.save_every == 400 // study.CURVE_POINTS and cfg.train.keep_last == 0
+    assert cfg.train.val_every == cfg.train.save_every
+    budget = ["model.vocab_size=4096", "train.flops=0.01"]
+    steps = {v: study.variant_config(base, v, 1, Path("/tmp/x"), budget).steps() for v in ("plain", "gate_matched")}
+    assert steps["plain"] == steps["gate_matched"] > 1
+    assert study.variant_config(base, "plain", 1, Path("/tmp/x"), ["train.save_every=7"]).train.save_every == 7
+
+
+# ---- resuming ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stopped_study_resumes_the_interrupted_run_and_redoes_nothing_finished(tiny_data, tmp_path, monkeypatch):
+    from sinkdlm import train as trainer
+    from sinkdlm.analysis import training
+    from sinkdlm.checkpoint import list_checkpoints
+
+    out = tmp_path / "study"
+    settings = study.StudySettings(
+        preset="demo", variants=["plain", "sink"], seeds=[1], out=out, data=str(tiny_data), tasks="",
+        analysis_texts=1, overrides=["model.preset=tiny", "data.seq_len=32", "data.val_windows=4",
+                                     "train.global_batch=4", "train.micro_batch=4", "train.progress=false",
+                                     "optim.warmup_min_steps=1", "train.max_steps=4"])
+    save = trainer.Loop.save
+
+    def stop_after_step_2_of_sink(loop, step):
+        save(loop, step)
+        if loop.run_dir.name == "sink-seed1" and step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Loop, "save", stop_after_step_2_of_sink)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(settings)
+    assert list_checkpoints(out / "sink-seed1")[-1].name == "step-00000002"
+    monkeypatch.setattr(trainer.Loop, "save", save)
+    trained, train_step = [], trainer.Loop.train_step
+    monkeypatch.setattr(trainer.Loop, "train_step", lambda loop, step: trained.append((loop.run_dir.name, step))
+                        or train_step(loop, step))
+    runs = study.run_study(settings)
+    assert trained == [("sink-seed1", 2), ("sink-seed1", 3)]  # plain is not trained again; sink resumes
+    assert [len(list_checkpoints(r.out)) for r in runs] == [4, 4]  # one per step: >= 8 curve points at scale
+    table = (out / "study.md").read_text()
+    # the same command once more: nothing trained, evaluated or analysed again; the same table
+    monkeypatch.setattr("sinkdlm.analysis.run_analysis", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(training, "analyze_checkpoint", lambda *a, **k: pytest.fail("analysed again"))
+    study.run_study(settings)
+    assert trained == [("sink-seed1", 2), ("sink-seed1", 3)] and (out / "study.md").read_text() == table

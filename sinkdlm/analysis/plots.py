@@ -23,7 +23,7 @@ TEXT_FLIP = 0.6  # cell value above which numbers are drawn in black (viridis tu
 SINK_TICK_GAP = 0.06  # share of the axis kept free of content ticks next to the sink label
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -56,7 +56,7 @@ def attention_maps(maps: list[Tensor], steps: list[int], n_sink: int, title: str
         _mark_sinks(ax, n_sink)
     fig.colorbar(im, ax=axes[0].tolist(), label=f"attention probability (power {MAP_GAMMA} scale)")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def step_position_heatmaps(shares: list[Tensor], layers: list[int], n_sink: int, title: str, path: Path) -> Path:
@@ -74,7 +74,7 @@ def step_position_heatmaps(shares: list[Tensor], layers: list[int], n_sink: int,
         _mark_sinks(ax, n_sink)
     fig.colorbar(im, ax=axes[0].tolist(), label="share of incoming attention")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def dominant_vs_step(dominant: Tensor, layers: list[int], n_sink: int, title: str, path: Path) -> Path:
@@ -98,7 +98,7 @@ def dominant_vs_step(dominant: Tensor, layers: list[int], n_sink: int, title: st
         ax.set_ylim(lo, hi)
     fig.supylabel("position of the most-attended key" + (" (S = dedicated sink)" if n_sink else ""), fontsize=9)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def layer_head_map(values: Tensor, layers: list[int], label: str, title: str, path: Path) -> Path:
@@ -118,7 +118,7 @@ def layer_head_map(values: Tensor, layers: list[int], label: str, title: str, pa
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def value_norm_scatter(share: Tensor, norm: Tensor, kind: Tensor, title: str, path: Path) -> Path:
@@ -136,7 +136,7 @@ def value_norm_scatter(share: Tensor, norm: Tensor, kind: Tensor, title: str, pa
     ax.set_ylabel("value L2 norm")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def panel_layers(layers: list[int]) -> list[int]:

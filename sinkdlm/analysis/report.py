@@ -10,12 +10,14 @@ import torch
 from torch import Tensor
 
 from sinkdlm.analysis import plots
-from sinkdlm.analysis.stats import Trajectory, detect
+from sinkdlm.analysis.nulls import NULL_NAMES
+from sinkdlm.analysis.stats import MOVING_KEYS, Trajectory, detect
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 # summary metrics `sinkdlm analyze` prints (the report has them all)
-HEADLINE = ("dominant_stability", "sink_set_iou", "absorption_rate", "dedicated_capture_share", "value_rank_sinks")
+HEADLINE = ("absorption_rate", "absorption_ratio", "dedicated_top1_rate", "dedicated_capture_share",
+            "dominant_stability", "sink_set_iou", "value_rank_sinks")
 
 
 def model_label(metrics: dict[str, Any]) -> str:
@@ -100,6 +102,17 @@ CAPTIONS = {
 
 # summary metric -> what it measures (every key of stats.SUMMARY_KEYS has one; a test holds it)
 DEFINITIONS = {
+    "absorption_rate": "share of all attention that lands on the dedicated sink token(s), pooled over steps, "
+                       "layers, sequences and heads (sums before division)",
+    "absorption_ratio": "absorption_rate over its uniform baseline: 1 = no more than uniform attention over "
+                        "the valid keys would give the sink",
+    "dedicated_top1_rate": "share of (step, layer, sequence, head) cells, attention averaged over the queries, "
+                           "in which the dedicated sink is the most-attended key",
+    "dedicated_capture_share": "of the attention on sinks (the dedicated sinks plus the detected content "
+                               "sinks), the share the dedicated sink(s) take, pooled; a head with no sink mass "
+                               "adds nothing",
+    "sink_mass": "share of all attention that lands on detected sinks (dedicated sinks included where "
+                 "detected), pooled",
     "dominant_stability": "share of consecutive steps at which a head's most-attended key (dedicated sinks "
                           "included) stays at the same position: 1 = pinned, 0 = it moves at every step",
     "content_dominant_stability": "the same, among content keys only (dedicated sinks left out)",
@@ -108,13 +121,18 @@ DEFINITIONS = {
     "distinct_dominant_positions": "how many different positions are a head's most-attended key over all "
                                    "steps (1 = never moves)",
     "distinct_sink_positions": "how many different positions are detected as a head's sinks over all steps",
-    "sink_mass": "share of a head's attention (all queries) that lands on its detected sinks",
-    "absorption_rate": "share of all attention that lands on the dedicated sink token(s)",
-    "dedicated_capture_share": "of the attention on sinks (dedicated + detected content sinks), the share "
-                               "the dedicated sink(s) take",
-    "value_rank_sinks": "rank of a detected content sink's value-vector L2 norm among all keys of its head, "
-                        "0 = lowest norm, 1 = highest (the paper: sinks have the lowest norms)",
-    "value_rank_dedicated": "the same rank for the dedicated sink(s)",
+    "value_rank_sinks": "rank of a detected content sink's value-vector L2 norm among the keys of its head "
+                        "(0 = lowest, 1 = highest), averaged with the sink's attention mass as weight "
+                        "(the paper: sinks have the lowest norms)",
+    "value_norm_ratio_sinks": "a detected content sink's value norm over the mean value norm of the keys of "
+                              "its head, weighted by the sink's attention mass (below 1 = smaller than "
+                              "an average key)",
+    "key_rank_sinks": "the same rank for the key-vector norm",
+    "key_norm_ratio_sinks": "the same ratio for the key-vector norm",
+    "value_rank_dedicated": "value-norm rank of the dedicated sink(s), weighted by their attention mass",
+    "value_norm_ratio_dedicated": "value-norm ratio of the dedicated sink(s), weighted by their attention mass",
+    "key_rank_dedicated": "key-norm rank of the dedicated sink(s), weighted by their attention mass",
+    "key_norm_ratio_dedicated": "key-norm ratio of the dedicated sink(s), weighted by their attention mass",
     "mask_share_of_sinks": "share of detected content sinks whose input token is [MASK]",
 }
 RULE_DEFINITIONS = {
@@ -171,14 +189,39 @@ def _text_md(metrics: dict[str, Any]) -> list[str]:
 
 def _summary_md(metrics: dict[str, Any]) -> list[str]:
     baselines = metrics.get("baselines", {})
-    lines = ["## Moving-sink summary (mean over layers and heads)", "",
+    lines = ["## Summary (pooled over steps, layers, sequences and heads)", "",
              "| metric | value | uniform baseline | what it measures |", "|---|---|---|---|"]
     lines += [f"| {k} | {_fmt(v)} | {_fmt(baselines.get(k))} | {DEFINITIONS[k]} |"
               for k, v in metrics["summary"].items()]
-    return lines + ["", "Uniform baseline: the value if every head attended uniformly to its keys (or picked "
-                        "its most-attended key at random at every step), with this recording's mean number "
-                        "of keys; n/a where there is no simple uniform reference or the metric is undefined "
-                        "(no dedicated sink, no content sink detected).", ""]
+    lines += ["", UNIFORM_NOTE, ""]
+    return lines + _nulls_md(metrics)
+
+
+UNIFORM_NOTE = ("Uniform baseline: the value if every query attended uniformly over its valid keys (a head's "
+                "most-attended key then drawn at random at every step), with this recording's keys and "
+                "detected sinks; n/a where there is no uniform reference (see the null models) or the metric "
+                "is undefined (no dedicated sink, no content sink detected). Shares are pooled: sums over "
+                "the cells before one division.")
+NULLS_NOTE = ("Null models, measured with the same code and sink rule: (a) every query's attention drawn "
+              "uniformly from the probability simplex over the same valid keys, independently at each step; "
+              "(b) the same model on held-out text at the recording's masking levels, a fresh random mask at "
+              "each level (masked mode: nothing is unmasked from one step to the next, so movement caused by "
+              "the sampler revealing tokens is absent). A moving-sink metric reads as sink movement only "
+              "where it differs from both.")
+
+
+def _nulls_md(metrics: dict[str, Any]) -> list[str]:
+    nulls = metrics.get("nulls")
+    if not nulls:
+        return []
+    lines = ["## Moving-sink metrics against their null models", "",
+             f"| metric | this recording | {NULL_NAMES['random_attention']} | {NULL_NAMES['fixed_text']} |",
+             "|---|---|---|---|"]
+    for key in MOVING_KEYS:
+        cells = [_fmt((nulls.get(name) or {}).get(key)) for name in NULL_NAMES]
+        lines.append(f"| {key} | {_fmt(metrics['summary'].get(key))} | " + " | ".join(cells) + " |")
+    return lines + ["", NULLS_NOTE + ("" if nulls.get("fixed_text") else
+                                      " (b) is n/a: it needs a trajectory and held-out text."), ""]
 
 
 def _interventions_md(results: dict[str, Any] | None, setup: dict[str, Any] | None) -> list[str]:
@@ -223,15 +266,19 @@ def _fmt(v: Any) -> str:
 
 
 def summary_lines(metrics: dict[str, Any], report: Path) -> list[str]:
-    """What `sinkdlm analyze` prints: the headline metrics with their baselines, then the report path."""
-    s, baselines = metrics["sinks"], metrics.get("baselines", {})
+    """What `sinkdlm analyze` prints: the headline metrics with their baselines and null models, then
+    the report path."""
+    s, baselines, nulls = metrics["sinks"], metrics.get("baselines", {}), metrics.get("nulls") or {}
     lines = [f"sink analysis of {model_label(metrics)}: {metrics['mode']}, {s['steps']} steps, "
              f"layers {s['layers']}, rule {s['rule']}"]
     for key in HEADLINE:
         value = metrics["summary"].get(key)
-        if value is not None:
-            base = f" (uniform: {_fmt(baselines[key])})" if baselines.get(key) is not None else ""
-            lines.append(f"  {key} {_fmt(value)}{base}: {DEFINITIONS[key]}")
+        if value is None:
+            continue
+        refs = [f"uniform {_fmt(baselines[key])}"] if baselines.get(key) is not None else []
+        refs += [f"null {name.split()[0]} {_fmt(nulls[n][key])}" for n, name in NULL_NAMES.items()
+                 if (nulls.get(n) or {}).get(key) is not None and key in MOVING_KEYS]
+        lines.append(f"  {key} {_fmt(value)}" + (f" ({', '.join(refs)})" if refs else "") + f": {DEFINITIONS[key]}")
     results = metrics.get("interventions") or {}
     if "baseline" in results and results["baseline"]["elbo"] is not None:
         lines.append(f"  held-out ELBO {_fmt(results['baseline']['elbo'])} nats/token (see the report for how "
@@ -239,4 +286,3 @@ def summary_lines(metrics: dict[str, Any], report: Path) -> list[str]:
     lines.append(f"report: {report} (every metric defined there; figures and metrics.json beside it; "
                  f"{metrics['seconds']:.1f} s)")
     return lines
-

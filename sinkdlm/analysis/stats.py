@@ -95,19 +95,39 @@ def dominant(colsum: Tensor, key_valid: Tensor | None = None) -> Tensor:
     return colsum.masked_fill(~_valid(colsum, key_valid), float("-inf")).argmax(-1)
 
 
-# ---- the dedicated sink ---------------------------------------------------------------------------
+# ---- shares of attention, pooled over cells ------------------------------------------------------
+# A cell is one (step, layer, sequence, head). A share over several cells is pooled: the sums of its
+# numerator and denominator over the cells, then one division, so a cell weighs by its attention
+# mass and a cell with nothing in the denominator (a head with no sink mass) adds nothing.
+
+
+def pooled(part: Tensor, whole: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """sum(part) / sum(whole) over `dims`; NaN where the whole is 0 (the share is undefined)."""
+    num, den = part.float(), whole.float()
+    if dims:  # torch reads an empty dims tuple as "every axis"
+        num, den = num.sum(dims), den.sum(dims)
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), float("nan"))
 
 
 def absorption_rate(colsum: Tensor, n_sink: int) -> Tensor:
-    """Share of all incoming attention that lands on the dedicated sinks (the first n_sink keys)."""
-    return colsum[..., :n_sink].sum(-1) / colsum.sum(-1).clamp(min=torch.finfo(colsum.dtype).tiny)
+    """Per cell: share of all incoming attention that lands on the dedicated sinks (the first n_sink keys)."""
+    return pooled(colsum[..., :n_sink], colsum, (-1,))
 
 
-def capture_share(colsum: Tensor, sinks: Tensor, n_sink: int) -> Tensor:
-    """Of all sink mass (dedicated sinks + detected content sinks), the dedicated sinks' share."""
+def dedicated_top1(colsum: Tensor, n_sink: int, key_valid: Tensor | None = None) -> Tensor:
+    """Per cell: whether a dedicated sink draws more attention than every valid content key (a tie,
+    as under exactly uniform attention, is not a win)."""
+    valid = _valid(colsum, key_valid)
+    content = colsum[..., n_sink:].masked_fill(~valid[..., n_sink:], float("-inf")).amax(-1)
+    return colsum[..., :n_sink].amax(-1) > content
+
+
+def capture_share(colsum: Tensor, sinks: Tensor, n_sink: int, dims: tuple[int, ...] = ()) -> Tensor:
+    """Of all sink mass (dedicated sinks + detected content sinks), the dedicated sinks' share, pooled
+    over `dims` (cells: leading axes)."""
     dedicated = colsum[..., :n_sink].sum(-1)
     content = (colsum[..., n_sink:] * sinks[..., n_sink:]).sum(-1)
-    return dedicated / (dedicated + content).clamp(min=torch.finfo(colsum.dtype).tiny)
+    return pooled(dedicated, dedicated + content, dims)
 
 
 def norm_rank(norms: Tensor, key_valid: Tensor | None = None) -> Tensor:
@@ -115,6 +135,18 @@ def norm_rank(norms: Tensor, key_valid: Tensor | None = None) -> Tensor:
     valid = _valid(norms, key_valid)
     ranks = norms.masked_fill(~valid, float("inf")).argsort(-1).argsort(-1).float()
     return ranks / (valid.sum(-1, keepdim=True) - 1).clamp(min=1)
+
+
+def norm_ratio(norms: Tensor, key_valid: Tensor | None = None) -> Tensor:
+    """Each key's norm over the mean norm of the valid keys of its cell (1 = an average key)."""
+    valid = _valid(norms, key_valid)
+    mean = norms.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    return norms / mean.clamp(min=torch.finfo(norms.dtype).tiny)
+
+
+def weighted_mean(values: Tensor, weights: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Mean of per-key `values` weighted by attention mass, pooled over the keys and `dims`."""
+    return pooled((values * weights).sum(-1), weights.sum(-1), dims)
 
 
 # ---- moving sinks: a leading step axis ------------------------------------------------------------
@@ -152,12 +184,12 @@ def sink_token_counts(sets: Tensor, tokens: Tensor, n_sink: int) -> Counter:
     return Counter(tokens[hits].tolist())
 
 
-def mask_share(sets: Tensor, tokens: Tensor, n_sink: int, mask_id: int) -> Tensor:
-    """Per layer: share of detected content sinks whose input token is [MASK]. sets (S, L, B, H, K)."""
+def mask_share(sets: Tensor, tokens: Tensor, n_sink: int, mask_id: int, dims: tuple[int, ...] = (0, 2, 3)) -> Tensor:
+    """Share of detected content sinks whose input token is [MASK], pooled (counts) over the cell axes
+    `dims` (default: per layer); NaN where no content sink was detected. sets (S, L, B, H, K)."""
     content = sets[..., n_sink:]
     is_mask = (tokens == mask_id)[:, None, :, None, :]  # (S, 1, B, 1, T)
-    n = content.sum(dim=(0, 2, 3, 4)).float()
-    return (content & is_mask).sum(dim=(0, 2, 3, 4)).float() / n.clamp(min=1)
+    return pooled((content & is_mask).sum(-1), content.sum(-1), dims)
 
 
 def nan_mean(x: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
@@ -215,50 +247,77 @@ def detected_sets(tr: Trajectory, eps: float, std_k: float) -> dict[str, Tensor]
     return {rule: detect(tr.colsum, rule, valid, eps, std_k) for rule in RULES}
 
 
-def _per_layer_head(tr: Trajectory, sinks: Tensor) -> dict[str, Tensor]:
-    """(L, H) tables, averaged over steps and sequences."""
-    n_keys = tr.colsum.shape[-1]
-    valid = tr.key_valid[:, None, :, None, :]
-    content_valid = valid.clone()
-    content_valid[..., : tr.n_sink] = False
-    dom_all, dom_content = dominant(tr.colsum, valid), dominant(tr.colsum, content_valid)
-    out = {
-        "sink_mass": (tr.share() * sinks).sum(-1).mean(dim=(0, 2)),
-        "n_sinks": sinks.sum(-1).float().mean(dim=(0, 2)),
-        "stability": nan_mean(stability(dom_all), 1),
-        "stability_content": nan_mean(stability(dom_content), 1),
-        "iou": nan_mean(consecutive_iou(sinks), 1),
-        "distinct_dominant": distinct_positions(dom_all, n_keys).float().mean(1),
-        "distinct_sinks": distinct_sinks(sinks).float().mean(1),
-    }
-    if tr.n_sink:
-        out["absorption"] = absorption_rate(tr.colsum, tr.n_sink).mean(dim=(0, 2))
-        out["capture_share"] = capture_share(tr.colsum, sinks, tr.n_sink).mean(dim=(0, 2))
-    return out
+# how each table pools: (axes of the (S, L, B, H) cells, axes of the (L, B, H) moving-sink tables)
+POOLING = {"summary": ((0, 1, 2, 3), (0, 1, 2)), "per_layer": ((0, 2, 3), (1, 2)),
+           "per_layer_head": ((0, 2), (1,))}
+NORMS = ("value", "key")
+# a key picked by uniform attention sits mid-way in the norm ranking and has the mean norm
+NORM_BASELINES = {"rank": 0.5, "norm_ratio": 1.0}
 
 
-def _value_ranks(tr: Trajectory, sinks: Tensor) -> dict[str, Tensor]:
-    """Per layer: mean norm rank (0 = lowest of all keys) of detected content sinks / dedicated sinks."""
-    valid = tr.key_valid[:, None, :, None, :]
-    ranks = norm_rank(tr.value_norm, valid)
-    content = sinks.clone()
-    content[..., : tr.n_sink] = False
-    others = valid & ~sinks
-    dims = (0, 2, 3, 4)
-    out = {
-        "value_rank_sinks": (ranks * content).sum(dims) / content.sum(dims).clamp(min=1),
-        "value_norm_sinks": (tr.value_norm * content).sum(dims) / content.sum(dims).clamp(min=1),
-        "value_norm_others": (tr.value_norm * others).sum(dims) / others.sum(dims).clamp(min=1),
-    }
-    for key in ("value_rank_sinks", "value_norm_sinks"):  # undefined where no content sink was seen
-        out[key][content.sum(dims) == 0] = float("nan")
-    if tr.n_sink:
-        out["value_rank_dedicated"] = ranks[..., : tr.n_sink].mean(dim=(0, 2, 3, 4))
-        out["value_norm_dedicated"] = tr.value_norm[..., : tr.n_sink].mean(dim=(0, 2, 3, 4))
-        out["key_norm_dedicated"] = tr.key_norm[..., : tr.n_sink].mean(dim=(0, 2, 3, 4))
-    out["key_norm_content"] = (tr.key_norm[..., tr.n_sink:] * tr.key_valid[:, None, :, None, tr.n_sink:]
-                               ).sum(dims) / tr.key_valid[:, None, :, None, tr.n_sink:].sum(dims).clamp(min=1)
-    return out
+class Cells:
+    """Per-cell quantities of one recording and its detected sinks (S, L, B, H, K) bool (dedicated
+    sinks included where detected), computed once for every table."""
+
+    def __init__(self, tr: Trajectory, sinks: Tensor, mask_id: int) -> None:
+        self.tr, self.sinks, self.mask_id = tr, sinks, mask_id
+        n = tr.n_sink
+        self.valid = tr.key_valid[:, None, :, None, :]
+        self.queries = tr.query_valid.sum(-1).float()[:, None, :, None].expand(tr.colsum.shape[:-1])
+        self.n_keys = self.valid.sum(-1).float().expand_as(self.queries)
+        self.content_sinks = self.sinks.clone()
+        self.content_sinks[..., :n] = False
+        content_valid = self.valid.clone()
+        content_valid[..., :n] = False
+        self.dominant = dominant(tr.colsum, self.valid)  # (S, L, B, H)
+        self.dominant_content = dominant(tr.colsum, content_valid)
+        norms = {"value": tr.value_norm, "key": tr.key_norm}
+        self.rank = {k: norm_rank(v, self.valid) for k, v in norms.items()}
+        self.ratio = {k: norm_ratio(v, self.valid) for k, v in norms.items()}
+
+    def shares(self, dims: tuple[int, ...]) -> dict[str, Tensor]:
+        """Attention shares pooled over the cell axes `dims`, and where they went."""
+        colsum, n = self.tr.colsum, self.tr.n_sink
+        out = {"sink_mass": pooled((colsum * self.sinks).sum(-1), colsum.sum(-1), dims),
+               "n_sinks": self.sinks.sum(-1).float().mean(dims)}
+        if n:
+            out["absorption_rate"] = pooled(colsum[..., :n].sum(-1), colsum.sum(-1), dims)
+            out["absorption_ratio"] = out["absorption_rate"] / self.uniform_absorption(dims)
+            out["dedicated_top1_rate"] = dedicated_top1(colsum, n, self.valid).float().mean(dims)
+            out["dedicated_capture_share"] = capture_share(colsum, self.sinks, n, dims)
+        return out
+
+    def uniform_absorption(self, dims: tuple[int, ...]) -> Tensor:
+        """The dedicated sinks' pooled share if every query attended uniformly over its valid keys."""
+        return pooled(self.queries * self.tr.n_sink / self.n_keys, self.queries, dims)
+
+    def norms(self, dims: tuple[int, ...]) -> dict[str, Tensor]:
+        """Attention-weighted norm rank and norm ratio of content sinks and of the dedicated sinks."""
+        colsum, n = self.tr.colsum, self.tr.n_sink
+        out = {}
+        for kind in NORMS:
+            weights = colsum * self.content_sinks
+            out[f"{kind}_rank_sinks"] = weighted_mean(self.rank[kind], weights, dims)
+            out[f"{kind}_norm_ratio_sinks"] = weighted_mean(self.ratio[kind], weights, dims)
+            if n:
+                out[f"{kind}_rank_dedicated"] = weighted_mean(self.rank[kind][..., :n], colsum[..., :n], dims)
+                out[f"{kind}_norm_ratio_dedicated"] = weighted_mean(self.ratio[kind][..., :n], colsum[..., :n],
+                                                                    dims)
+        return out
+
+    def moving(self, dims: tuple[int, ...]) -> dict[str, Tensor]:
+        """Over the steps, per (layer, sequence, head), then averaged over the axes `dims` of those."""
+        k = self.tr.colsum.shape[-1]
+        return {"dominant_stability": nan_mean(stability(self.dominant), dims),
+                "content_dominant_stability": nan_mean(stability(self.dominant_content), dims),
+                "sink_set_iou": nan_mean(consecutive_iou(self.sinks), dims),
+                "distinct_dominant_positions": distinct_positions(self.dominant, k).float().mean(dims),
+                "distinct_sink_positions": distinct_sinks(self.sinks).float().mean(dims)}
+
+    def table(self, level: str) -> dict[str, Tensor]:
+        cells, moving = POOLING[level]
+        return {**self.shares(cells), **self.norms(cells), **self.moving(moving),
+                "mask_share_of_sinks": mask_share(self.sinks, self.tr.tokens, self.tr.n_sink, self.mask_id, cells)}
 
 
 def dominant_by_layer(tr: Trajectory, item: int = 0) -> Tensor:
@@ -269,7 +328,8 @@ def dominant_by_layer(tr: Trajectory, item: int = 0) -> Tensor:
 
 def trajectory_metrics(tr: Trajectory, mask_id: int, eps: float = DEFAULT_EPS, std_k: float = DEFAULT_STD_K,
                        rule: str = "eps") -> dict[str, Any]:
-    """Every sink metric of a recording; tables are nested lists [layer][head] / [layer]."""
+    """Every sink metric of a recording: the summary (pooled over all cells) with its uniform
+    baselines, and tables per layer and per (layer, head), as nested lists [layer][head] / [layer]."""
     sets = detected_sets(tr, eps, std_k)
     main = sets[rule]
     per_rule = {}
@@ -277,67 +337,66 @@ def trajectory_metrics(tr: Trajectory, mask_id: int, eps: float = DEFAULT_EPS, s
         content = s[..., tr.n_sink:]
         per_rule[name] = {"n_sinks": s.sum(-1).float().mean(), "content_sinks": content.sum(-1).float().mean(),
                           "iou": nan_mean(consecutive_iou(s)), "distinct_sinks": distinct_sinks(s).float().mean()}
+    cells = Cells(tr, main, mask_id)
     counts = sink_token_counts(main, tr.tokens, tr.n_sink)
+    table = cells.table("summary")
+    summary = {key: table.get(key) for key in SUMMARY_KEYS}  # None: undefined for this model
     return to_py({
         "rule": rule, "eps": eps, "std_k": std_k, "steps": tr.n_steps, "layers": tr.layers,
         "n_sink": tr.n_sink, "heads": tr.colsum.shape[3],
-        "per_layer_head": _per_layer_head(tr, main),
-        "per_layer": {**_value_ranks(tr, main), "mask_share": mask_share(main, tr.tokens, tr.n_sink, mask_id),
-                      "dominant_position": dominant_by_layer(tr)},
+        "summary": summary, "baselines": uniform_baselines(tr, mask_id, main),
+        "per_layer_head": cells.table("per_layer_head"),
+        "per_layer": {**cells.table("per_layer"), "dominant_position": dominant_by_layer(tr)},
         "rules": per_rule,
         "sink_tokens": [[tok, n] for tok, n in counts.most_common(TOP_TOKENS)],
     })
 
 
-SUMMARY_KEYS = {  # summary name -> (table, key)
-    "dominant_stability": ("per_layer_head", "stability"),
-    "content_dominant_stability": ("per_layer_head", "stability_content"),
-    "sink_set_iou": ("per_layer_head", "iou"),
-    "distinct_dominant_positions": ("per_layer_head", "distinct_dominant"),
-    "distinct_sink_positions": ("per_layer_head", "distinct_sinks"),
-    "sink_mass": ("per_layer_head", "sink_mass"),
-    "absorption_rate": ("per_layer_head", "absorption"),
-    "dedicated_capture_share": ("per_layer_head", "capture_share"),
-    "value_rank_sinks": ("per_layer", "value_rank_sinks"),
-    "value_rank_dedicated": ("per_layer", "value_rank_dedicated"),
-    "mask_share_of_sinks": ("per_layer", "mask_share"),
-}
+# the scalars of a recording, in report order; those of the dedicated sink are None without one
+SUMMARY_KEYS = (
+    "absorption_rate", "absorption_ratio", "dedicated_top1_rate", "dedicated_capture_share", "sink_mass",
+    "dominant_stability", "content_dominant_stability", "sink_set_iou", "distinct_dominant_positions",
+    "distinct_sink_positions",
+    "value_rank_sinks", "value_norm_ratio_sinks", "key_rank_sinks", "key_norm_ratio_sinks",
+    "value_rank_dedicated", "value_norm_ratio_dedicated", "key_rank_dedicated", "key_norm_ratio_dedicated",
+    "mask_share_of_sinks",
+)
+MOVING_KEYS = ("dominant_stability", "content_dominant_stability", "sink_set_iou", "distinct_dominant_positions",
+               "distinct_sink_positions")
 
 
 def moving_sink_summary(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """Scalars a study can tabulate: each table averaged over layers (and heads); None = not defined
-    (e.g. dedicated-sink metrics of a plain model, or a rank when no content sink was detected)."""
-    m = metrics.get("sinks", metrics)
-    out: dict[str, float | None] = {}
-    for name, (table, key) in SUMMARY_KEYS.items():
-        values = m[table].get(key)
-        flat = torch.tensor(_flatten(values), dtype=torch.float64) if values is not None else torch.empty(0)
-        out[name] = None if not flat.numel() or flat.isnan().all() else round(float(flat.nanmean()), 6)
-    return out
+    """The summary scalars of an analysis (every SUMMARY_KEYS entry; None = not defined, e.g. the
+    dedicated-sink metrics of a plain model, or a norm rank when no content sink was detected)."""
+    summary = metrics.get("sinks", metrics)["summary"]
+    return {key: summary.get(key) for key in SUMMARY_KEYS}
 
 
-def _flatten(values: Any) -> list[float]:
-    if isinstance(values, list):
-        return [v for item in values for v in _flatten(item)]
-    return [float("nan") if values is None else float(values)]
-
-
-def uniform_baselines(tr: Trajectory, mask_id: int) -> dict[str, float]:
-    """What the summary metrics would read if every head attended uniformly (or chose its dominant key
-    uniformly at random at every step), with the recording's mean numbers of keys: the reference each
-    share is read against. Metrics without a simple uniform reference are left out."""
+def uniform_baselines(tr: Trajectory, mask_id: int, sinks: Tensor | None = None) -> dict[str, float]:
+    """What the summary metrics would read if every query attended uniformly over its valid keys (and
+    a head's most-attended key were drawn uniformly at every step), with the same detected sinks:
+    the reference each share is read against. Metrics without a uniform reference are left out (the
+    null models cover the moving-sink metrics)."""
+    if sinks is None:
+        sinks = torch.zeros_like(tr.colsum, dtype=torch.bool)
+    cells, everything = Cells(tr, sinks, mask_id), POOLING["summary"][0]
     keys = tr.key_valid.sum(-1).float().mean().item()  # K: dedicated sinks + real content keys
-    content = keys - tr.n_sink
-    steps = tr.n_steps
     is_mask = (tr.tokens == mask_id) & tr.query_valid
+    per_key = cells.queries / cells.n_keys  # what each key gets under uniform attention
     out = {
+        "sink_mass": pooled(per_key * sinks.sum(-1), cells.queries, everything),
         "dominant_stability": 1 / keys,
-        "content_dominant_stability": 1 / content,
-        "distinct_dominant_positions": keys * (1 - (1 - 1 / keys) ** steps),  # expected distinct of S draws
-        "value_rank_sinks": 0.5,  # a key picked at random sits mid-way in the norm ranking
+        "content_dominant_stability": 1 / (keys - tr.n_sink),
+        "distinct_dominant_positions": keys * (1 - (1 - 1 / keys) ** tr.n_steps),  # expected distinct of S draws
         "mask_share_of_sinks": is_mask.sum().item() / tr.query_valid.sum().clamp(min=1).item(),
+        **{f"{kind}_{stat}_sinks": NORM_BASELINES[stat] for kind in NORMS for stat in NORM_BASELINES},
     }
     if tr.n_sink:
-        out["absorption_rate"] = tr.n_sink / keys
-        out["value_rank_dedicated"] = 0.5
-    return out
+        content = cells.content_sinks.sum(-1)
+        out["absorption_rate"] = cells.uniform_absorption(everything)
+        out["absorption_ratio"] = 1.0
+        out["dedicated_top1_rate"] = (tr.n_sink / cells.n_keys).mean()
+        out["dedicated_capture_share"] = pooled(per_key * tr.n_sink, per_key * (tr.n_sink + content), everything)
+        out.update({f"{kind}_{stat}_dedicated": NORM_BASELINES[stat] for kind in NORMS for stat in NORM_BASELINES})
+    return {k: float(v) for k, v in out.items()}
+

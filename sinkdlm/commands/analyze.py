@@ -2,6 +2,7 @@
 
 Records a denoising trajectory (or fixed text at masking levels), measures attention sinks per
 step, layer and head, runs the interventions, and writes metrics.json, PNG figures and report.md.
+With --checkpoint-steps, DIR is a run or study folder and its checkpoints are analysed over training.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from sinkdlm.errors import UserError
 
 # AnalysisSettings fields that are options (the rest keep their defaults)
 OPTIONS = ("mode", "levels", "steps", "gen_length", "temperature", "eps", "std_k", "rule", "layers", "map_steps",
-           "top_k", "interventions", "elbo_samples", "max_windows", "seed", "device")
+           "top_k", "interventions", "nulls", "elbo_samples", "max_windows", "seed", "device")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    parser.add_argument("--checkpoint-steps", default=None,
+                        help="sinks over training: `all` or steps (e.g. 200,400) of the run folder, or of every "
+                             "run of the study folder, given as --checkpoint (no interventions; "
+                             "default: none, analyse the one checkpoint)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="UTF-8 text file to analyse (default: the run's validation data)")
     source.add_argument("--prompt", action="append",
@@ -39,7 +44,19 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--text {path} does not exist; pass a UTF-8 text file")
         texts = [path.read_text(encoding="utf-8")]
     chosen = AnalysisSettings(**settings.values_from(args, OPTIONS))
+    if args.checkpoint_steps is not None:
+        return _over_training(args, texts, chosen)
     metrics, trajectory = run_analysis(args.checkpoint, texts=texts, prompts=args.prompt, settings=chosen)
     report = write_report(args.out, metrics, trajectory)
     print("\n".join(summary_lines(metrics, report)))
+    return 0
+
+
+def _over_training(args: argparse.Namespace, texts: list[str] | None, chosen: AnalysisSettings) -> int:
+    from sinkdlm.analysis.training import FIGURE_FILE, TABLE_FILE, analyze_over_training, parse_steps
+
+    steps = parse_steps(args.checkpoint_steps)
+    rows = analyze_over_training(args.checkpoint, args.out, steps, chosen, texts, args.prompt)
+    print(f"sinks over training: {len(rows)} checkpoints of {len({r['run'] for r in rows})} run(s); "
+          f"{Path(args.out) / TABLE_FILE}, {Path(args.out) / FIGURE_FILE}")
     return 0

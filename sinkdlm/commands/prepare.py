@@ -13,7 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("A stopped prepare (Ctrl-C, a kill, a crash) continues from its last filled shard when the "
                      "same command is run again. See docs/prepare.md.")
     parser.add_argument("--source", required=True,
-                        help="demo | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG][@SPLIT]")
+                        help="demo | boolq | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG][@SPLIT]")
     parser.add_argument("--out", required=True, help="folder to write (meta.json, tokenizer.json, token shards)")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                         help="bpe:N (train on the corpus) | gpt2 | tokenizer.json | HF folder | Hub name "

@@ -1,8 +1,9 @@
 """`sinkdlm study --preset demo --variants plain,gate,sink [--seeds 1,2,3]`: the paper's ablation.
 
-At `--preset demo` it runs on a 2-core CPU; at `--preset 472` it is the paper's experiment (launch it
-on GPUs with `torchrun --nproc-per-node N -m sinkdlm study ... train.devices=N` so every rank runs the
-same training loop; rank 0 alone then evaluates and writes the table).
+At `--preset demo` it runs on a 2-core CPU in minutes, at `--preset cpu` in hours (8 variants x 3
+seeds); at `--preset 472` it is the paper's experiment (launch it on GPUs with `torchrun
+--nproc-per-node N -m sinkdlm study ... train.devices=N` so every rank runs the same training loop;
+rank 0 alone then evaluates and writes the table). The same command again resumes a stopped study.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from sinkdlm.errors import UserError
 from sinkdlm.recipes import add_overrides_argument
 
 
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo", help="demo (CPU minutes) or an SMDM size, e.g. 472")
-    parser.add_argument("--variants", default=",".join(study.PAPER_VARIANTS),
-                        help=f"comma-separated, from: {', '.join(study.VARIANTS)}")
+    parser.add_argument("--preset", default="demo",
+                        help="demo (CPU minutes), cpu (CPU hours, docs/study-cpu.md) or an SMDM size, e.g. 472")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from: {', '.join(study.VARIANTS)} "
+                             f"(default: {','.join(study.PAPER_VARIANTS)}; at --preset cpu: "
+                             f"{','.join(study.CPU_VARIANTS)})")
     parser.add_argument("--seeds", default="1", help="comma-separated training seeds")
     parser.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--flops", type=float, default=None,
                         help="budget per run in 1e18 FLOPs, the same for all variants (default: the steps)")
-    parser.add_argument("--data", default=None, help="prepared data folder (default: the demo corpus at demo)")
+    parser.add_argument("--data", default=None,
+                        help="prepared data folder (default: the preset's corpus, prepared once: Shakespeare at "
+                             "demo, BoolQ passages at cpu)")
     parser.add_argument("--tasks", default="arc_easy,piqa", help="offline lm-eval tasks ('' = none)")
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per choice")
@@ -35,34 +40,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def seeds_of(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {text!r} should be comma-separated integers, e.g. 1,2,3") from None
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds {text!r} should be comma-separated integers, e.g. 1,2,3")
+    return seeds
 
 
 def run(args: argparse.Namespace) -> int:
-    variants, seeds = study.parse_variants(args.variants), seeds_of(args.seeds)
-    out = Path(args.out or f"runs/study-{args.preset}")
-    base = study.base_config(args.preset)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     if args.flops is not None:
         overrides.append(f"train.flops={args.flops}")
-    if args.data:
-        overrides.insert(0, f"data.path={args.data}")
-    elif args.preset == "demo":
-        from sinkdlm.demo import prepared_demo_data
-
-        overrides.insert(0, f"data.path={prepared_demo_data(base.data.path)}")
-    runs = study.train_runs(base, variants, seeds, out, overrides)
-    if not study.is_global_zero():  # several training processes: rank 0 alone evaluates and writes
-        return 0
-    study.evaluate_runs(runs, study.default_evaluators(args))
-    columns, table = study.summarise(runs)
-    title = f"study {args.preset}: {', '.join(table)}; seeds {args.seeds}"
-    text = study.write_study(out, title, "sinkdlm study " + " ".join(_argv(args)), runs, columns, table)
-    print(f"\n{text}\n\ntable, plots and results in {out}")
+    chosen = study.StudySettings(
+        preset=args.preset, variants=study.parse_variants(args.variants) if args.variants else None,
+        seeds=seeds_of(args.seeds), out=Path(args.out) if args.out else None, data=args.data, overrides=overrides,
+        tasks=args.tasks, limit=args.limit, mc_num=args.mc_num, analysis_texts=args.analysis_texts,
+        command="sinkdlm study " + " ".join(_argv(args)))
+    study.run_study(chosen)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Corpora as streams of documents: `demo`, text files/folders, JSONL, `hf:NAME[:CONFIG][@SPLIT]`.
+"""Corpora as streams of documents: `demo`, `boolq`, text files/folders, JSONL, `hf:NAME[:CONFIG][@SPLIT]`.
 
 `documents(source)` returns a function that starts a fresh stream each call (preparing with a
 tokenizer trained on the corpus reads it twice) and can start past the first `skip` records, so a
@@ -82,6 +82,11 @@ def documents(source: str, text_field: str = "text", record_filter: RecordFilter
         from sinkdlm.data.demo import demo_corpus_texts
 
         return lambda skip=0: _kept(_counted(demo_corpus_texts(), skip))
+    if source == "boolq":
+        _require_records(not record_filter, source)
+        from sinkdlm.data.boolq import boolq_passages
+
+        return lambda skip=0: _kept(_counted(boolq_passages(), skip))
     if source.startswith(HF_PREFIX):
         name, config, split = hf_spec(source)
         return lambda skip=0: _hf_documents(name, config, split, text_field, record_filter, skip)
@@ -96,6 +101,10 @@ def describe(source: str) -> str:
         from sinkdlm.data.demo import DESCRIPTION
 
         return DESCRIPTION
+    if source == "boolq":
+        from sinkdlm.data.boolq import DESCRIPTION as BOOLQ
+
+        return BOOLQ
     if source.startswith(HF_PREFIX):
         name, config, split = hf_spec(source)
         return f"Hugging Face dataset {name}{f' ({config})' if config else ''}, split {split}"
@@ -118,7 +127,7 @@ def corpus_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"corpus {path} does not exist; pass demo, a text/JSONL file or folder, or hf:NAME")
+        raise UserError(f"corpus {path} does not exist; pass demo, boolq, a text/JSONL file or folder, or hf:NAME")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
         raise UserError(f"corpus {path} has no {'/'.join(suffixes)} files; add some or pass another --source")

@@ -1,0 +1,413 @@
+"""A study's statistics, tables and figures: every metric as mean ± sd over seeds, its distance from
+its uniform baseline or null model within each variant, and each variant's paired difference from
+the reference (same seeds, same data order), all with 95% Student t intervals over the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sinkdlm.files import METRICS_LOG, atomic_write
+from sinkdlm.intervals import T_INTERVAL_NOTE, t_interval
+from sinkdlm.optional import require
+
+TABLE = "study.md"
+RESULTS = "study.json"
+REFERENCE = "plain"
+# more paired comparisons when both variants ran: gate against sink is the paper's other question
+EXTRA_COMPARISONS = (("gate", "sink"), ("gate_matched", "sink"))
+ACCURACY_SUFFIX = " acc %"  # benchmark columns: lm-eval's `acc` (not acc_norm), in percent
+VAL_ELBO = "val_elbo"
+METRIC_PANELS_PER_ROW = 4
+LINE_STYLES = ("-", "--", "-.", ":")  # one per variant: curves that coincide stay distinguishable
+MARKERS = ("o", "s", "^", "D", "v", "P")
+HEADROOM = 1.15  # open-ended metric axes reach this far above the highest point
+NOT_RESOLVED = "not resolved"
+TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
+              "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
+              "not acc_norm) in percent. The uniform-baseline row: what each metric reads under uniform "
+              "attention over the valid keys (val_elbo: a uniform guess, ln V), averaged over the runs.")
+# moving_sink_summary key (or (null model, key)) -> table column
+SINK_COLUMNS = {
+    "absorption_rate": "absorption",
+    "dedicated_top1_rate": "sink top-1 rate",
+    "dedicated_capture_share": "dedicated-sink capture",
+    "dominant_stability": "dominant-key stability",
+    ("fixed_text", "dominant_stability"): "stability, fixed-text null",
+    ("random_attention", "dominant_stability"): "stability, random-attention null",
+    "sink_set_iou": "sink-set IoU",
+    "value_rank_sinks": "sink value-norm rank",
+    "value_rank_dedicated": "dedicated value-norm rank",
+}
+SHARE_COLUMNS = set(SINK_COLUMNS.values()) - {"absorption"}  # values in [0, 1] (absorption is small)
+# within a variant: metric minus its reference (a column, or None = the metric's uniform baseline)
+EXCESS = {
+    "absorption − uniform": ("absorption", None),
+    "sink top-1 − uniform": ("sink top-1 rate", None),
+    "stability − fixed-text null": ("dominant-key stability", "stability, fixed-text null"),
+    "stability − random null": ("dominant-key stability", "stability, random-attention null"),
+    "sink value rank − uniform": ("sink value-norm rank", None),
+    "dedicated value rank − uniform": ("dedicated value-norm rank", None),
+}
+
+
+@dataclass
+class Run:
+    """One trained (variant, seed) of a study and what was measured on it."""
+
+    variant: str
+    seed: int
+    out: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)  # column -> its uniform baseline
+    info: dict[str, Any] = field(default_factory=dict)  # steps, tokens, epochs, params
+
+
+@dataclass
+class Interval:
+    """A mean over seeds with its sd, n and 95% t interval (None with one seed)."""
+
+    mean: float
+    sd: float
+    n: int
+    low: float | None
+    high: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Interval:
+        bounds = t_interval(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(statistics.fmean(values), sd, len(values), *(bounds or (None, None)))
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the interval excludes zero (a difference told from noise at 95%)."""
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+    def cell(self) -> str:
+        if self.low is None:
+            return f"{self.mean:.4g} (n=1: no interval)"
+        return f"{self.mean:.4g} [{self.low:.4g}, {self.high:.4g}]" + ("" if self.resolved else f" {NOT_RESOLVED}")
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def columns_of(runs: list[Run]) -> list[str]:
+    """Every metric column, in first-seen order."""
+    columns: list[str] = []
+    for run in runs:
+        columns += [k for k in run.metrics if k not in columns]
+    return columns
+
+
+def summarise(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
+    """variant -> metric -> (mean, std over seeds, n seeds), keeping the metrics' first-seen order."""
+    columns = columns_of(runs)
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for variant in dict.fromkeys(r.variant for r in runs):
+        table[variant] = {}
+        for col in columns:
+            values = [r.metrics[col] for r in runs if r.variant == variant and col in r.metrics]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                table[variant][col] = (statistics.fmean(values), std, len(values))
+    return columns, table
+
+
+def baselines(runs: list[Run], columns: list[str]) -> dict[str, float]:
+    """Column -> its uniform baseline averaged over the runs that have one."""
+    out = {}
+    for col in columns:
+        values = [r.baselines[col] for r in runs if r.baselines.get(col) is not None]
+        if values:
+            out[col] = statistics.fmean(values)
+    return out
+
+
+def excess(runs: list[Run]) -> dict[str, dict[str, Interval]]:
+    """variant -> EXCESS name -> interval of (metric − its reference) over the variant's seeds."""
+    out: dict[str, dict[str, Interval]] = {}
+    for variant in dict.fromkeys(r.variant for r in runs):
+        out[variant] = {}
+        for name, (col, ref) in EXCESS.items():
+            values = [r.metrics[col] - (r.metrics.get(ref) if ref else r.baselines.get(col))
+                      for r in runs if r.variant == variant and col in r.metrics
+                      and (r.metrics.get(ref) if ref else r.baselines.get(col)) is not None]
+            if values:
+                out[variant][name] = Interval.of(values)
+    return out
+
+
+def comparisons(runs: list[Run]) -> list[tuple[str, str]]:
+    """(variant, reference) pairs: every variant against plain, and gate(s) against sink."""
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    pairs = [(v, REFERENCE) for v in variants if v != REFERENCE and REFERENCE in variants]
+    return pairs + [(a, b) for a, b in EXTRA_COMPARISONS if a in variants and b in variants]
+
+
+def paired(runs: list[Run]) -> dict[str, dict[str, Interval]]:
+    """'variant − reference' -> column -> interval of the per-seed differences (seeds both ran)."""
+    by_key = {(r.variant, r.seed): r for r in runs}
+    out: dict[str, dict[str, Interval]] = {}
+    for variant, reference in comparisons(runs):
+        name = f"{variant} − {reference}"
+        out[name] = {}
+        seeds = [s for (v, s) in by_key if v == variant and (reference, s) in by_key]
+        for col in columns_of(runs):
+            diffs = [by_key[variant, s].metrics[col] - by_key[reference, s].metrics[col] for s in seeds
+                     if col in by_key[variant, s].metrics and col in by_key[reference, s].metrics]
+            if diffs:
+                out[name][col] = Interval.of(diffs)
+    return out
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+
+def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, int]]],
+             baseline: dict[str, float] | None = None) -> str:
+    """Per variant: mean ± sd over seeds, then the uniform-baseline row; the seeds column last."""
+    lines = ["| variant | " + " | ".join(columns) + " | seeds |", "|---" * (len(columns) + 2) + "|"]
+    for variant, row in table.items():
+        cells = []
+        for col in columns:
+            if col not in row:
+                cells.append("-")
+                continue
+            mean, std, n = row[col]
+            cells.append(f"{mean:.4g} ± {std:.2g}" if n > 1 else f"{mean:.4g}")
+        seeds = max((n for _, _, n in row.values()), default=0)
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seeds} |")
+    if baseline:
+        cells = [f"{baseline[c]:.4g}" if c in baseline else "-" for c in columns]
+        lines.append("| uniform baseline | " + " | ".join(cells) + " | |")
+    return "\n".join(lines + ["", TABLE_NOTE])
+
+
+def interval_table(rows: dict[str, dict[str, Interval]], first: str) -> str:
+    """Rows of intervals (mean [95% t interval], 'not resolved' where it includes zero) and n."""
+    columns: list[str] = []
+    for row in rows.values():
+        columns += [c for c in row if c not in columns]
+    lines = [f"| {first} | " + " | ".join(columns) + " | n |", "|---" * (len(columns) + 2) + "|"]
+    for name, row in rows.items():
+        n = max((i.n for i in row.values()), default=0)
+        lines.append(f"| {name} | " + " | ".join(row[c].cell() if c in row else "-" for c in columns) + f" | {n} |")
+    return "\n".join(lines)
+
+
+def runs_table(runs: list[Run]) -> str:
+    """What each run trained: steps, tokens, epochs of the training split, parameters."""
+    lines = ["| run | steps | tokens | epochs | non-embedding parameters (gate included) |", "|---|---|---|---|---|"]
+    for r in runs:
+        info = r.info
+        epochs = "n/a" if info.get("epochs") is None else f"{info['epochs']:.2f}"
+        lines.append(f"| {r.variant}, seed {r.seed} | {info.get('steps')} | {info.get('tokens'):,} | {epochs} | "
+                     f"{info.get('params'):,} |")
+    return "\n".join(lines)
+
+
+def render(title: str, command: str, runs: list[Run]) -> tuple[str, dict[str, Any]]:
+    """study.md's text and study.json's content."""
+    columns, table = summarise(runs)
+    base, within, diffs = baselines(runs, columns), excess(runs), paired(runs)
+    text = "\n\n".join([
+        f"# {title}", f"`{command}`",
+        "## Per variant (mean ± sd over seeds)", markdown(columns, table, base),
+        "## Within each variant: metric minus its uniform baseline or null model (95% t interval)",
+        interval_table(within, "variant"),
+        "## Paired differences (same seeds, same data order)", interval_table(diffs, "comparison"),
+        f"{T_INTERVAL_NOTE}, over the n seeds (a paired difference: over the seeds both variants ran). "
+        f"`{NOT_RESOLVED}`: the interval includes zero, so the sign is not told from noise; n=1 gives no "
+        f"interval.",
+        "## Runs", runs_table(runs),
+        "![curves](loss_curves.png)\n\n![metrics](metrics.png)\n\n![paired](paired.png)\n\n"
+        "![sinks over training](training/training.png)"])
+    results = {"runs": [asdict(r) | {"out": str(r.out)} for r in runs],
+               "per_variant": {v: {c: dict(zip(("mean", "sd", "n"), cell)) for c, cell in row.items()}
+                               for v, row in table.items()},
+               "uniform_baseline": base,
+               "within_variant": {v: {k: asdict(i) for k, i in row.items()} for v, row in within.items()},
+               "paired": {k: {c: asdict(i) for c, i in row.items()} for k, row in diffs.items()},
+               "interval": "95% Student t interval of the mean over seeds"}
+    return text + "\n", results
+
+
+def write_outputs(out: Path, title: str, command: str, runs: list[Run]) -> str:
+    """study.md, study.json and the figures; returns the markdown."""
+    text, results = render(title, command, runs)
+    columns, table = summarise(runs)
+    plot_curves(runs, out / "loss_curves.png", title)
+    plot_metric_bars(columns, table, out / "metrics.png", title)
+    plot_paired(paired(runs), out / "paired.png", title)
+    atomic_write(out / TABLE, text)
+    atomic_write(out / RESULTS, json.dumps(results, indent=2))
+    return text
+
+
+# ---- figures --------------------------------------------------------------------------------------
+
+
+def _plt():
+    require("matplotlib", "drawing the study's figures").use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train loss, validation ELBO) points from a run's metrics.jsonl."""
+    train_pts, val_pts = [], []
+    for line in (run_dir / METRICS_LOG).read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            train_pts.append((rec["step"], rec["loss"]))
+        if "val_loss" in rec:
+            val_pts.append((rec["step"], rec["val_loss"]))
+    return train_pts, val_pts
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float]]:
+    """Steps every curve has, with the mean and sd over the curves there."""
+    steps = sorted(set.intersection(*(set(dict(c)) for c in curves))) if curves else []
+    values = [[dict(c)[s] for c in curves] for s in steps]
+    return steps, [statistics.fmean(v) for v in values], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+
+
+def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
+    """Training loss and validation ELBO per variant (mean over seeds; validation error bars = sd) on
+    one shared y axis that reaches the uniform guess (ln V); each variant has its own line style and
+    marker so that equal curves stay visible."""
+    plt = _plt()
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    for i, variant in enumerate(variants):
+        colour, ls, marker = plt.cm.tab10.colors[i % 10], LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)]
+        curves = [read_curves(r.out) for r in runs if r.variant == variant]
+        seeds = len(curves)
+        label = variant + (f" ({seeds} seeds)" if seeds > 1 else "")
+        steps, mean, _ = _mean_curve([c[0] for c in curves if c[0]])
+        if steps:
+            ax_train.plot(steps, mean, color=colour, lw=0.6, alpha=0.25)
+            ax_train.plot(steps, _smooth(mean), color=colour, ls=ls, label=label, lw=1.4)
+        steps, mean, sd = _mean_curve([c[1] for c in curves if c[1]])
+        if steps:
+            ax_val.errorbar(steps, mean, yerr=sd, color=colour, ls=ls, marker=marker, label=label, ms=6,
+                            mfc="none", capsize=3)
+    uniform = _uniform_loss(runs)
+    for ax in (ax_train, ax_val):
+        if uniform is not None:
+            ax.axhline(uniform, color="0.4", lw=0.8, ls=":", label=f"uniform guess, ln V = {uniform:.2f}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_train.set_ylabel("nats / token")
+    ax_train.set_title("training loss (ELBO; mean over seeds; faint: per step, bold: smoothed)")
+    ax_val.set_title("validation ELBO (fixed masks; error bars: sd over seeds)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _uniform_loss(runs: list[Run]) -> float | None:
+    """ln V of the runs' vocabulary: the loss of a uniform guess, the top of every loss axis."""
+    values = [r.baselines.get(VAL_ELBO) for r in runs if r.baselines.get(VAL_ELBO) is not None]
+    return values[0] if values else None
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, as TensorBoard draws it."""
+    out, last = [], values[0]
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def _panels(n: int):
+    plt = _plt()
+    ncols = min(n, METRIC_PANELS_PER_ROW)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float, float, int]]],
+                     path: Path, title: str) -> Path | None:
+    """One panel per metric: each variant's mean, with its std over seeds as an error bar. Each axis
+    spans the metric's natural range (a share 0..1, an accuracy 0..100 %, a loss from 0), so that a
+    difference inside the noise is not blown up to fill the panel; a panel says which variants have no
+    value (e.g. dedicated-sink metrics of models without a sink)."""
+    if not columns:
+        return None
+    plt, fig, axes = _panels(len(columns))
+    variants = list(table)
+    colours = plt.cm.tab10.colors
+    for ax, col in zip(axes.flat, columns):
+        for i, v in enumerate(variants):
+            if col in table[v]:
+                mean, std, _ = table[v][col]
+                ax.errorbar([i], [mean], yerr=[std], fmt="o", color=colours[i % len(colours)], capsize=4, ms=7)
+        ax.set_xticks(range(len(variants)), variants, rotation=30, fontsize=8)
+        ax.set_xlim(-0.5, len(variants) - 0.5)
+        tops = [mean + std for v in variants if col in table[v] for mean, std, _ in [table[v][col]]]
+        ax.set_ylim(*axis_range(col, max(tops, default=1.0)))
+        missing = [v for v in variants if col not in table[v]]
+        ax.set_title(col + (f"\n(no value for {', '.join(missing)})" if missing else ""), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    seeds = max(n for row in table.values() for _, _, n in row.values())
+    fig.suptitle(title + ("\none seed: no spread over seeds to show" if seeds == 1 else
+                          "\nerror bars: std over seeds"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_paired(diffs: dict[str, dict[str, Interval]], path: Path, title: str) -> Path | None:
+    """One panel per metric: each comparison's mean paired difference with its 95% t interval; the
+    zero line is 'no difference' (an interval across it: not resolved)."""
+    columns: list[str] = []
+    for row in diffs.values():
+        columns += [c for c in row if c not in columns]
+    if not columns:
+        return None
+    plt, fig, axes = _panels(len(columns))
+    names = list(diffs)
+    for ax, col in zip(axes.flat, columns):
+        for i, name in enumerate(names):
+            if col in diffs[name]:
+                d = diffs[name][col]
+                err = [[d.mean - d.low], [d.high - d.mean]] if d.low is not None else None
+                ax.errorbar([i], [d.mean], yerr=err, fmt="o" if d.resolved else "s", mfc=None if d.resolved else "none",
+                            color="tab:blue", capsize=4, ms=6)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=35, fontsize=7, ha="right")
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(col, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title + "\npaired differences, error bars: 95% t interval over seeds (hollow: not resolved)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def axis_range(column: str, highest: float) -> tuple[float, float]:
+    """(bottom, top) of a metric's panel: its natural range; losses and counts from zero to just above
+    the highest value (plus its error bar)."""
+    if column.endswith(ACCURACY_SUFFIX):
+        return 0.0, 100.0
+    if column in SHARE_COLUMNS:
+        return 0.0, 1.0
+    return 0.0, HEADROOM * highest if math.isfinite(highest) else 1.0
