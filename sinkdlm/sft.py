@@ -16,6 +16,7 @@ seq_len (with at least one EOS after the answer) is skipped, as in SMDM.
 
 from __future__ import annotations
 
+import operator
 import random
 from pathlib import Path
 
@@ -124,48 +125,59 @@ def sft_indices(seed: int, step: int, sample_indices: list[int], n_examples: int
 
 
 # ---------------------------------------------------------------------------------------------
-# a SYNTHETIC stand-in for GSM8K train (the real file is not obtainable offline)
+# a SYNTHETIC stand-in for GSM8K (the real train file is not obtainable offline): one-step
+# arithmetic in GSM8K's train.txt format, "What is 23 + 4?||23 + 4 = 27 #### 27", through the same
+# examples and template as real data. Two-digit numbers plus or minus one digit, without carrying or
+# borrowing: the answer copies the tens digit and applies one of 110 one-digit facts, which the
+# demo's 1M-parameter model learns in minutes. One problem in five is held out (never written to a
+# training file), so the held-out score measures more than recall of trained questions.
 
-NAMES = ("Ava", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo")
-ITEMS = ("apples", "books", "coins", "shells", "stamps", "marbles", "cards", "pens")
+OPERATIONS = {"+": operator.add, "-": operator.sub}
+FIRST_OPERANDS = range(10, 100)
+SECOND_OPERANDS = range(10)
+HELD_OUT_SHARE = 5  # 1 in this many problems is held out
+HELD_OUT_SEED = "held-out test"
 
 
-def synthetic_gsm8k_line(rng: random.Random) -> str:
-    """One two-step arithmetic word problem in train.txt format: 'question||cot #### answer'."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b, c = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 5)
-    if rng.random() < 0.5:
-        total = (a + b) * c
-        question = (f"{name} has {a} {item} and buys {b} more. Then {name} gets {c} times as many "
-                    f"{item} as that. How many {item} does {name} have?")
-        cot = f"{name} has {a} + {b} = {a + b} {item}. Then {a + b} * {c} = {total}."
-    else:
-        a = a + b  # keep the difference positive
-        total = (a - b) * c
-        question = (f"{name} has {a} {item} and gives away {b}. Each of the rest is worth {c} "
-                    f"points. How many points are they worth?")
-        cot = f"{name} keeps {a} - {b} = {a - b} {item}. They are worth {a - b} * {c} = {total} points."
-    return f"{question}{FIELD_SEP}{cot} {FINAL_MARK} {total}"
+def _no_carry(a: int, op: str, b: int) -> bool:
+    units = OPERATIONS[op](a % 10, b)
+    return 0 <= units <= 9
+
+
+def arithmetic_problems() -> list[tuple[int, str, int]]:
+    """Every (a, op, b) of the synthetic task (990 problems)."""
+    return [(a, op, b) for op in OPERATIONS for a in FIRST_OPERANDS for b in SECOND_OPERANDS if _no_carry(a, op, b)]
+
+
+def arithmetic_split() -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
+    """(train problems, held-out problems): a fixed partition, the held-out ones in a fixed random order."""
+    problems = arithmetic_problems()
+    held_out = random.Random(HELD_OUT_SEED).sample(problems, len(problems) // HELD_OUT_SHARE)
+    chosen = set(held_out)
+    return [p for p in problems if p not in chosen], held_out
+
+
+def synthetic_gsm8k_line(a: int, op: str, b: int) -> str:
+    """One problem in train.txt format: 'question||cot #### answer'."""
+    result = OPERATIONS[op](a, b)
+    return f"What is {a} {op} {b}?{FIELD_SEP}{a} {op} {b} = {result} {FINAL_MARK} {result}"
 
 
 def synthetic_gsm8k(n: int, seed: int | str = 0) -> list[str]:
-    """n synthetic GSM8K-format lines (NOT GSM8K: for offline runs and tests only)."""
+    """n training lines drawn with replacement from the problems not held out (NOT GSM8K)."""
+    train, _ = arithmetic_split()
     rng = random.Random(seed)
-    return [synthetic_gsm8k_line(rng) for _ in range(n)]
+    return [synthetic_gsm8k_line(*rng.choice(train)) for _ in range(n)]
 
 
-SYNTHETIC_TEST_SEED = "held-out test"  # SFT runs seed the train set with ints: never this stream
+def synthetic_gsm8k_test(n: int | None = None) -> list[dict[str, str]]:
+    """The first n (default all 198) held-out problems as GSM8K test rows {"question", "answer": "cot #### N"}.
 
-
-def synthetic_gsm8k_test(n: int) -> list[dict[str, str]]:
-    """n held-out synthetic problems as GSM8K test rows {"question", "answer": "cot #### N"}.
-
-    The problem space holds ~230k problems, so a 2,000-line synthetic train set overlaps ~1% of them.
-    For checking that SFT + decoding work end to end offline; it says nothing about GSM8K.
+    For checking that SFT + template + decoding work end to end offline; it says nothing about GSM8K.
     """
     rows = []
-    for line in synthetic_gsm8k(n, SYNTHETIC_TEST_SEED):
-        question, cot, answer = parse_gsm8k_line(line)
+    for problem in arithmetic_split()[1][:n]:
+        question, cot, answer = parse_gsm8k_line(synthetic_gsm8k_line(*problem))
         rows.append({"question": question, "answer": f"{cot.strip()} {FINAL_MARK} {answer.strip()}"})
     return rows
 

@@ -7,8 +7,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from sinkdlm.diffusion import draw_uniforms, elbo_loss, mask_tokens, sft_weights
 from sinkdlm.errors import UserError
-from sinkdlm.sft import (SFTData, parse_gsm8k_line, sft_indices, synthetic_gsm8k, synthetic_gsm8k_test,
-                         write_synthetic_gsm8k)
+from sinkdlm.sft import (SFTData, arithmetic_problems, arithmetic_split, parse_gsm8k_line, sft_indices,
+                         synthetic_gsm8k, synthetic_gsm8k_test, write_synthetic_gsm8k)
 
 EOS = 0
 
@@ -104,7 +104,20 @@ def test_synthetic_test_problems_are_held_out_and_scorable():
         assert equivalent(extract_flexible(cot), answer)  # the cot ends on the answer
     train = {parse_gsm8k_line(line)[0] for seed in range(3) for line in synthetic_gsm8k(2000, seed)}
     overlap = sum(r["question"] in train for r in rows) / len(rows)
-    assert overlap < 0.05  # another random stream, a large problem space
+    assert overlap == 0  # a fixed partition: no training file ever holds a held-out problem
+    assert synthetic_gsm8k_test(3) == rows[:3] and len(synthetic_gsm8k_test()) == len(arithmetic_split()[1])
+
+
+def test_synthetic_task_is_one_step_arithmetic_without_carrying():
+    train, held_out = arithmetic_split()
+    assert len(held_out) == len(arithmetic_problems()) // 5 and not set(train) & set(held_out)
+    for line in synthetic_gsm8k(300, seed=1):
+        question, cot, answer = parse_gsm8k_line(line)
+        a, op, b = question.removeprefix("What is ").removesuffix("?").split()
+        expected = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert 10 <= int(a) <= 99 and 0 <= int(b) <= 9 and int(answer) == expected
+        assert int(answer) // 10 == int(a) // 10  # no carry, no borrow: the tens digit is copied
+        assert cot.strip() == f"{a} {op} {b} = {expected}"
 
 
 @pytest.mark.slow
@@ -119,7 +132,7 @@ def test_sft_command_trains_from_a_checkpoint_with_held_out_validation(tiny_data
     from tests.conftest import tiny_train_config
 
     cfg = tiny_train_config(tiny_data, tmp_path / "base", steps=1)
-    cfg.model.block_size = 256  # synthetic problems take ~150 byte-level tokens
+    cfg.model.block_size = 256  # room for the synthetic problems in a BPE trained on other words
     base = train(cfg)
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "sinkdlm", "sft", "--config", str(root / "configs" / "sft_demo.yaml"),
