@@ -13,7 +13,7 @@ import pytest
 from sinkdlm.cli import main
 from sinkdlm.config import config_from_dict
 from sinkdlm.data.prepare import prepare
-from sinkdlm.eval.gsm8k import extract_answer
+from sinkdlm.eval.gsm8k import gold_answer
 from sinkdlm.sft import FIELD_SEP, ANSWER_PREFIX, synthetic_gsm8k, synthetic_gsm8k_test
 from sinkdlm.train import train
 
@@ -24,7 +24,7 @@ CHANCE_FACTOR = 4  # required accuracy, in units of the best constant answer's
 
 def chance(rows: list[dict[str, str]]) -> float:
     """The accuracy of always giving the most common held-out answer (2.5% on the 198 problems)."""
-    counts = Counter(extract_answer(r["answer"]) for r in rows)
+    counts = Counter(gold_answer(r["answer"]) for r in rows)
     return counts.most_common(1)[0][1] / len(rows)
 
 
@@ -52,10 +52,9 @@ def test_sft_then_eval_gsm8k_beats_chance_on_held_out_arithmetic(tmp_path, monke
                  "--out", str(tmp_path / "sft"), f"train.max_steps={SFT_STEPS}", "optim.lr=3e-3",
                  "train.progress=false", f"train.val_every={SFT_STEPS}", f"train.save_every={SFT_STEPS}",
                  f"train.sink_monitor_every={SFT_STEPS}"]) == 0
-    assert main(["eval-gsm8k", "--checkpoint", str(tmp_path / "sft"), "--data", "synthetic",
-                 "--batch-size", "64", "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "sft" / f"step-{SFT_STEPS:08d}" / "gsm8k-synthetic" /
-                          "gsm8k_summary.json").read_text())
+    assert main(["eval-gsm8k", "--checkpoint", str(tmp_path / "sft"), "--data", "synthetic", "--preset", "synthetic",
+                 "--out", str(tmp_path / "eval"), "--batch-size", "64", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "eval" / "gsm8k_summary.json").read_text())
     held_out = synthetic_gsm8k_test()
     assert summary["n"] == len(held_out) and summary["first_stage"]["threshold"] is not None  # fast defaults
     assert summary["accuracy"] >= CHANCE_FACTOR * chance(held_out), capsys.readouterr().out

@@ -73,8 +73,8 @@ GSM8K_PRESETS: dict[str, GSM8KSettings] = {
     # so the headline is the lenient metric
     "demo": GSM8KSettings(first=SampleConfig(gen_length=48, steps=48, temperature=0.1),
                           second=SampleConfig(gen_length=16, steps=16, temperature=0.1), headline=FLEXIBLE),
-    # the synthetic arithmetic set (sinkdlm.sft) after configs/sft_demo.yaml (seq_len 40): Fast-dLLM's
-    # threshold + dual cache, measured to keep its accuracy there (README)
+    # the synthetic arithmetic set (sinkdlm.sft) after configs/sft_demo.yaml: Fast-dLLM's
+    # threshold + dual cache (its accuracy against exact decoding is not yet measured)
     "synthetic": GSM8KSettings(
         first=SampleConfig(gen_length=24, steps=24, temperature=0.1, threshold=0.95, cache="dual"),
         second=SampleConfig(gen_length=8, steps=8, temperature=0.1, threshold=0.95, cache="dual"),
