@@ -18,12 +18,15 @@ from sinkdlm.sft import FIELD_SEP, ANSWER_PREFIX, synthetic_gsm8k, synthetic_gsm
 from sinkdlm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SFT_STEPS = 600  # ~17% held-out accuracy with the model below (measured); the demo's 4,000 steps give ~90%
+SFT_STEPS = 1000  # 27% held-out accuracy with the model below (measured, ~30 s); 600 steps: 17%
 CHANCE_FACTOR = 4  # required accuracy, in units of the best constant answer's
 
 
 def chance(rows: list[dict[str, str]]) -> float:
-    """The accuracy of always giving the most common held-out answer (2.5% on the 198 problems)."""
+    """The accuracy of always giving the most common held-out answer (3.0%: 6 of the 198 problems).
+
+    (Copying the first number scores 22%, the problems with b = 0; the demo model scores ~99%.)
+    """
     counts = Counter(gold_answer(r["answer"]) for r in rows)
     return counts.most_common(1)[0][1] / len(rows)
 
@@ -52,9 +55,10 @@ def test_sft_then_eval_gsm8k_beats_chance_on_held_out_arithmetic(tmp_path, monke
                  "--out", str(tmp_path / "sft"), f"train.max_steps={SFT_STEPS}", "optim.lr=3e-3",
                  "train.progress=false", f"train.val_every={SFT_STEPS}", f"train.save_every={SFT_STEPS}",
                  f"train.sink_monitor_every={SFT_STEPS}"]) == 0
-    assert main(["eval-gsm8k", "--checkpoint", str(tmp_path / "sft"), "--data", "synthetic", "--preset", "synthetic",
-                 "--out", str(tmp_path / "eval"), "--batch-size", "64", "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "eval" / "gsm8k_summary.json").read_text())
+    # README's command: its defaults (the fast `synthetic` preset, all held-out problems, gsm8k-synthetic/)
+    assert main(["eval-gsm8k", "--checkpoint", str(tmp_path / "sft"), "--data", "synthetic", "--batch-size", "64",
+                 "--no-progress"]) == 0
+    summary = json.loads(next((tmp_path / "sft").glob("step-*/gsm8k-synthetic/gsm8k_summary.json")).read_text())
     held_out = synthetic_gsm8k_test()
     assert summary["n"] == len(held_out) and summary["first_stage"]["threshold"] is not None  # fast defaults
     assert summary["accuracy"] >= CHANCE_FACTOR * chance(held_out), capsys.readouterr().out
