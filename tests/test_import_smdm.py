@@ -119,7 +119,8 @@ def tokenizer_file(tmp_path):
 def save_smdm(sd, path, container):
     """Fabric's checkpoint (as pretrain/train_mdm.py saves it), a bare state dict, or safetensors."""
     if container == "fabric":
-        optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 2e-4}]}
+        optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                     "param_groups": [{"lr": 2e-4}]}
         torch.save({"model": sd, "optimizer": optimizer, "hparams": {"n_layer": N_LAYER}, "iter_num": 12,
                     "step_count": 3}, path)
     elif container == "bare":
@@ -206,6 +207,16 @@ def test_a_state_dict_with_foreign_weights_is_refused(tmp_path):
     with pytest.raises(UserError, match="attn.attn.bias"):
         convert(str(save_smdm(sd, tmp_path / "m.pth", "bare")), tmp_path / "run",
                 tokenizer=str(tokenizer_file(tmp_path)), n_head=N_HEAD)
+
+
+def test_layers_that_differ_or_a_missing_file_are_refused(tmp_path):
+    sd = smdm_state(gate=True)
+    del sd["transformer.h.1.attn.gate.weight"]  # the gate in layer 0 only
+    with pytest.raises(UserError, match="blocks.1.attn.gate.weight"):
+        convert(str(save_smdm(sd, tmp_path / "m.pth", "bare")), tmp_path / "run",
+                tokenizer=str(tokenizer_file(tmp_path)), n_head=N_HEAD)
+    with pytest.raises(UserError, match="does not exist"):
+        convert(str(tmp_path / "absent.pth"), tmp_path / "run")
 
 
 def test_sinks_are_added_to_a_plain_checkpoint_only(tmp_path):

@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help=f"SMDM files only: tokenizer.json, HF folder or Hub name (default {SMDM_TOKENIZER})")
     parser.add_argument("--n-head", type=int, default=None,
-                        help="SMDM files only: attention heads (default: from SMDM's size table by width and MLP width)")
+                        help="SMDM files only: attention heads (default: from SMDM's size table by the widths)")
     parser.add_argument("--cache-dir", default=None, help="download cache (default $SINKDLM_CACHE or ~/.cache/sinkdlm)")
 
 

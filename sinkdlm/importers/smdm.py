@@ -91,7 +91,8 @@ def _safetensors(path: Path) -> dict[str, Tensor]:
 
 def _pickle(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the optimizer state beside the model (twice its size) is never read into memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         needed = NEEDED_CLASS.search(str(e))
         what = f"the class {needed.group(1)}" if needed else "objects other than tensors and plain data"
@@ -280,17 +281,17 @@ def convert_smdm(source: str | Path, out_dir: str | Path, tokenizer: str | None 
     of the sink paper brings its own."""
     from sinkdlm.data.tokenizer import eos_id, load_tokenizer
 
-    tok = load_tokenizer(tokenizer or DEFAULT_TOKENIZER)  # before reading a large file
-    state, extra = load_state(source)
+    state, extra = load_state(source)  # memory-mapped: cheap before the tokenizer's download
     cfg, layout = infer_config(state, n_head, sink_position, block_size)
+    if sink_tokens and layout.n_sink_rows:
+        raise UserError(f"{source} already has {layout.n_sink_rows} sink token(s) (embedding rows after the "
+                        f"mask row); drop --sink-tokens")
+    tok = load_tokenizer(tokenizer or DEFAULT_TOKENIZER)
     n_tokens = tok.get_vocab_size()
     if n_tokens > cfg.require_vocab():
         raise UserError(f"the tokenizer has {n_tokens} tokens but the checkpoint's head has {cfg.vocab_size}; "
                         f"pass the tokenizer the model was trained with (--tokenizer)")
     weights = convert_state(state, cfg, layout)
-    if sink_tokens and layout.n_sink_rows:
-        raise UserError(f"{source} already has {layout.n_sink_rows} sink token(s) (embedding rows after the "
-                        f"mask row); drop --sink-tokens")
     sink_from = "trained (the checkpoint's sink rows)" if layout.n_sink_rows else sink_init
     if sink_tokens:
         weights["sink"] = sink_vectors(weights["wte.weight"][:n_tokens], sink_tokens, sink_init,
