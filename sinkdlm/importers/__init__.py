@@ -1,0 +1,1 @@
+"""Importers of diffusion LM checkpoints from other code bases into sinkdlm checkpoints."""
