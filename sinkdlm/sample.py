@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -417,6 +417,23 @@ def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig
     prompts2 = [p + r for p, r in zip(prompts, reasoning)]
     answers = generate(model, prompts2, second, mask_id, eos_id, indices=indices)
     return [r + a for r, a in zip(reasoning, answers)]
+
+
+def complete(model: DLM, tokenizer: Any, eos_id: int, texts: Sequence[str], cfg: SampleConfig,
+             batch_size: int = DEFAULT_BATCH, progress: bool = False) -> Iterator[str]:
+    """The completion text of each prompt text, in order, generated `batch_size` prompts at a time.
+
+    Prompt i draws its noise as the i-th prompt of the whole input, so a completion depends only on
+    its prompt, its position and cfg.seed, never on the batch size.
+    """
+    from tqdm import tqdm
+
+    if batch_size <= 0:
+        raise UserError(f"--batch-size={batch_size} must be > 0")
+    for lo in tqdm(range(0, len(texts), batch_size), desc="generate", unit="batch", disable=not progress):
+        ids = [tokenizer.encode(t).ids for t in texts[lo: lo + batch_size]]
+        for tokens in generate(model, ids, cfg, model.mask_id, eos_id, indices=range(lo, lo + len(ids))):
+            yield tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def load_for_sampling(checkpoint: str | Path, device: str = "cpu") -> tuple[DLM, Any, int]:

@@ -13,8 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sinkdlm import settings
 from sinkdlm.errors import UserError
 from sinkdlm.jsonl import is_jsonl, read_jsonl
@@ -68,7 +66,7 @@ def format_sample(fmt: str, number: int, prompt: str, completion: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkdlm.sample import generate
+    from sinkdlm.sample import complete
 
     cfg = SampleConfig(**settings.values_from(args, SampleConfig))  # checked before loading anything
     texts = read_prompts(args)
@@ -77,14 +75,11 @@ def run(args: argparse.Namespace) -> int:
     model, tok, eos = load_for_sampling(args.checkpoint, args.device)
     out = open(args.output, "w") if args.output else sys.stdout
     fmt = output_format(args.format, out)
+    progress = len(texts) > args.batch_size or bool(args.output)
     try:
-        for lo in tqdm(range(0, len(texts), args.batch_size), desc="generate", unit="batch",
-                       disable=len(texts) <= args.batch_size and not args.output):
-            chunk = texts[lo: lo + args.batch_size]
-            ids = [tok.encode(t).ids for t in chunk]
-            completions = generate(model, ids, cfg, model.mask_id, eos, indices=range(lo, lo + len(ids)))
-            for number, (text, tokens) in enumerate(zip(chunk, completions), start=lo + 1):
-                out.write(format_sample(fmt, number, text, tok.decode(tokens, skip_special_tokens=True)))
+        for number, (text, completion) in enumerate(
+                zip(texts, complete(model, tok, eos, texts, cfg, args.batch_size, progress)), start=1):
+            out.write(format_sample(fmt, number, text, completion))
             out.flush()
     finally:
         if args.output:
