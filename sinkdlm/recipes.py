@@ -118,6 +118,12 @@ def write_synthetic_sft_data(run_dir: Path, seed: int) -> Path:
     return path
 
 
+def report_training(result: dict[str, Any]) -> None:
+    """Print `training_summary` once: on global rank 0 when several processes trained together."""
+    if result.get("rank", 0) == 0:
+        print(training_summary(result))
+
+
 def training_summary(result: dict[str, Any]) -> str:
     """What every training command ends with: where the checkpoint is and its held-out ELBO."""
     return (f"\ncheckpoint: {Path(result['checkpoint']).resolve()}\n"

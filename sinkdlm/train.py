@@ -476,7 +476,7 @@ class MetricsLog:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train per cfg; returns {"checkpoint", "val_loss", "steps", "tokens"}.
+    """Train per cfg; returns {"checkpoint", "val_loss", "steps", "tokens", "rank"} (rank: this process's).
 
     Everything is checked (config, data, checkpoints) before the run folder changes; `--overwrite`
     sets the old run aside and deletes it only once the new run has written a checkpoint.
@@ -499,7 +499,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if finished:
             fabric.print(f"{run} already finished at {resume_from.name}; nothing to do "
                          f"(raise train.max_steps to train further)")
-            return finished
+            return {**finished, "rank": fabric.global_rank}
     model, optimizer = build(cfg, fabric, resume_from)
     if resume_from:
         restore(fabric, model, optimizer, resume_from, trainer_state)
@@ -593,7 +593,7 @@ class Loop:
             self.periodic(step + 1, loss, tokens_per_step / elapsed)
         bar.close()  # periodic() validated and saved the last step
         return {"checkpoint": self.last_checkpoint, "val_loss": self.val_loss, "steps": self.steps,
-                "tokens": self.state["tokens"]}
+                "tokens": self.state["tokens"], "rank": self.fabric.global_rank}
 
     def periodic(self, step: int, loss: float, tokens_per_s: float) -> None:
         train_cfg = self.cfg.train

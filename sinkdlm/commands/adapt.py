@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import add_recipe_arguments, adapt_config, shortcuts_of, training_summary
+from sinkdlm.recipes import add_recipe_arguments, adapt_config, shortcuts_of, report_training
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,5 +25,5 @@ def run(args: argparse.Namespace) -> int:
     from sinkdlm.train import train
 
     cfg = adapt_config(args.init_from, args.config, args.overrides, **shortcuts_of(args))
-    print(training_summary(train(cfg)))
+    report_training(train(cfg))
     return 0

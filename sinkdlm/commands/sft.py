@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import add_recipe_arguments, sft_config, shortcuts_of, training_summary
+from sinkdlm.recipes import add_recipe_arguments, sft_config, shortcuts_of, report_training
 
 SHORTCUTS = ("out", "resume", "overwrite")  # --data is the SFT data here, not a prepared corpus
 
@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = sft_config(args.init_from, args.config, args.overrides, args.data,
                      **shortcuts_of(args, SHORTCUTS))
-    print(training_summary(train(cfg)))
+    report_training(train(cfg))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import add_recipe_arguments, recipe_config, shortcuts_of, training_summary
+from sinkdlm.recipes import add_recipe_arguments, recipe_config, shortcuts_of, report_training
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -14,5 +14,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.train import train
 
-    print(training_summary(train(recipe_config(args.config, args.overrides, **shortcuts_of(args)))))
+    report_training(train(recipe_config(args.config, args.overrides, **shortcuts_of(args))))
     return 0
