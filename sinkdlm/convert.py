@@ -199,11 +199,11 @@ def add_mask_and_sinks(weights: dict[str, Tensor], cfg: ModelConfig, sink_init: 
     if wte is None or wte.shape[0] != cfg.vocab_size:
         raise UserError(f"the token embedding is missing or does not have vocab_size={cfg.vocab_size} rows; "
                         f"the checkpoint is incomplete")
-    real = wte[: n_real_tokens or cfg.vocab_size]
+    real = wte[: n_real_tokens or cfg.vocab_size].float()  # statistics in float32 whatever the weights' dtype
     extra = real.mean(0, keepdim=True) if cfg.mask_token_id is None else wte[cfg.mask_id : cfg.mask_id + 1]
-    weights["wte.weight"] = torch.cat([wte, extra])
+    weights["wte.weight"] = torch.cat([wte, extra.to(wte.dtype)])
     if cfg.sink_tokens:
-        weights["sink"] = sink_vectors(real, cfg.sink_tokens, sink_init, bos_id, seed)
+        weights["sink"] = sink_vectors(real, cfg.sink_tokens, sink_init, bos_id, seed).to(wte.dtype)
     return weights
 
 
@@ -296,12 +296,13 @@ def native_folder(source: str) -> Path | None:
     return folder.hub_snapshot(source) if folder.hub_model_type(source) in NATIVE else None
 
 
-def import_native(path: Path, sink_tokens: int = 0, sink_init: str = "mean", sink_position: str = "front",
-                  block_size: int = SMDM_SEQ_LEN) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
-    """(DLM weights, ModelConfig, tokenizer, EOS id) of a NATIVE model folder."""
+def import_native(path: Path, name: str, sink_tokens: int = 0, sink_init: str = "mean",
+                  sink_position: str = "front", block_size: int = SMDM_SEQ_LEN
+                  ) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
+    """(DLM weights, ModelConfig named `name`, tokenizer, EOS id) of a NATIVE model folder."""
     raw = folder.read_config(path)
     importer = NATIVE[str(raw.get("model_type")).lower()]
-    cfg = dataclasses.replace(importer.model_config(raw, path.name, block_size), sink_tokens=sink_tokens,
+    cfg = dataclasses.replace(importer.model_config(raw, name, block_size), sink_tokens=sink_tokens,
                               sink_position=sink_position, sink_init="zero" if sink_init == "zero" else "learned")
     tokenizer = folder.read_tokenizer(path, importer.tokenizer_class)
     n_real = check_tokenizer(tokenizer, cfg.require_vocab())
@@ -343,7 +344,8 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     native = None if source in KNOWN_GGUF else native_folder(source)
     if native is not None:
-        weights, cfg, tokenizer, eos = import_native(native, sink_tokens, sink_init, sink_position, block_size)
+        name = source.rstrip("/").split("/")[-1]  # a Hub snapshot's own folder is named by its commit
+        weights, cfg, tokenizer, eos = import_native(native, name, sink_tokens, sink_init, sink_position, block_size)
     else:
         weights, cfg, tokenizer, eos = _import_transformers(source, sink_tokens, sink_init, sink_position,
                                                             block_size, cache_dir)

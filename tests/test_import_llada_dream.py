@@ -4,6 +4,7 @@ modelling code (LLaDA's modeling_llada.py, Dream's modeling_dream.py + the logit
 generation_utils.py). Then the converted checkpoint runs generate, eval, eval-gsm8k and analyze.
 Nothing is downloaded."""
 
+import dataclasses
 import json
 import math
 import os
@@ -20,10 +21,11 @@ pytest.importorskip("transformers")  # tokenizer files are read with transformer
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer  # noqa: E402
+from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer, load_weights  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.config import ModelConfig  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
+from sinkdlm.model import DLM  # noqa: E402
 
 PARITY_TOL = 1e-4  # fp32, same maths in another order
 TEXT = ["Question: Which is a planet?\nAnswer: Mars", "The cat sat on the mat.", "Sarah ran home fast.",
@@ -259,6 +261,23 @@ def test_converted_logits_match_the_original_forward(kind, overrides, tmp_path, 
     assert diff <= PARITY_TOL
 
 
+def test_bf16_weights_stay_bf16_in_the_checkpoint_and_match(tmp_path):
+    """The published models are bf16: the checkpoint keeps them so (half of float32's memory and disk)
+    and loading casts them exactly, so the float32 forward still matches."""
+    folder, c, weights = dream_folder(tmp_path)
+    weights = {k: v.bfloat16() for k, v in weights.items()}
+    save_file(weights, str(folder / "model.safetensors"))
+    assert main(["convert", "--from", str(folder), "--out", str(tmp_path / "dlm"), "--sink-tokens", "1"]) == 0
+    saved = load_weights(tmp_path / "dlm")
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16} and "sink" in saved
+    model = DLM(dataclasses.replace(load_config_of(tmp_path / "dlm").model, sink_tokens=0))
+    model.load_state_dict({k: v for k, v in saved.items() if k != "sink"})  # the import without its sink
+    idx = tokens()
+    with torch.no_grad():
+        diff = (model(idx) - dream_reference({k: v.float() for k, v in weights.items()}, c, idx)).abs().max()
+    assert diff <= PARITY_TOL
+
+
 def test_llada_import_keeps_names_ids_and_the_tokenizer(tmp_path):
     folder, c, weights = llada_folder(tmp_path)
     assert main(["convert", "--from", str(folder), "--out", str(tmp_path / "dlm"), "--sink-tokens", "2"]) == 0
@@ -272,6 +291,23 @@ def test_llada_import_keeps_names_ids_and_the_tokenizer(tmp_path):
     wte = weights["model.transformer.wte.weight"]
     assert torch.equal(model.wte.weight[:VOCAB], wte) and torch.equal(model.wte.weight[VOCAB], wte[MASK_ID])
     assert torch.equal(model.sink[0], wte[:BPE_VOCAB].mean(0))  # the mean of the tokenizer's real tokens
+
+
+def test_a_hub_name_is_fetched_as_a_snapshot_of_config_safetensors_and_tokenizer(tmp_path, monkeypatch):
+    """`--from GSAI-ML/LLaDA-8B-Base`: its config.json decides the importer, then only the files it needs
+    (never *.py or *.bin) are downloaded; here the Hub is stood in for by a local folder."""
+    from sinkdlm import convert
+    from sinkdlm.importers import folder as hub
+
+    snapshot, _, _ = llada_folder(tmp_path)
+    fetched = []
+    monkeypatch.setattr(convert, "require_hub", lambda what: None)
+    monkeypatch.setattr(hub, "hub_model_type", lambda name: hub.model_type(snapshot))
+    monkeypatch.setattr(hub, "hub_snapshot", lambda name: fetched.append(name) or snapshot)
+    assert main(["convert", "--from", "GSAI-ML/LLaDA-8B-Base", "--out", str(tmp_path / "dlm")]) == 0
+    assert fetched == ["GSAI-ML/LLaDA-8B-Base"] and load_config_of(tmp_path / "dlm").model.name == "LLaDA-8B-Base"
+    assert load_meta(tmp_path / "dlm")["converted_from"] == "GSAI-ML/LLaDA-8B-Base"
+    assert "*.py" not in hub.HUB_FILES and not any(p.endswith(".bin") for p in hub.HUB_FILES)
 
 
 def test_dream_tokenizer_is_built_from_vocab_and_merges_with_its_special_ids(tmp_path):
