@@ -89,8 +89,8 @@ class ModelConfig:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.mask_token_id is not None and self.vocab_size is not None and \
                 not 0 <= self.mask_token_id < self.vocab_size:
-            raise UserError(f"model.mask_token_id={self.mask_token_id} must be a vocabulary id in 0..{self.vocab_size - 1} "
-                            f"(or null: the mask is the extra row {self.vocab_size})")
+            raise UserError(f"model.mask_token_id={self.mask_token_id} must be a vocabulary id in "
+                            f"0..{self.vocab_size - 1} (or null: the mask is the extra row {self.vocab_size})")
 
     def differences(self, other: ModelConfig, free: frozenset[str]) -> list[str]:
         """Fields outside `free` whose values differ from `other`'s."""

@@ -309,8 +309,8 @@ def import_native(path: Path, name: str, sink_tokens: int = 0, sink_init: str = 
     weights = folder.read_weights(path, lambda key: importer.dlm_name(key, cfg))
     weights = add_mask_and_sinks(weights, cfg, sink_init, n_real, raw.get("bos_token_id"))
     folder.check_weights(weights, cfg, path)
-    eos = raw.get("eos_token_id", getattr(tokenizer, "eos_token_id", None))
-    return weights, cfg, tokenizer, eos
+    eos = raw.get("eos_token_id")
+    return weights, cfg, tokenizer, getattr(tokenizer, "eos_token_id", None) if eos is None else eos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +344,8 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     native = None if source in KNOWN_GGUF else native_folder(source)
     if native is not None:
-        name = source.rstrip("/").split("/")[-1]  # a Hub snapshot's own folder is named by its commit
+        local = Path(source).expanduser()
+        name = local.resolve().name if local.is_dir() else source.split("/")[-1]  # a snapshot's folder is a hash
         weights, cfg, tokenizer, eos = import_native(native, name, sink_tokens, sink_init, sink_position, block_size)
     else:
         weights, cfg, tokenizer, eos = _import_transformers(source, sink_tokens, sink_init, sink_position,
