@@ -327,6 +327,7 @@ def test_dream_tokenizer_is_built_from_vocab_and_merges_with_its_special_ids(tmp
     ("llada", {"block_type": "sequential"}, "block_type"),
     ("llada", {"scale_logits": True}, "scale_logits"),
     ("llada", {"mask_token_id": None}, "mask_token_id"),
+    ("llada", {"multi_query_attention": True}, "multi_query_attention"),  # contradicts n_kv_heads=4
     ("llada", {"model_type": "llada_moe"}, "llada_moe"),
     ("dream", {"hidden_act": "gelu"}, "hidden_act"),
     ("dream", {"use_sliding_window": True}, "use_sliding_window"),

@@ -119,8 +119,8 @@ def read_tokenizer(folder: Path, slow_bpe_class: str | None = None) -> Any:
     elif slow_bpe_class and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         cls = getattr(transformers, slow_bpe_class)
     else:
-        raise UserError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt); fetch the model's "
-                        f"tokenizer files too")
+        wanted = "tokenizer.json" + (" (or vocab.json + merges.txt)" if slow_bpe_class else "")
+        raise UserError(f"{folder} has no {wanted}; fetch the model's tokenizer files too")
     try:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
