@@ -47,7 +47,11 @@ class ModelConfig:
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = IMPLEMENTATION_FIELDS | {"logit_shift", "causal"}
 
     name: str = "tiny"
-    vocab_size: int | None = None  # real vocabulary; None = take it from the data. mask id = vocab_size
+    vocab_size: int | None = None  # real vocabulary; None = take it from the data
+    # the mask token: None = an extra embedding row after the vocabulary, id vocab_size (sinkdlm's own
+    # models); an id inside the vocabulary for imports trained with one (LLaDA 126336, Dream 151666),
+    # whose extra row is then a copy of that id's row that no input uses
+    mask_token_id: int | None = None
     block_size: int = 64  # longest content sequence (sinks not counted)
     n_layer: int = 2
     n_head: int = 2
@@ -83,6 +87,10 @@ class ModelConfig:
             raise UserError(f"model.n_query_groups={self.groups} must divide n_head={self.n_head}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.mask_token_id is not None and self.vocab_size is not None and \
+                not 0 <= self.mask_token_id < self.vocab_size:
+            raise UserError(f"model.mask_token_id={self.mask_token_id} must be a vocabulary id in "
+                            f"0..{self.vocab_size - 1} (or null: the mask is the extra row {self.vocab_size})")
 
     def differences(self, other: ModelConfig, free: frozenset[str]) -> list[str]:
         """Fields outside `free` whose values differ from `other`'s."""
@@ -133,7 +141,8 @@ class ModelConfig:
 
     @property
     def mask_id(self) -> int:
-        return self.require_vocab()
+        vocab = self.require_vocab()
+        return vocab if self.mask_token_id is None else self.mask_token_id
 
     def require_vocab(self) -> int:
         if self.vocab_size is None:

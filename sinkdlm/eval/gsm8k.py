@@ -359,13 +359,16 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: GSM8KSettings, data: s
     """`sinkdlm eval-gsm8k`: score a checkpoint; writes SAMPLES and SUMMARY into the output folder
     (checked before the model loads) and returns (folder, summary)."""
     from sinkdlm.checkpoint import resolve
-    from sinkdlm.sample import load_for_sampling
+    from sinkdlm.sample import CACHE_NEEDS, caches_work, load_for_sampling
 
     if batch_size <= 0:
         raise UserError(f"--batch-size={batch_size} must be > 0")
     folder = output_folder(checkpoint, data, out, overwrite)
     problems = load_problems(data, limit)
     model, tok, eos = load_for_sampling(checkpoint, device)
+    if any(stage.cache != "none" for stage in _stages(settings)) and not caches_work(model):
+        raise UserError(f"{checkpoint} cannot decode with a KV cache (that needs {CACHE_NEEDS}); "
+                        f"pass --exact to decode without the preset's cache and threshold")
     print(plan_line(model, tok, problems, settings, batch_size), file=sys.stderr)
     rows, summary = evaluate(model, tok, eos, problems, settings, batch_size, progress)
     summary = {**summary, "checkpoint": str(resolve(checkpoint)), "preset": preset,

@@ -1,0 +1,147 @@
+"""A published model folder read without running any of its code: config.json as JSON, the weights
+from *.safetensors (one file or shards listed in model.safetensors.index.json) with the safetensors
+library, the tokenizer from its files. Nothing is unpickled and no `trust_remote_code` is needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from sinkdlm.config import ModelConfig
+from sinkdlm.errors import UserError
+from sinkdlm.optional import require
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# what a Hub snapshot needs: config, weights and tokenizer files (never *.py code or pickled *.bin)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable JSON config ({type(e).__name__}); pass a model folder "
+                        f"with its config.json") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} does not hold a JSON object; the folder is damaged")
+    return raw
+
+
+def model_type(folder: Path) -> str | None:
+    """config.json's model_type, lower case (Dream writes "Dream"), or None without a config.json."""
+    if not (folder / CONFIG).is_file():
+        return None
+    kind = read_config(folder).get("model_type")
+    return str(kind).lower() if kind is not None else None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or model.safetensors."""
+    if (folder / INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise UserError(f"{folder / INDEX} has no readable weight_map ({type(e).__name__}); fetch the model "
+                            f"again") from None
+        files = [folder / name for name in shards]
+    else:
+        files = [folder / SINGLE]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        hint = (f"it holds only pickled weights ({pickled[0]}...), which sinkdlm never loads: fetch the "
+                f"*.safetensors files" if pickled else "the download is incomplete, fetch the model again")
+        raise UserError(f"{folder} lacks {missing[0]}; {hint}")
+    return files
+
+
+def read_weights(folder: Path, rename: Callable[[str], str | None]) -> dict[str, Tensor]:
+    """Every tensor of the folder under its sinkdlm name, in its published dtype (bf16 for LLaDA-8B and
+    Dream-7B: half the memory and disk of float32; loading casts to the model's dtype). `rename` gives
+    the name, '' to drop a tensor on purpose, None for a tensor sinkdlm has no place for: all names are
+    checked before any tensor is read, so an unsupported checkpoint is refused at once."""
+    files = weight_files(folder)
+    names = {f: _keys(f) for f in files}
+    unknown = [key for keys in names.values() for key in keys if rename(key) is None]
+    if unknown:
+        raise UserError(f"{folder} has weights sinkdlm has no place for ({unknown[:3]}); this checkpoint's "
+                        f"architecture is not the one its config.json names, or a variant sinkdlm does not import")
+    out: dict[str, Tensor] = {}
+    for f, keys in names.items():
+        with safe_open(str(f), framework="pt") as reader:
+            for key in keys:
+                name = rename(key)
+                if name:
+                    out[name] = reader.get_tensor(key)
+    return out
+
+
+def _keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            return list(reader.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); fetch it "
+                        f"again") from None
+
+
+def check_weights(weights: dict[str, Tensor], cfg: ModelConfig, folder: Path) -> None:
+    """The converted weights must be exactly the DLM's (names and shapes), checked on the meta device
+    so that an 8B model is not built twice in memory."""
+    from sinkdlm.model import DLM
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DLM(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    problems = [f"lacks {k}" for k in expected if k not in got]
+    problems += [f"has {k} of shape {got[k]} where its config needs {expected[k]}"
+                 for k in expected if k in got and got[k] != expected[k]]
+    problems += [f"has an unexpected {k}" for k in got if k not in expected]
+    if problems:
+        raise UserError(f"{folder} {problems[0]}; the weights do not match config.json (a damaged or mixed "
+                        f"download): fetch the model again")
+
+
+def read_tokenizer(folder: Path, slow_bpe_class: str | None = None) -> Any:
+    """The folder's fast tokenizer: from tokenizer.json, or built from vocab.json + merges.txt by
+    transformers' `slow_bpe_class` (a model whose own tokenizer class is remote code, e.g. Dream's)."""
+    transformers = require("transformers", "reading a model folder's tokenizer")
+    if (folder / "tokenizer.json").is_file():
+        cls = transformers.PreTrainedTokenizerFast
+    elif slow_bpe_class and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        cls = getattr(transformers, slow_bpe_class)
+    else:
+        wanted = "tokenizer.json" + (" (or vocab.json + merges.txt)" if slow_bpe_class else "")
+        raise UserError(f"{folder} has no {wanted}; fetch the model's tokenizer files too")
+    try:
+        return cls.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the tokenizer in {folder} ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0]}); fetch the model's tokenizer files again") from None
+
+
+def hub_snapshot(name: str) -> Path:
+    """A Hub model's config, safetensors and tokenizer files, downloaded (or found in the HF cache)."""
+    hub = require("huggingface_hub", "downloading a model from the Hugging Face Hub")
+    try:
+        return Path(hub.snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # the Hub client raises many types (HTTP, auth, not found)
+        raise UserError(f"could not download {name} from the Hub ({type(e).__name__}); check the name and "
+                        f"the network, or pass a local folder") from None
+
+
+def hub_model_type(name: str) -> str | None:
+    """The model_type of a Hub model's config.json (one small file), or None when it cannot be read."""
+    hub = require("huggingface_hub", "reading a model's config from the Hugging Face Hub")
+    try:
+        return model_type(Path(hub.hf_hub_download(name, CONFIG)).parent)
+    except Exception:  # left to transformers, whose loader words its own errors
+        return None
