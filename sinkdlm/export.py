@@ -1,44 +1,197 @@
-"""A self-contained folder to publish a checkpoint: weights, config, tokenizer, meta and a model card.
+"""A folder to publish a checkpoint, which transformers loads as it loads LLaDA and Dream.
 
-The folder holds model.safetensors (bit-identical weights, no trainer state), config.json (the
-resolved Config), tokenizer.json, meta.json and a README.md model card. `sinkdlm.checkpoint.load_model`
-loads it by path (it reads config.json when there is no config.yaml).
+`AutoModel.from_pretrained(folder, trust_remote_code=True)` needs only torch and transformers: the
+folder ships sinkdlm's own model.py and attention.py (as sinkdlm_model.py / sinkdlm_attention.py,
+their sinkdlm imports made relative: the one forward, never a second copy) beside a thin
+PreTrainedModel wrapper and a PretrainedConfig (sinkdlm/hf_code/). It also holds model.safetensors
+(the weights, bit-identical, under the wrapper's `model.` prefix), config.json (see hf_format),
+tokenizer.json + tokenizer_config.json for AutoTokenizer (the mask token added at the mask id),
+meta.json and a README.md model card. `sinkdlm.checkpoint.load_model` loads the folder too, and
+`sinkdlm convert --from FOLDER` turns it back into a checkpoint (`import_export`).
+
+The folder is written beside its target under a hidden name and renamed into place once complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from sinkdlm.checkpoint import CONFIG_JSON, META, TOKENIZER, WEIGHTS, load_config_of, load_meta, resolve
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
+
+from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, list_checkpoints,
+                                load_config_of, load_meta, load_weights, resolve, save_checkpoint)
 from sinkdlm.config import Config
 from sinkdlm.errors import UserError
+from sinkdlm.files import use_umask
+from sinkdlm.hf_format import CONFIG_FILE_CODE, MODELING_FILE_CODE, hf_config, hf_weights
 
 CARD = "README.md"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+PACKAGE = Path(__file__).parent
+WRAPPER_CODE = PACKAGE / "hf_code"  # configuration_sinkdlm.py and modeling_sinkdlm.py, shipped as they are
+# sinkdlm module -> the file it is shipped as
+SHIPPED_MODULES = {"model": "sinkdlm_model", "attention": "sinkdlm_attention"}
+# whole import lines of the shipped modules -> their form inside the exported folder
+IMPORT_REWRITES = {
+    "from sinkdlm import attention": f"from . import {SHIPPED_MODULES['attention']} as attention",
+    "from sinkdlm.config import ModelConfig": f"from .{CONFIG_FILE_CODE} import SinkDLMConfig as ModelConfig",
+}
+SINKDLM_IMPORT = re.compile(r"^\s*(?:from|import)\s+sinkdlm\b.*$", re.MULTILINE)
+MASK_TOKEN = "<|sinkdlm_mask|>"
+RESERVED_TOKEN = "<|sinkdlm_reserved_{}|>"  # fills the ids between the tokenizer's last one and the mask id
+ADDED_TOKEN = re.compile(r"<\|sinkdlm_(?:mask|reserved_\d+)\|>")
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the folder `out_dir` (refusing to delete anything that is not an earlier export); returns it."""
+    """Write the folder `out_dir` (refusing to replace anything but an earlier export); returns it."""
     ckpt, out = resolve(checkpoint), Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pick another --out or pass --overwrite")
-    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
-        raise UserError(f"--out {out} contains the checkpoint; pick another folder")
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG_JSON).is_file():
-        raise UserError(f"{out} holds files but no earlier export; refusing to delete it, pick another --out")
+    check_out(ckpt, out, overwrite)
     cfg, meta = load_config_of(ckpt), load_meta(ckpt)
     if not (ckpt / TOKENIZER).is_file():
         raise UserError(f"checkpoint {ckpt} has no {TOKENIZER}; a published model needs its tokenizer")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    shutil.copyfile(ckpt / WEIGHTS, out / WEIGHTS)
-    shutil.copyfile(ckpt / TOKENIZER, out / TOKENIZER)
-    (out / CONFIG_JSON).write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / META).write_text(json.dumps({**meta, "exported_from": str(ckpt)}, indent=2))
-    (out / CARD).write_text(model_card(cfg, meta))
+    tokenizer, tokenizer_config = hf_tokenizer(Tokenizer.from_file(str(ckpt / TOKENIZER)), cfg, meta.get("eos_id"))
+    weights = load_weights(ckpt)
+    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    files = {CONFIG_JSON: json.dumps(hf_config(cfg, dtype, meta.get("eos_id")), indent=2),
+             TOKENIZER: tokenizer.to_str(), TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=2),
+             META: json.dumps({**meta, "exported_from": str(ckpt)}, indent=2), CARD: model_card(cfg, meta),
+             **shipped_code()}
+    return write_folder(out, files, hf_weights(weights))
+
+
+def check_out(ckpt: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds the checkpoint, lies inside it, or holds files but no earlier export."""
+    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise UserError(f"--out {out} contains the checkpoint; pick another folder")
+    if ckpt.resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} is inside the checkpoint {ckpt}, which is never changed; pick another folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pick a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} exists and is not empty; pick another --out or pass --overwrite")
+        if not is_export(out):
+            raise UserError(f"{out} holds files but no earlier export; refusing to delete it, pick another --out")
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether `folder` was written by `sinkdlm export`: its meta.json names the checkpoint it came from
+    (so an --out that is any other model folder is never replaced, and `convert --from` knows it)."""
+    try:
+        return "exported_from" in json.loads((Path(folder) / META).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def write_folder(out: Path, files: dict[str, str], weights: dict[str, Any]) -> Path:
+    """Write `files` and model.safetensors beside `out` under a hidden name, then rename it into place
+    (an earlier export there is moved aside first and deleted last)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, trash = out.parent / f"{TMP_PREFIX}{out.name}", out.parent / f"{TRASH_PREFIX}{out.name}"
+    for leftover in (tmp, trash):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        use_umask(tmp / WEIGHTS)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            os.replace(out, trash)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the code transformers runs
+
+
+def shipped_source(module: str) -> str:
+    """sinkdlm/<module>.py with its sinkdlm imports made relative to the exported folder."""
+    text = (PACKAGE / f"{module}.py").read_text(encoding="utf-8")
+    for line, relative in IMPORT_REWRITES.items():
+        text = re.sub(rf"^{re.escape(line)}$", relative, text, flags=re.MULTILINE)
+    left = SINKDLM_IMPORT.search(text)
+    if left:  # a developer error: the export would need all of sinkdlm
+        raise RuntimeError(f"sinkdlm/{module}.py has `{left.group(0).strip()}`, which an exported folder cannot "
+                           f"satisfy; give it a relative form in sinkdlm.export.IMPORT_REWRITES")
+    return text
+
+
+def shipped_code() -> dict[str, str]:
+    """File name -> text of every Python file of the exported folder."""
+    code = {f"{name}.py": shipped_source(module) for module, name in SHIPPED_MODULES.items()}
+    for name in (CONFIG_FILE_CODE, MODELING_FILE_CODE):
+        code[f"{name}.py"] = (WRAPPER_CODE / f"{name}.py").read_text(encoding="utf-8")
+    return code
+
+
+# ----------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def hf_tokenizer(tokenizer: Tokenizer, cfg: Config, eos_id: int | None) -> tuple[Tokenizer, dict[str, Any]]:
+    """The tokenizer with the mask token added at the mask id (reserved tokens fill any gap below it),
+    and the tokenizer_config.json AutoTokenizer reads its special tokens from."""
+    mask_id, size = cfg.model.mask_id, tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > mask_id:
+        raise UserError(f"the checkpoint's tokenizer has {size} tokens but the model only {mask_id}; "
+                        f"they do not belong together, copy the right tokenizer.json into the checkpoint")
+    added = [RESERVED_TOKEN.format(i) for i in range(size, mask_id)] + [MASK_TOKEN]
+    clash = [token for token in added if tokenizer.token_to_id(token) is not None]
+    if clash:
+        raise UserError(f"the tokenizer already has a token {clash[0]!r}, which export adds; rename it")
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in added])
+    if tokenizer.token_to_id(MASK_TOKEN) != mask_id:
+        raise UserError(f"could not give the mask token id {mask_id} in the tokenizer (it got "
+                        f"{tokenizer.token_to_id(MASK_TOKEN)}); the tokenizer's ids have gaps")
+    eos = tokenizer.id_to_token(eos_id) if eos_id is not None else None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "mask_token": MASK_TOKEN, "eos_token": eos,
+              "pad_token": eos, "model_max_length": cfg.model.block_size, "clean_up_tokenization_spaces": False}
+    return tokenizer, {key: value for key, value in config.items() if value is not None}
+
+
+def sinkdlm_tokenizer(hf_tokenizer_json: str) -> str:
+    """The inverse of hf_tokenizer: the tokenizer without the tokens export added."""
+    data = json.loads(hf_tokenizer_json)
+    data["added_tokens"] = [t for t in data["added_tokens"] if not ADDED_TOKEN.fullmatch(t["content"])]
+    return Tokenizer.from_str(json.dumps(data)).to_str()
+
+
+# ----------------------------------------------------------------------------------------------
+# back to a checkpoint
+
+
+def import_export(folder: str | Path, out_dir: str | Path, sink_tokens: int = 0) -> Path:
+    """`sinkdlm convert --from FOLDER`: an exported folder back into a checkpoint in the run folder
+    `out_dir`, with the weights, Config, meta and tokenizer it was exported from."""
+    if sink_tokens:
+        raise UserError(f"{folder} is a sinkdlm export, converted back as it is (its sinks included); "
+                        f"drop --sink-tokens")
+    if list_checkpoints(out_dir):
+        raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
+    cfg, meta, weights = load_config_of(folder), load_meta(folder), load_weights(folder)
+    step = int(meta.get("step", 0))
+    meta = {key: value for key, value in meta.items() if key not in ("exported_from", "step")}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(tmp) / TOKENIZER
+        tokenizer.write_text(sinkdlm_tokenizer((Path(folder) / TOKENIZER).read_text(encoding="utf-8")),
+                             encoding="utf-8")
+        return save_checkpoint(out_dir, step, weights, cfg, {**meta, "imported_from": str(folder)}, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model card
 
 
 def variant(cfg: Config, meta: dict[str, Any]) -> str:
@@ -63,26 +216,41 @@ def training_budget(cfg: Config, meta: dict[str, Any]) -> str:
 def model_card(cfg: Config, meta: dict[str, Any]) -> str:
     m = cfg.model
     start = meta.get("converted_from") or cfg.train.init_from or "random initialisation"
+    shift = " Logits are shifted (logit_shift: position i predicts token i+1, as Dream does)." if m.logit_shift else ""
     return f"""# {m.name}: masked diffusion language model ({variant(cfg, meta)})
 
 Made with [sinkdlm](https://arxiv.org/abs/2601.19657) (masked diffusion LM with sink tokens).
 
 - Variant: {variant(cfg, meta)}
 - Architecture: {m.n_layer} layers, {m.n_head} heads ({m.groups} KV groups, head dim {m.hd}), width {m.n_embd},
-  MLP {m.intermediate_size}, vocabulary {m.vocab_size} (+1 mask token, id {m.mask_id}),
+  MLP {m.intermediate_size}, vocabulary {m.vocab_size} (+1 mask token `{MASK_TOKEN}`, id {m.mask_id}),
   {m.non_embedding_params():,} non-embedding parameters
 - Starting point: {start}
 - Training budget: {training_budget(cfg, meta)}
 - End-of-sequence id: {meta.get("eos_id")}
 
-## Files
-`model.safetensors` (weights), `config.json` (the full sinkdlm config),
-`tokenizer.json` (a `tokenizers` tokenizer), `meta.json` (step, eos id, provenance).
+## Use with transformers (torch and transformers only; sinkdlm need not be installed)
+```python
+from transformers import AutoModel, AutoTokenizer
+model = AutoModel.from_pretrained("<this folder>", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+logits = model(**tokenizer(["some text"], return_tensors="pt")).logits  # (batch, length, {m.vocab_size})
+```
+A masked diffusion LM: put the mask token where text is to be predicted; every position sees every
+other (bidirectional attention), so it is not a left-to-right model and `generate()` does not apply.{shift}
 
-## Use
-Every `sinkdlm` command that takes a checkpoint takes this folder (see `sinkdlm --help`); from Python:
+## Use with sinkdlm
+Every `sinkdlm` command that takes a checkpoint takes this folder (see `sinkdlm --help`);
+`sinkdlm convert --from <this folder> --out RUN` turns it back into a checkpoint. From Python:
 ```python
 from sinkdlm.checkpoint import load_model, load_tokenizer
 model, cfg = load_model("<this folder>")
 ```
+
+## Files
+`model.safetensors` (weights: sinkdlm's names under `model.`), `config.json` (a transformers config
+holding every sinkdlm model setting, the rest of the run's config under `sinkdlm_config`),
+`{CONFIG_FILE_CODE}.py` and `{MODELING_FILE_CODE}.py` (the transformers classes), `sinkdlm_model.py`
+and `sinkdlm_attention.py` (sinkdlm's own model code, copied), `tokenizer.json` and
+`{TOKENIZER_CONFIG}` (the tokenizer with the mask token), `meta.json` (step, eos id, provenance).
 """
