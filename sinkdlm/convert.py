@@ -24,7 +24,6 @@ from sinkdlm.checkpoint import list_checkpoints, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
-from sinkdlm.export import import_export, is_export
 from sinkdlm.optional import require
 
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly
@@ -271,6 +270,8 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     start = time.perf_counter()
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
+    from sinkdlm.export import import_export, is_export  # here: export reads this module's Llama names
+
     if is_export(source):  # a folder `sinkdlm export` wrote: its own checkpoint back, sinks and all
         return import_export(source, out_dir, sink_tokens), time.perf_counter() - start
     if source in KNOWN_GGUF:

@@ -22,15 +22,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
 from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, list_checkpoints,
                                 load_config_of, load_meta, load_weights, resolve, save_checkpoint)
-from sinkdlm.config import Config
+from sinkdlm.config import Config, ModelConfig
+from sinkdlm.convert import LAYER_NAMES
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
-from sinkdlm.hf_format import CONFIG_FILE_CODE, MODELING_FILE_CODE, hf_config, hf_weights
+from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, MODELING_FILE_CODE, hf_config, hf_weights
+from sinkdlm.optional import require
 
 CARD = "README.md"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -47,22 +50,30 @@ SINKDLM_IMPORT = re.compile(r"^\s*(?:from|import)\s+sinkdlm\b.*$", re.MULTILINE)
 MASK_TOKEN = "<|sinkdlm_mask|>"
 RESERVED_TOKEN = "<|sinkdlm_reserved_{}|>"  # fills the ids between the tokenizer's last one and the mask id
 ADDED_TOKEN = re.compile(r"<\|sinkdlm_(?:mask|reserved_\d+)\|>")
+LLAMA_TYPE = "llama"
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the folder `out_dir` (refusing to replace anything but an earlier export); returns it."""
+def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False, llama: bool = False) -> Path:
+    """Write the folder `out_dir` (refusing to replace anything but an earlier export); returns it.
+    llama: the plain variant's weights in LlamaForCausalLM's names and config instead (see llama_card)."""
     ckpt, out = resolve(checkpoint), Path(out_dir)
     check_out(ckpt, out, overwrite)
     cfg, meta = load_config_of(ckpt), load_meta(ckpt)
+    if llama:
+        check_llama(cfg.model)
     if not (ckpt / TOKENIZER).is_file():
         raise UserError(f"checkpoint {ckpt} has no {TOKENIZER}; a published model needs its tokenizer")
     tokenizer, tokenizer_config = hf_tokenizer(Tokenizer.from_file(str(ckpt / TOKENIZER)), cfg, meta.get("eos_id"))
     weights = load_weights(ckpt)
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    files = {CONFIG_JSON: json.dumps(hf_config(cfg, dtype, meta.get("eos_id")), indent=2),
-             TOKENIZER: tokenizer.to_str(), TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=2),
-             META: json.dumps({**meta, "exported_from": str(ckpt)}, indent=2), CARD: model_card(cfg, meta),
-             **shipped_code()}
+    files = {TOKENIZER: tokenizer.to_str(), TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=2),
+             META: json.dumps({**meta, "exported_from": str(ckpt)}, indent=2)}
+    if llama:
+        files.update({CONFIG_JSON: json.dumps(llama_config(cfg, dtype, meta.get("eos_id")), indent=2),
+                      CARD: model_card(cfg, meta) + llama_card(cfg)})
+        return write_folder(out, files, llama_weights(weights, cfg.model))
+    files.update({CONFIG_JSON: json.dumps(hf_config(cfg, dtype, meta.get("eos_id")), indent=2),
+                  CARD: model_card(cfg, meta) + transformers_card(cfg), **shipped_code()})
     return write_folder(out, files, hf_weights(weights))
 
 
@@ -169,6 +180,63 @@ def sinkdlm_tokenizer(hf_tokenizer_json: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# the plain variant in Llama's layout
+
+
+def check_llama(m: ModelConfig) -> None:
+    """A UserError naming what LlamaForCausalLM cannot hold (anything but the plain variant)."""
+    extras = {"sink tokens": m.sink_tokens > 0, f"attn_gate={m.attn_gate}": m.attn_gate != "none",
+              "logit_shift": m.logit_shift, "q/k/v biases (a Qwen2 layout)": m.qkv_bias}
+    found = [name for name, present in extras.items() if present]
+    if found:
+        raise UserError(f"--llama holds only the plain variant, and this model has {', '.join(found)}; "
+                        f"export it without --llama (transformers loads that form with trust_remote_code=True)")
+
+
+def llama_names(m: ModelConfig) -> dict[str, str]:
+    """DLM name -> LlamaForCausalLM name of every weight of the plain model `m` (convert's table, reversed)."""
+    names = {"wte.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not m.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(m.n_layer):
+        names.update({f"blocks.{i}.{ours}": f"model.layers.{i}.{theirs}" for theirs, ours in LAYER_NAMES.items()
+                      if not theirs.endswith("bias")})
+    return names
+
+
+def llama_weights(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama's names; the LM head gains a zero row for the mask token, so that it has as many rows as the
+    embedding (Llama has one vocab_size for both; the mask's logit is no prediction)."""
+    names = llama_names(m)
+    out = {names[name]: tensor for name, tensor in weights.items()}
+    if "lm_head.weight" in out:
+        out["lm_head.weight"] = torch.cat([out["lm_head.weight"], out["lm_head.weight"].new_zeros(1, m.n_embd)])
+    return out
+
+
+def weights_from_llama(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of llama_weights."""
+    ours = {theirs: name for name, theirs in llama_names(m).items()}
+    out = {ours[name]: tensor for name, tensor in weights.items()}
+    if "lm_head.weight" in out:
+        out["lm_head.weight"] = out["lm_head.weight"][: m.mask_id]
+    return out
+
+
+def llama_config(cfg: Config, dtype: str, eos_id: int | None) -> dict[str, Any]:
+    """A standard Llama config.json (vocab_size counts the mask row) plus the whole Config under CONFIG_KEY."""
+    transformers = require("transformers", "sinkdlm export --llama")
+    m = cfg.model
+    config = transformers.LlamaConfig(
+        vocab_size=m.mask_id + 1, hidden_size=m.n_embd, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.groups, head_dim=m.hd,
+        max_position_embeddings=m.block_size, rms_norm_eps=m.norm_eps, rope_theta=m.rope_base,
+        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, architectures=["LlamaForCausalLM"])
+    return {**config.to_dict(), "dtype": dtype, "mask_token_id": m.mask_id, CONFIG_KEY: cfg.to_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
 # back to a checkpoint
 
 
@@ -181,6 +249,8 @@ def import_export(folder: str | Path, out_dir: str | Path, sink_tokens: int = 0)
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     cfg, meta, weights = load_config_of(folder), load_meta(folder), load_weights(folder)
+    if json.loads((Path(folder) / CONFIG_JSON).read_text()).get("model_type") == LLAMA_TYPE:
+        weights = weights_from_llama(weights, cfg.model)
     step = int(meta.get("step", 0))
     meta = {key: value for key, value in meta.items() if key not in ("exported_from", "step")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,9 +284,9 @@ def training_budget(cfg: Config, meta: dict[str, Any]) -> str:
 
 
 def model_card(cfg: Config, meta: dict[str, Any]) -> str:
+    """What every card says: the variant, its size, where it started and what training it had."""
     m = cfg.model
     start = meta.get("converted_from") or cfg.train.init_from or "random initialisation"
-    shift = " Logits are shifted (logit_shift: position i predicts token i+1, as Dream does)." if m.logit_shift else ""
     return f"""# {m.name}: masked diffusion language model ({variant(cfg, meta)})
 
 Made with [sinkdlm](https://arxiv.org/abs/2601.19657) (masked diffusion LM with sink tokens).
@@ -228,29 +298,58 @@ Made with [sinkdlm](https://arxiv.org/abs/2601.19657) (masked diffusion LM with 
 - Starting point: {start}
 - Training budget: {training_budget(cfg, meta)}
 - End-of-sequence id: {meta.get("eos_id")}
+"""
 
-## Use with transformers (torch and transformers only; sinkdlm need not be installed)
+
+def transformers_card(cfg: Config) -> str:
+    m = cfg.model
+    attention = "causal attention (a parity-check model)" if m.causal else \
+        "bidirectional attention (every position sees every other)"
+    shift = " Logits are shifted (logit_shift: position i predicts token i+1, as in Dream)." if m.logit_shift else ""
+    return f"""
+## Use with transformers (needs torch and transformers only, not sinkdlm)
 ```python
 from transformers import AutoModel, AutoTokenizer
 model = AutoModel.from_pretrained("<this folder>", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>", trust_remote_code=True)
 logits = model(**tokenizer(["some text"], return_tensors="pt")).logits  # (batch, length, {m.vocab_size})
 ```
-A masked diffusion LM: put the mask token where text is to be predicted; every position sees every
-other (bidirectional attention), so it is not a left-to-right model and `generate()` does not apply.{shift}
+A masked diffusion LM with {attention}. Put the mask token where text is to be
+predicted and read the logits there; it is no left-to-right model, so `generate()` does not
+apply.{shift} The model code is sinkdlm's own (`sinkdlm_model.py`, `sinkdlm_attention.py`, copied at
+export).
 
 ## Use with sinkdlm
-Every `sinkdlm` command that takes a checkpoint takes this folder (see `sinkdlm --help`);
+Every `sinkdlm` command that takes a checkpoint takes this folder (see `sinkdlm --help`), and
 `sinkdlm convert --from <this folder> --out RUN` turns it back into a checkpoint. From Python:
 ```python
-from sinkdlm.checkpoint import load_model, load_tokenizer
+from sinkdlm.checkpoint import load_model
 model, cfg = load_model("<this folder>")
 ```
 
 ## Files
 `model.safetensors` (weights: sinkdlm's names under `model.`), `config.json` (a transformers config
-holding every sinkdlm model setting, the rest of the run's config under `sinkdlm_config`),
+holding every sinkdlm model setting; the rest of the run's config under `{CONFIG_KEY}`),
 `{CONFIG_FILE_CODE}.py` and `{MODELING_FILE_CODE}.py` (the transformers classes), `sinkdlm_model.py`
-and `sinkdlm_attention.py` (sinkdlm's own model code, copied), `tokenizer.json` and
-`{TOKENIZER_CONFIG}` (the tokenizer with the mask token), `meta.json` (step, eos id, provenance).
+and `sinkdlm_attention.py`, `tokenizer.json` and `{TOKENIZER_CONFIG}` (the tokenizer with the mask
+token), `meta.json` (step, eos id, provenance).
+"""
+
+
+def llama_card(cfg: Config) -> str:
+    m = cfg.model
+    return f"""
+## Llama layout: the weights are right, Llama's attention is not
+This folder holds the weights in `LlamaForCausalLM`'s names and config, for tools that know only
+standard architectures. **This model's attention is {"causal" if m.causal else "bidirectional"}**; transformers'
+Llama code runs attention causally, so `LlamaForCausalLM` computes other logits than this model does
+(those of the same weights with causal attention). The config's `vocab_size` ({m.mask_id + 1}) counts the
+mask token (`mask_token_id` {m.mask_id}); the LM head's row for it is zero: that logit is no prediction.
+To run the model as it was trained, turn the folder back into a checkpoint with
+`sinkdlm convert --from <this folder> --out RUN`, or export it without `--llama`.
+
+## Files
+`model.safetensors` (Llama names), `config.json` (a Llama config; the whole sinkdlm config under
+`{CONFIG_KEY}`), `tokenizer.json` and `{TOKENIZER_CONFIG}` (the tokenizer with the mask token),
+`meta.json` (step, eos id, provenance).
 """

@@ -53,8 +53,8 @@ def hf_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def dlm_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """DLM names of an export's weights; other weights unchanged (DLM has no module called `model`, so
-    the prefix is unambiguous, and exports made before it existed load as they are)."""
-    if weights and all(name.startswith(WEIGHT_PREFIX) for name in weights):
+    """DLM names of an export's weights; other weights unchanged (every DLM has a `wte`, and exports
+    made before the prefix existed load as they are)."""
+    if f"{WEIGHT_PREFIX}wte.weight" in weights:
         return {name.removeprefix(WEIGHT_PREFIX): tensor for name, tensor in weights.items()}
     return weights

@@ -267,3 +267,37 @@ def test_an_export_made_before_the_transformers_layout_still_loads_and_converts(
     assert cfg == load_config_of(ckpt)
     assert main(["convert", "--from", str(old), "--out", str(tmp_path / "back")]) == 0
     assert export(old, tmp_path / "new").is_dir()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_layout_loads_into_llama_and_converts_back(tmp_path, tie):
+    ckpt = random_checkpoint(tmp_path, "plain", n_head=4, n_query_groups=2, tie_embeddings=tie)
+    folder = tmp_path / "llama"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(folder), "--llama"]) == 0
+    llama, info = transformers.LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        theirs, causal, bidirectional = llama(ids).logits, load_model(ckpt, causal=True)[0](ids), load_model(ckpt)[0](ids)
+    assert theirs.shape == (2, 8, VOCAB + 1)  # the mask token's column is no prediction
+    assert (theirs[..., :VOCAB] - causal).abs().max() < 1e-4  # the weights are ours; Llama attends causally
+    assert not torch.allclose(theirs[..., :VOCAB], bidirectional, atol=1e-2)  # what the card warns of
+    assert "attention is bidirectional" in (folder / "README.md").read_text().replace("**", "")
+
+    back = tmp_path / "back"
+    assert main(["convert", "--from", str(folder), "--out", str(back)]) == 0
+    (model, cfg), (again, cfg_again) = load_model(ckpt), load_model(back)
+    assert cfg_again == cfg
+    state, state_again = model.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
+
+
+@pytest.mark.parametrize("model,named", [(dict(sink_tokens=1), "sink tokens"),
+                                         (dict(attn_gate="headwise"), "attn_gate=headwise"),
+                                         (dict(logit_shift=True), "logit_shift")])
+def test_llama_layout_refuses_what_llama_cannot_hold(tmp_path, capsys, model, named):
+    ckpt = random_checkpoint(tmp_path, "run", **model)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "llama"), "--llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "without --llama" in err[0]
+    assert not (tmp_path / "llama").exists()
