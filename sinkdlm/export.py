@@ -33,6 +33,7 @@ from sinkdlm.convert import LAYER_NAMES
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
 from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, MODELING_FILE_CODE, hf_config, hf_weights
+from sinkdlm.model import DLM
 from sinkdlm.optional import require
 
 CARD = "README.md"
@@ -114,9 +115,15 @@ def write_folder(out: Path, files: dict[str, str], weights: dict[str, Any]) -> P
         use_umask(tmp / WEIGHTS)
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
+        earlier = out.exists()
+        if earlier:
             os.replace(out, trash)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if earlier:  # put the earlier export back
+                os.replace(trash, out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(trash, ignore_errors=True)
@@ -164,8 +171,8 @@ def hf_tokenizer(tokenizer: Tokenizer, cfg: Config, eos_id: int | None) -> tuple
         raise UserError(f"the tokenizer already has a token {clash[0]!r}, which export adds; rename it")
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in added])
     if tokenizer.token_to_id(MASK_TOKEN) != mask_id:
-        raise UserError(f"could not give the mask token id {mask_id} in the tokenizer (it got "
-                        f"{tokenizer.token_to_id(MASK_TOKEN)}); the tokenizer's ids have gaps")
+        raise UserError(f"the mask token got id {tokenizer.token_to_id(MASK_TOKEN)} in the tokenizer, not the "
+                        f"model's mask id {mask_id}: the tokenizer's ids have gaps; export needs contiguous ids")
     eos = tokenizer.id_to_token(eos_id) if eos_id is not None else None
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "mask_token": MASK_TOKEN, "eos_token": eos,
               "pad_token": eos, "model_max_length": cfg.model.block_size, "clean_up_tokenization_spaces": False}
@@ -217,7 +224,7 @@ def llama_weights(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str,
 def weights_from_llama(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of llama_weights."""
     ours = {theirs: name for name, theirs in llama_names(m).items()}
-    out = {ours[name]: tensor for name, tensor in weights.items()}
+    out = {ours.get(name, name): tensor for name, tensor in weights.items()}  # import_export names strays
     if "lm_head.weight" in out:
         out["lm_head.weight"] = out["lm_head.weight"][: m.mask_id]
     return out
@@ -248,9 +255,12 @@ def import_export(folder: str | Path, out_dir: str | Path, sink_tokens: int = 0)
                         f"drop --sink-tokens")
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
+    if not (Path(folder) / TOKENIZER).is_file():
+        raise UserError(f"the exported folder {folder} has no {TOKENIZER}; export the checkpoint again")
     cfg, meta, weights = load_config_of(folder), load_meta(folder), load_weights(folder)
     if json.loads((Path(folder) / CONFIG_JSON).read_text()).get("model_type") == LLAMA_TYPE:
         weights = weights_from_llama(weights, cfg.model)
+    check_weights(weights, cfg.model, folder)
     step = int(meta.get("step", 0))
     meta = {key: value for key, value in meta.items() if key not in ("exported_from", "step")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,6 +268,17 @@ def import_export(folder: str | Path, out_dir: str | Path, sink_tokens: int = 0)
         tokenizer.write_text(sinkdlm_tokenizer((Path(folder) / TOKENIZER).read_text(encoding="utf-8")),
                              encoding="utf-8")
         return save_checkpoint(out_dir, step, weights, cfg, {**meta, "imported_from": str(folder)}, tokenizer)
+
+
+def check_weights(weights: dict[str, torch.Tensor], m: ModelConfig, folder: str | Path) -> None:
+    """A UserError unless `weights` are exactly the tensors (names, shapes) of a DLM built from `m`."""
+    with torch.device("meta"):  # shapes only, whatever the model's size
+        expected = {name: tuple(t.shape) for name, t in DLM(m).state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in weights.items()}
+    if got != expected:
+        name = sorted(set(got) ^ set(expected) or [k for k in got if got[k] != expected[k]])[0]
+        raise UserError(f"{Path(folder) / WEIGHTS} does not match its config.json ({name}: {got.get(name)} where "
+                        f"{expected.get(name)} is expected); the folder was edited, export the checkpoint again")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from sinkdlm import export as export_module  # noqa: E402
@@ -76,6 +76,9 @@ LOADER = textwrap.dedent("""
                         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                         "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                         "modules": sorted(m for m in sys.modules if m.split(".")[0] == "sinkdlm")}
+    # without trust_remote_code too (transformers 5 then asks about the model's code, hears no, and
+    # still loads the tokenizer)
+    report["plain_tokenizer_mask_id"] = AutoTokenizer.from_pretrained(folders["plain"]).mask_token_id
     save_file({k: v.contiguous() for k, v in logits.items()}, out + ".safetensors")
     with open(out + ".json", "w") as f:
         json.dump(report, f)
@@ -139,7 +142,7 @@ def test_every_variant_loads_in_transformers_without_sinkdlm(tmp_path):
         assert got["modules"] == []  # nothing of sinkdlm's package was imported
         assert (got["mask_token_id"], got["eos_token_id"], got["pad_token_id"]) == (VOCAB, 0, 0)
         assert got["input_ids"] == [[5, 7, VOCAB], [9, 0, 0]] and got["attention_mask"] == [[1, 1, 1], [1, 0, 0]]
-    assert theirs["plain"].shape == (2, 8, VOCAB)
+    assert theirs["plain"].shape == (2, 8, VOCAB) and report["plain_tokenizer_mask_id"] == VOCAB
 
 
 def test_shipped_model_code_is_sinkdlms_own(tmp_path):
@@ -221,6 +224,11 @@ def test_convert_from_the_export_gives_the_checkpoint_back(tmp_path, name):
     assert all(torch.equal(state[k], exported.state_dict()[k]) for k in state)
     with pytest.raises(UserError, match="drop --sink-tokens"):
         export_module.import_export(folder, tmp_path / "other", sink_tokens=1)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match=r"does not match its config.json \(norm.weight: None where"):
+        export_module.import_export(folder, tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
 
 
 def test_an_earlier_export_is_replaced_whole_and_other_folders_never(tmp_path, monkeypatch):
