@@ -22,7 +22,7 @@ CONFIG_FILE_CODE, MODELING_FILE_CODE = "configuration_sinkdlm", "modeling_sinkdl
 # LLaDA and Dream publish their models under AutoModel; a masked diffusion LM is a masked LM, not a causal one
 AUTO_MAP = {"AutoConfig": f"{CONFIG_FILE_CODE}.SinkDLMConfig", "AutoModel": f"{MODELING_FILE_CODE}.{MODEL_CLASS}",
             "AutoModelForMaskedLM": f"{MODELING_FILE_CODE}.{MODEL_CLASS}"}
-CONFIG_KEY = "sinkdlm_config"  # the parts of Config that are not ModelConfig fields
+CONFIG_KEY = "sinkdlm_config"  # the Config beyond the top-level model fields (all of it in the Llama form)
 WEIGHT_PREFIX = "model."  # the wrapper holds the DLM as `self.model`
 
 
