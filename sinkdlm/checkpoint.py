@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from sinkdlm.config import Config, config_from_dict, save_config
 from sinkdlm.errors import UserError
 from sinkdlm.files import META_FILE as META, TOKENIZER_FILE as TOKENIZER, use_umask
+from sinkdlm.hf_format import config_sections, dlm_weights, is_export_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -151,13 +152,15 @@ def load_config_of(path: str | Path) -> Config:
         raise UserError(f"checkpoint {ckpt} has no readable {CONFIG} ({e}); it is incomplete") from None
     if not isinstance(data, dict):
         raise UserError(f"{cfg_file} does not hold a config mapping; the checkpoint is damaged")
+    if is_export_config(data):
+        data = config_sections(data)
     return config_from_dict(data, str(ckpt / CONFIG))
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     ckpt = resolve(path)
     try:
-        return load_file(str(ckpt / WEIGHTS))
+        return dlm_weights(load_file(str(ckpt / WEIGHTS)))  # an exported folder's names carry a prefix
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"checkpoint {ckpt} is corrupt or truncated ({str(e).splitlines()[0]}); "
                         f"delete that folder to resume from the previous checkpoint, or retrain") from None

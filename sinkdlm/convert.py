@@ -341,11 +341,14 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
             n_head: int | None = None) -> tuple[Path, float]:
     """`sinkdlm convert`: any supported source -> checkpoint. Returns (checkpoint, seconds taken).
     tokenizer and n_head serve SMDM files (sinkdlm.importers.smdm), which carry neither."""
+    from sinkdlm.export import import_export, is_export  # here: export reads this module's Llama names
     from sinkdlm.importers.smdm import convert_smdm, is_smdm_file
 
     start = time.perf_counter()
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
+    if is_export(source):  # a folder `sinkdlm export` wrote: its own checkpoint back, sinks and all
+        return import_export(source, out_dir, sink_tokens), time.perf_counter() - start
     if is_smdm_file(source):
         ckpt = convert_smdm(source, out_dir, tokenizer, n_head, sink_tokens, sink_init, sink_position, block_size)
         return ckpt, time.perf_counter() - start

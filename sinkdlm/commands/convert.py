@@ -37,6 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     ckpt, seconds = convert(args.source, args.out, args.sink_tokens, args.sink_init, args.sink_position,
                             args.block_size, args.cache_dir, args.tokenizer, args.n_head)
+    mask = load_meta(ckpt).get("mask_init", "the checkpoint's")
     print(f"converted {args.source} -> {ckpt} in {seconds:.1f} s "
-          f"(attention bidirectional, {load_config_of(ckpt).model.variant()}, mask = {load_meta(ckpt)['mask_init']})")
+          f"(attention bidirectional, {load_config_of(ckpt).model.variant()}, mask = {mask})")
     return 0
