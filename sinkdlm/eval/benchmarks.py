@@ -242,3 +242,31 @@ def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None
             config = yaml.safe_dump(_task_config(name, bench, data), sort_keys=False)
             _write_lines(task_yaml(name, cache_dir), [config])
     return written
+
+
+def lm_eval_gsm8k_scores(outputs: list[str], answers: list[str]) -> list[dict[str, dict[str, Any]]]:
+    """Score outputs as lm-eval's gsm8k task does (its own filters and exact_match settings, run by
+    lm-eval): per output {"extracted": {filter: answer}, "correct": {filter: bool}}, the shape of
+    sinkdlm.eval.gsm8k.score, so the two can be compared output by output. answers: GSM8K's "... #### N"."""
+    import tempfile
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"question": "", "answer": a} for a in answers]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / f"{GSM8K}.jsonl"
+        _write_lines(data, (json.dumps(d) for d in docs))
+        _write_lines(Path(tmp) / f"{GSM8K}.yaml", [yaml.safe_dump(gsm8k_task_config(data), sort_keys=False)])
+        task = TaskManager(include_path=tmp, include_defaults=False).load([GSM8K])["tasks"][GSM8K]
+    instances = [Instance("generate_until", doc, ("", {}), 0, (GSM8K, i, 1)) for i, doc in enumerate(docs)]
+    for inst, output in zip(instances, outputs):
+        inst.resps = [output]
+    rows = []
+    for ensemble in task._filters:
+        ensemble.apply(instances)
+    for doc, inst in zip(docs, instances):
+        extracted = dict(inst.filtered_resps)
+        correct = {name: bool(task.process_results(doc, [answer])["exact_match"]) for name, answer in extracted.items()}
+        rows.append({"extracted": extracted, "correct": correct})
+    return rows
