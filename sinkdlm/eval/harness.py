@@ -242,16 +242,18 @@ class DiffusionLM(LM):
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         questions: dict[tuple[str, Any], list[int]] = defaultdict(list)
+        first: dict[int, int] = {}  # lm-eval repeats a request object (its `repeats`, data-parallel padding)
         for i, req in enumerate(requests):
-            doc = getattr(req, "doc_id", None)
-            questions[(getattr(req, "task_name", None) or "", doc if doc is not None else f"request-{i}")].append(i)
+            if first.setdefault(id(req), i) == i:  # scored (and counted in the MC stderr) once
+                doc = getattr(req, "doc_id", None)
+                questions[(getattr(req, "task_name", None) or "", doc if doc is not None else f"request-{i}")].append(i)
         pairs = [self.encode_pair(*req.args) for req in requests]
         out: list[Estimate] = [None] * len(requests)  # type: ignore[list-item]
         keys = list(questions)
-        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm) as bar:
+        with tqdm(total=len(first), desc="loglikelihood", disable=disable_tqdm) as bar:
             for start in range(0, len(keys), GROUPS_PER_CALL):
                 self._score_chunk(keys[start: start + GROUPS_PER_CALL], questions, pairs, out, bar)
-        return [(e.loglik, e.greedy) for e in out]
+        return [(out[first[id(req)]].loglik, out[first[id(req)]].greedy) for req in requests]
 
     def _score_chunk(self, keys: list[tuple[str, Any]], questions: dict, pairs: list[Pair],
                      out: list[Estimate], bar: tqdm) -> None:

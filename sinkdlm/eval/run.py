@@ -31,6 +31,7 @@ RESULTS_MD = "results.md"
 EVAL_SUBDIR = "eval"  # default output folder, inside the checkpoint it measures
 PERCENT = 100.0
 METRIC = "acc"  # the paper reports accuracy on every task
+EXACT_MATCH = "exact_match"  # generation tasks' metric, one per filter (lm-eval's gsm8k)
 TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown task name is taken for a misspelt offline one
 PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its default 100k is slow
 
@@ -182,11 +183,24 @@ def load_results(path: str | Path) -> dict[str, Any]:
     raise UserError(f"no {RESULTS_JSON} under {p}; run `sinkdlm eval --checkpoint {p} --tasks ...` first")
 
 
-def _cell(task_results: dict[str, Any] | None, n: int | None) -> str:
-    if not task_results or f"{METRIC},none" not in task_results:
+def _metrics(task_results: dict[str, Any]) -> list[str]:
+    """The keys a task's column(s) show: accuracy, else generation's exact match per filter (GSM8K's
+    strict-match and flexible-extract)."""
+    if f"{METRIC},none" in task_results:
+        return [f"{METRIC},none"]
+    return [k for k in task_results if k.startswith(f"{EXACT_MATCH},")]
+
+
+def _cell(task_results: dict[str, Any] | None, key: str, n: int | None) -> str:
+    if not task_results or key not in task_results:
         return "-"
-    value = task_results[f"{METRIC},none"]
+    value = task_results[key]
     return format_share(value, n) if n else f"{PERCENT * value:.1f}"
+
+
+def _header(task: str, key: str) -> str:
+    metric, kind = key.split(",", 1)
+    return f"{task} {metric if kind == 'none' else kind} % [95% Wilson CI]"
 
 
 def _label(results: dict[str, Any]) -> str:
@@ -196,13 +210,15 @@ def _label(results: dict[str, Any]) -> str:
 
 
 def markdown_table(all_results: list[dict[str, Any]]) -> str:
-    """Rows = checkpoints, columns = tasks, cells = accuracy % [95% Wilson interval over the questions]."""
-    tasks: list[str] = []
+    """Rows = checkpoints, columns = tasks (a generation task: one per filter), cells = accuracy %
+    [95% Wilson interval over the questions]."""
+    columns: list[tuple[str, str]] = []
     for r in all_results:
-        tasks += [t for t in r.get("results", {}) if t not in tasks]
-    lines = ["| checkpoint | " + " | ".join(f"{t} {METRIC} % [95% Wilson CI]" for t in tasks) + " |",
-             "|---|" + "---:|" * len(tasks)]
+        columns += [(t, k) for t, c in r.get("results", {}).items() for k in _metrics(c) if (t, k) not in columns]
+    lines = ["| checkpoint | " + " | ".join(_header(t, k) for t, k in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for r in all_results:
         n = {t: c.get("effective") for t, c in r.get("n-samples", {}).items()}
-        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), n.get(t)) for t in tasks) + " |")
+        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), k, n.get(t)) for t, k in columns)
+                     + " |")
     return "\n".join(lines)
