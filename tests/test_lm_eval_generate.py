@@ -175,3 +175,33 @@ def test_lm_eval_gsm8k_runs_offline_through_sinkdlm_eval(tmp_path, monkeypatch, 
         assert s["filtered_resps"][0] == again["extracted"][s["filter"]]
         assert s["exact_match"] == float(again["correct"][s["filter"]])
         assert set(score(s["resps"][0][0], gold_answer(s["doc"]["answer"]))["correct"]) == set(again["correct"])
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_sinkdlm_model(tmp_path):
+    """lm-eval has no plugin discovery for models: `sinkdlm-lm-eval` (= python -m sinkdlm.eval.lm_eval_cli)
+    is lm-eval's CLI with the model registered; the offline tasks come in through lm-eval's --include_path."""
+    import subprocess
+    import sys
+    import tomllib
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "gsm8k_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    benchmarks.materialise([benchmarks.GSM8K], cache)
+    ckpt = make_checkpoint(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "SINKDLM_CACHE": str(cache)}
+    base = [sys.executable, "-m", "sinkdlm.eval.lm_eval_cli", "run", "--model", "sinkdlm", "--tasks", "gsm8k",
+            "--include_path", str(benchmarks.tasks_dir(cache)), "--limit", "2", "--num_fewshot", "0"]
+    ok = subprocess.run(base + ["--model_args", f"pretrained={ckpt},gen_length=8,steps=4",
+                                "--output_path", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    (saved,) = (tmp_path / "out").rglob("results_*.json")
+    gsm8k = json.loads(saved.read_text())["results"]["gsm8k"]
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(gsm8k)
+    typo = subprocess.run(base + ["--model_args", f"pretrained={ckpt},stpes=4"], env=env, capture_output=True,
+                          text=True)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1] == (
+        "sinkdlm-lm-eval: error: unknown model_args key 'stpes' for model 'sinkdlm'; did you mean 'steps'?")
+    scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sinkdlm-lm-eval"] == "sinkdlm.eval.lm_eval_cli:main"  # what `pip install sinkdlm` puts on PATH

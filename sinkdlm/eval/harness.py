@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 from collections import Counter, defaultdict
 from typing import Any
@@ -143,6 +144,9 @@ def stop_at(text: str, until: list[str]) -> str:
 def init_distributed(device: str) -> tuple[int, int, str]:
     """(rank, world_size, device) of this process: under torchrun (WORLD_SIZE > 1) join the default
     process group (gloo on CPU, nccl on GPU; one GPU per local rank), else (0, 1, device)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's CLI defaults to cuda:0
+        logging.getLogger(__name__).warning("device %s is not available (no CUDA): running on the CPU", device)
+        device = "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device
