@@ -98,6 +98,8 @@ def test_max_gen_toks_steps_and_block_length(sharp_checkpoint):
     (dict(remasking="bogus"), {}, r"model_args: remasking='bogus' is not one of \['low_confidence'"),
     (dict(stpes=4), {}, r"unknown model_args key 'stpes' for model 'sinkdlm'; did you mean 'steps'\?"),
     (dict(steps="many"), {}, r"model_args: steps='many' is not a int"),
+    (dict(length_includes_prompt="maybe"), {}, r"model_args: length_includes_prompt='maybe' is not a bool"),
+    (dict(add_boss=True), {}, r"unknown model_args key 'add_boss' for model 'sinkdlm'; did you mean 'add_bos'\?"),
     (dict(block_length=3, steps=4), {"max_gen_toks": 8}, r"task 't': steps=4 must be a multiple of the number"),
     (dict(gen_length=64), {}, r"generating 64 tokens leaves no room for a context in the model's 64-token window"),
     ({}, {"repetition_penalty": 1.2}, r"generation setting repetition_penalty=1.2, which the diffusion sampler"),
@@ -163,6 +165,9 @@ def test_lm_eval_gsm8k_runs_offline_through_sinkdlm_eval(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     assert main(["eval", "--checkpoint", str(ckpt), "--tasks", "gsm8k", "--num-fewshot", "1", "--limit", "2",
                  "--sampling", "gen_length=8,steps=4,block_length=4", "--log-samples", "--output", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == ("| checkpoint | gsm8k strict-match % [95% Wilson CI] | gsm8k flexible-extract % "
+                        "[95% Wilson CI] |")
     results = json.loads((out / "results.json").read_text())
     assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(results["results"]["gsm8k"])
     assert results["sinkdlm"]["sampling"] == {"gen_length": 8, "steps": 4, "block_length": 4}

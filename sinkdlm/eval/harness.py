@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import logging
 import os
 from collections import Counter, defaultdict
@@ -50,6 +51,7 @@ LM_EVAL_EXTRAS = ("max_batch_size",)
 # generation_kwargs of lm-eval tasks that are not SampleConfig fields: read, or ignored with a reason
 UNTIL, MAX_GEN_TOKS, DO_SAMPLE = "until", "max_gen_toks", "do_sample"
 HF_SAMPLING_TEMPERATURE = 1.0  # transformers' default temperature when do_sample is on
+BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 def _flag(value: Any) -> bool:
@@ -84,7 +86,9 @@ def sampling_value(name: str, value: Any, where: str) -> Any:
         return None
     try:
         if base is bool:
-            value = _flag(value)
+            if str(value).lower() not in BOOL_WORDS:
+                raise ValueError
+            value = BOOL_WORDS[str(value).lower()]
         elif base in (int, float):
             if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -99,8 +103,8 @@ def split_model_args(given: dict[str, Any]) -> dict[str, Any]:
     """The sampler settings among model_args that DiffusionLM.__init__ does not name itself; an
     unknown key is a UserError naming the closest known one (lm-eval would otherwise drop it)."""
     sampling = {}
-    known = list(SAMPLING_FIELDS) + ["pretrained", "device", "batch_size", "preset", "estimator", "mc_num",
-                                     "crn", "eps", "add_bos", MAX_GEN_TOKS]
+    named = [p for p in inspect.signature(DiffusionLM.__init__).parameters if p not in ("self", "sampling")]
+    known = list(dict.fromkeys(named + list(SAMPLING_FIELDS)))
     for key, value in given.items():
         if key in LM_EVAL_EXTRAS:
             continue
