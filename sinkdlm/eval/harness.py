@@ -157,10 +157,11 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     import torch.distributed as dist
 
     on_gpu = device.startswith("cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo")
     if on_gpu:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)  # nccl's object collectives (gather_object) use the current device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
