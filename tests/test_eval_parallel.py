@@ -4,9 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before lm-eval imports `datasets`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +40,7 @@ def test_two_gloo_processes_give_the_numbers_of_one(tmp_path, monkeypatch):
             "--num-fewshot", "0", "--sampling", "gen_length=8,steps=8,temperature=0.7,remasking=random",
             "--log-samples", "--output"]
     assert main(args + [str(tmp_path / "one")]) == 0
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "sinkdlm", *args, str(tmp_path / "two")], env=env, capture_output=True, text=True,
                          timeout=300)

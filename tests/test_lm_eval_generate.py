@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before lm-eval imports `datasets`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -195,7 +196,7 @@ def test_lm_evals_own_command_line_runs_the_sinkdlm_model(tmp_path):
     (cache / "gsm8k_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     benchmarks.materialise([benchmarks.GSM8K], cache)
     ckpt = make_checkpoint(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "SINKDLM_CACHE": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SINKDLM_CACHE": str(cache)}
     base = [sys.executable, "-m", "sinkdlm.eval.lm_eval_cli", "run", "--model", "sinkdlm", "--tasks", "gsm8k",
             "--include_path", str(benchmarks.tasks_dir(cache)), "--limit", "2", "--num_fewshot", "0"]
     ok = subprocess.run(base + ["--model_args", f"pretrained={ckpt},gen_length=8,steps=4",
@@ -208,5 +209,5 @@ def test_lm_evals_own_command_line_runs_the_sinkdlm_model(tmp_path):
                           text=True)
     assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1] == (
         "sinkdlm-lm-eval: error: unknown model_args key 'stpes' for model 'sinkdlm'; did you mean 'steps'?")
-    scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["sinkdlm-lm-eval"] == "sinkdlm.eval.lm_eval_cli:main"  # what `pip install sinkdlm` puts on PATH
