@@ -32,9 +32,10 @@ DOCS = [{"query": "Question: Which is a planet?\nAnswer:", "choices": ["Mars", "
         {"query": "Question: Who ran home?\nAnswer:", "choices": ["Sarah", "the cat"], "gold": 0}]
 
 
-def make_checkpoint(root, template=False, **model_overrides):
+def make_checkpoint(root, template=False, scale=1.0, **model_overrides):
     """A tiny random checkpoint with a byte-level BPE; `template`: the tokenizer wraps every text in
-    "<s> ... <|endoftext|>", as Llama-style templates put a BOS (and some an EOS) around it."""
+    "<s> ... <|endoftext|>", as Llama-style templates put a BOS (and some an EOS) around it; `scale`
+    multiplies the matrices (peaked predictions, so float noise of another batch shape flips no argmax)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,7 +49,8 @@ def make_checkpoint(root, template=False, **model_overrides):
     tok.save(str(tok_path))
     cfg = Config(model=tiny(vocab_size=tok.get_vocab_size(), **model_overrides))
     torch.manual_seed(0)
-    return save_checkpoint(root / "run", 1, DLM(cfg.model).state_dict(), cfg, {"eos_id": 0}, tokenizer=tok_path)
+    weights = {k: v * scale if v.dim() >= 2 else v for k, v in DLM(cfg.model).state_dict().items()}
+    return save_checkpoint(root / "run", 1, weights, cfg, {"eos_id": 0}, tokenizer=tok_path)
 
 
 def write_task(folder, name="tiny_mc"):

