@@ -208,11 +208,14 @@ def load_into(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(weights)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", **runtime: Any):
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **runtime: Any):
     """Rebuild the model a checkpoint describes (any variant) and load its weights.
 
-    Returns (model in eval mode, Config). `runtime` changes ModelConfig.RUNTIME_FIELDS only (such as
-    attn_impl), each validated; the architecture is the checkpoint's.
+    Returns (model in eval mode, Config). dtype: cast the parameters (e.g. torch.bfloat16 to halve
+    the memory of a large import on the GPU; RMSNorm and softmax still compute in float32); None
+    keeps float32. `runtime` changes ModelConfig.RUNTIME_FIELDS only (such as attn_impl), each
+    validated; the architecture is the checkpoint's.
     """
     from sinkdlm.model import DLM
 
@@ -221,7 +224,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **runtime: 
     cfg.model = cfg.model.with_runtime(**runtime)
     model = DLM(cfg.model)
     load_into(model, ckpt)
-    return model.to(device).eval(), cfg
+    return model.to(device=device, dtype=dtype).eval(), cfg
 
 
 def load_tokenizer(path: str | Path):

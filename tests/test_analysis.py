@@ -252,6 +252,26 @@ def test_analyze_masked_mode_and_summary_of_a_plain_model(tiny_data, tmp_path):
     assert 0 <= summary["dominant_stability"] <= 1
 
 
+def test_analyze_in_bfloat16_loads_every_model_in_it_and_agrees_with_float32(tiny_data, tmp_path, monkeypatch):
+    """--dtype bfloat16 (for an 8B import on a GPU): the model and the intervention variants run in
+    bf16, and masked-mode sink statistics stay within bf16's rounding of the float32 ones."""
+    from sinkdlm.analysis import AnalysisSettings, analyze_checkpoint
+    from sinkdlm.analysis import interventions
+
+    tiny_checkpoint(tiny_data, tmp_path, sink_tokens=1)
+    built = []
+    for name in ("model_without_sink", "model_with_zero_sink_value"):
+        original = getattr(interventions, name)
+        monkeypatch.setattr(interventions, name, lambda *a, _f=original: built.append(_f(*a)) or built[-1])
+    results = {dtype: analyze_checkpoint(tmp_path, texts=["the cat sat on a mat " * 20], settings=AnalysisSettings(
+        mode="masked", levels=(0.8, 0.2), elbo_samples=1, max_windows=1, top_k=(1,), progress=False, dtype=dtype))
+        for dtype in ("float32", "bfloat16")}
+    assert [next(m.parameters()).dtype for m in built] == [torch.float32] * 2 + [torch.bfloat16] * 2
+    full, half = (r["summary"] for r in (results["float32"], results["bfloat16"]))
+    for key in ("sink_mass", "absorption_rate"):
+        assert full[key] is not None and half[key] == pytest.approx(full[key], abs=0.02), key
+
+
 # ---- sinks over training ---------------------------------------------------------------------------
 
 

@@ -24,23 +24,24 @@ from sinkdlm.model import DLM
 
 
 
-def model_without_sink(path: str | Path, device: str | torch.device = "cpu") -> DLM:
+def model_without_sink(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DLM:
     """The checkpoint's weights in the same architecture with no sink tokens."""
     cfg = ckpt.load_config_of(path)
     cfg.model.sink_tokens = 0
     model = DLM(cfg.model)
     weights = {k: v for k, v in ckpt.load_weights(path).items() if k != "sink"}
     model.load_state_dict(weights, strict=True)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def model_with_zero_sink_value(path: str | Path, device: str | torch.device = "cpu") -> DLM:
+def model_with_zero_sink_value(path: str | Path, device: str | torch.device = "cpu",
+                               dtype: torch.dtype | None = None) -> DLM:
     """The checkpoint's weights with the sink's value vectors forced to zero (not a runtime field)."""
     cfg = ckpt.load_config_of(path)
     cfg.model.sink_zero_value = True
     model = DLM(cfg.model)
     ckpt.load_into(model, path)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def top_content_keys(colsum: Tensor, key_valid: Tensor, n_sink: int, k: int) -> Tensor:
@@ -130,7 +131,7 @@ def run_interventions(path: str | Path, model: DLM, prompts: list[list[int]], wi
     """Every intervention against the unmodified run. Returns {name: {agreement, elbo, outputs}}."""
     from sinkdlm.sample import generate
 
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     baseline = generate(model, prompts, sample_cfg, model.mask_id, eos_id)
     if windows is None:  # score the prompts with the unmodified run's completions
         windows = _as_windows(prompts, baseline, eos_id)
@@ -144,8 +145,8 @@ def run_interventions(path: str | Path, model: DLM, prompts: list[list[int]], wi
         results[f"mask_top{k}_sinks"] = {"agreement": token_agreement(baseline, out), "elbo": score(model, k),
                                          "outputs": out}
     if model.cfg.sink_tokens:
-        for name, variant in (("drop_sink", model_without_sink(path, device)),
-                              ("zero_sink_value", model_with_zero_sink_value(path, device))):
+        for name, variant in (("drop_sink", model_without_sink(path, device, dtype)),
+                              ("zero_sink_value", model_with_zero_sink_value(path, device, dtype))):
             out = generate(variant, prompts, sample_cfg, variant.mask_id, eos_id)
             results[name] = {"agreement": token_agreement(baseline, out), "elbo": score(variant), "outputs": out}
     return results

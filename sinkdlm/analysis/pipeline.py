@@ -25,6 +25,8 @@ from sinkdlm.analysis.stats import (DEFAULT_EPS, DEFAULT_STD_K, Rule, Trajectory
 from sinkdlm.errors import UserError
 from sinkdlm.settings import check_choices, setting
 
+Dtype = Literal["float32", "bfloat16"]  # analyze --dtype: names of torch dtypes
+
 __all__ = ["AnalysisSettings", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]
 
 
@@ -53,6 +55,8 @@ class AnalysisSettings:
     elbo_samples: int = setting(8, "masking levels per window for the intervention ELBOs; 0 = skip")
     seed: int = setting(0, "seeds sampling and the ELBO's masks")
     device: str = setting("cpu", "torch device, e.g. cuda")
+    dtype: Dtype = setting("float32", "parameter dtype; bfloat16 halves the memory of a large model "
+                                      "(statistics are accumulated in float32 either way)")
     progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
@@ -105,7 +109,7 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
 
     s = settings or AnalysisSettings()
     start = time.perf_counter()
-    model, cfg = ckpt.load_model(path, s.device)
+    model, cfg = ckpt.load_model(path, s.device, getattr(torch, s.dtype))
     tok = ckpt.load_tokenizer(path)
     eos_id = ckpt.load_meta(path).get("eos_id")
     if eos_id is None:

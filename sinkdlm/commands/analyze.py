@@ -16,7 +16,7 @@ from sinkdlm.errors import UserError
 
 # AnalysisSettings fields that are options (the rest keep their defaults)
 OPTIONS = ("mode", "levels", "steps", "gen_length", "temperature", "eps", "std_k", "rule", "layers", "map_steps",
-           "top_k", "interventions", "nulls", "elbo_samples", "max_windows", "seed", "device")
+           "top_k", "interventions", "nulls", "elbo_samples", "max_windows", "seed", "device", "dtype")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
