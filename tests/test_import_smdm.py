@@ -2,6 +2,7 @@
 lit_gpt's TransEncoder (SMDM's lit_gpt/diffmodel.py), on tiny random weights saved in SMDM's naming as
 Fabric .pth files (`{"model": state_dict, ...}`), bare state dicts and safetensors. Nothing downloaded."""
 
+import json
 import math
 
 import pytest
@@ -256,3 +257,22 @@ def test_generate_and_analyze_run_on_an_imported_sink_model(tmp_path, capsys):
     assert main(["analyze", "--checkpoint", str(run), "--prompt", "w3 w4 w5 w6", "--out", str(tmp_path / "report"),
                  "--steps", "4", "--gen-length", "4", "--top-k", "2", "--elbo-samples", "2"]) == 0
     assert (tmp_path / "report" / "metrics.json").stat().st_size > 0
+    assert main(["eval-gsm8k", "--checkpoint", str(run), "--data", "synthetic", "--limit", "2", "--one-stage",
+                 "--gen-length", "4", "--steps", "4", "--no-progress"]) == 0
+    assert json.loads((run / "step-00000000" / "gsm8k-synthetic" / "gsm8k_summary.json").read_text())["n"] == 2
+
+
+def test_eval_runs_on_an_imported_model_offline(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from sinkdlm.eval import benchmarks
+    from tests.test_harness import write_task
+
+    source = save_smdm(smdm_state(sinks=1), tmp_path / "sink.pth", "fabric")
+    run = tmp_path / "run"
+    assert main(["convert", "--from", str(source), "--out", str(run), "--tokenizer", str(tokenizer_file(tmp_path)),
+                 "--n-head", str(N_HEAD), "--block-size", "64"]) == 0
+    monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))
+    write_task(tmp_path / "cache" / benchmarks.TASKS_DIR / "arc_easy", name="arc_easy")  # the offline copy's place
+    assert main(["eval", "--checkpoint", str(run), "--tasks", "arc_easy", "--limit", "2", "--mc-num", "2",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert "arc_easy" in json.loads((tmp_path / "out" / "results.json").read_text())["results"]
