@@ -52,12 +52,14 @@ MASK_TOKEN = "<|sinkdlm_mask|>"
 RESERVED_TOKEN = "<|sinkdlm_reserved_{}|>"  # fills the ids between the tokenizer's last one and the mask id
 ADDED_TOKEN = re.compile(r"<\|sinkdlm_(?:mask|reserved_\d+)\|>")
 LLAMA_TYPE = "llama"
+SOURCE_PREFIX = "source_"  # meta keys an importer copies from the source checkpoint (SMDM's iter_num, ...)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False, llama: bool = False) -> Path:
     """Write the folder `out_dir` (refusing to replace anything but an earlier export); returns it.
     llama: the plain variant's weights in LlamaForCausalLM's names and config instead (see llama_card)."""
     ckpt, out = resolve(checkpoint), Path(out_dir)
+    restore_interrupted(out)
     check_out(ckpt, out, overwrite)
     cfg, meta = load_config_of(ckpt), load_meta(ckpt)
     if llama:
@@ -71,10 +73,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
              META: json.dumps({**meta, "exported_from": str(ckpt)}, indent=2)}
     if llama:
         files.update({CONFIG_JSON: json.dumps(llama_config(cfg, dtype, meta.get("eos_id")), indent=2),
-                      CARD: model_card(cfg, meta) + llama_card(cfg)})
+                      CARD: model_card(cfg, meta, tokenizer_config["mask_token"]) + llama_card(cfg)})
         return write_folder(out, files, llama_weights(weights, cfg.model))
     files.update({CONFIG_JSON: json.dumps(hf_config(cfg, dtype, meta.get("eos_id")), indent=2),
-                  CARD: model_card(cfg, meta) + transformers_card(cfg), **shipped_code()})
+                  CARD: model_card(cfg, meta, tokenizer_config["mask_token"]) + transformers_card(cfg),
+                  **shipped_code()})
     return write_folder(out, files, hf_weights(weights))
 
 
@@ -102,12 +105,25 @@ def is_export(folder: str | Path) -> bool:
         return False
 
 
+def trash_of(out: Path) -> Path:
+    """Where write_folder moves an earlier export aside while the new one takes its place."""
+    return out.parent / f"{TRASH_PREFIX}{out.name}"
+
+
+def restore_interrupted(out: Path) -> None:
+    """Put back an earlier export that a kill left aside between write_folder's two renames: there,
+    with `out` gone, the trash folder holds its only copy (with `out` present it is a stale leftover)."""
+    trash = trash_of(out)
+    if not out.exists() and trash.is_dir() and is_export(trash):
+        os.replace(trash, out)
+
+
 def write_folder(out: Path, files: dict[str, str], weights: dict[str, Any]) -> Path:
     """Write `files` and model.safetensors beside `out` under a hidden name, then rename it into place
-    (an earlier export there is moved aside first and deleted last)."""
+    (an earlier export there is moved aside first and deleted last; see restore_interrupted)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, trash = out.parent / f"{TMP_PREFIX}{out.name}", out.parent / f"{TRASH_PREFIX}{out.name}"
-    for leftover in (tmp, trash):
+    tmp, trash = out.parent / f"{TMP_PREFIX}{out.name}", trash_of(out)
+    for leftover in (tmp, trash):  # restore_interrupted has put back any trash that was the only copy
         shutil.rmtree(leftover, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -216,8 +232,9 @@ def llama_names(m: ModelConfig) -> dict[str, str]:
 
 
 def llama_weights(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
-    """Llama's names; the LM head gains a zero row for the mask token, so that it has as many rows as the
-    embedding (Llama has one vocab_size for both; the mask's logit is no prediction)."""
+    """Llama's names; the LM head gains a zero row for the embedding's extra row (the mask token, or an
+    unused row when the mask is a vocabulary id), so that it has as many rows as the embedding (Llama has
+    one vocab_size for both; that logit is no prediction)."""
     names = llama_names(m)
     out = {names[name]: tensor for name, tensor in weights.items()}
     if "lm_head.weight" in out:
@@ -230,21 +247,33 @@ def weights_from_llama(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict
     ours = {theirs: name for name, theirs in llama_names(m).items()}
     out = {ours.get(name, name): tensor for name, tensor in weights.items()}  # import_export names strays
     if "lm_head.weight" in out:
-        out["lm_head.weight"] = out["lm_head.weight"][: m.mask_id]
+        out["lm_head.weight"] = out["lm_head.weight"][: m.require_vocab()]
     return out
 
 
 def llama_config(cfg: Config, dtype: str, eos_id: int | None) -> dict[str, Any]:
-    """A standard Llama config.json (vocab_size counts the mask row) plus the whole Config under CONFIG_KEY."""
+    """A standard Llama config.json (vocab_size counts the embedding's extra row) plus the whole Config
+    under CONFIG_KEY."""
     transformers = require("transformers", "sinkdlm export --llama")
     m = cfg.model
     config = transformers.LlamaConfig(
-        vocab_size=m.mask_id + 1, hidden_size=m.n_embd, intermediate_size=m.intermediate_size,
+        vocab_size=m.require_vocab() + 1, hidden_size=m.n_embd, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.groups, head_dim=m.hd,
         max_position_embeddings=m.block_size, rms_norm_eps=m.norm_eps, rope_theta=m.rope_base,
         tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, architectures=["LlamaForCausalLM"])
     return {**config.to_dict(), "dtype": dtype, "mask_token_id": m.mask_id, CONFIG_KEY: cfg.to_dict()}
+
+
+def llama_vocabulary(m: ModelConfig) -> str:
+    """The card's account of the Llama config's vocab_size: the embedding's extra row and its logit."""
+    extra = m.require_vocab()
+    if m.mask_token_id is not None:
+        return (f"The config's `vocab_size` ({extra + 1}) counts the embedding's extra row {extra}, which no input "
+                f"uses (`mask_token_id` {m.mask_id}, a vocabulary token); its logit is no prediction.")
+    head = "its logit comes from the embedding's tied row" if m.tie_embeddings else "the LM head's row for it is zero"
+    return (f"The config's `vocab_size` ({extra + 1}) counts the mask token (`mask_token_id` {m.mask_id}); "
+            f"{head}: that logit is no prediction.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,16 +330,24 @@ def variant(cfg: Config, meta: dict[str, Any]) -> str:
 def training_budget(cfg: Config, meta: dict[str, Any]) -> str:
     step = int(meta.get("step", 0))
     tokens = int(meta.get("tokens", step * cfg.train.global_batch * cfg.seq_len))
+    if step == 0 and meta.get("converted_from"):  # an import: its training happened before sinkdlm
+        source = [meta["converted_from"]] + [f"{key.removeprefix(SOURCE_PREFIX)} {value}"
+                                             for key, value in meta.items() if key.startswith(SOURCE_PREFIX)]
+        return f"trained elsewhere ({', '.join(map(str, source))}); 0 diffusion training steps in sinkdlm"
     if step == 0:
-        return "none yet (converted or initialised weights, 0 diffusion training steps)"
+        return "none yet (initialised weights, 0 diffusion training steps)"
     flops = 6 * cfg.model.non_embedding_params() * tokens
     return (f"{step} steps x {cfg.train.global_batch} sequences x {cfg.seq_len} tokens = {tokens:,} tokens "
             f"(~{flops:.2e} FLOPs by 6ND; objective {cfg.train.objective}, lr {cfg.optim.lr} -> {cfg.optim.min_lr})")
 
 
-def model_card(cfg: Config, meta: dict[str, Any]) -> str:
-    """What every card says: the variant, its size, where it started and what training it had."""
+def model_card(cfg: Config, meta: dict[str, Any], mask_token: str) -> str:
+    """What every card says: the variant, its size, where it started and what training it had.
+    mask_token: the exported tokenizer's mask token."""
     m = cfg.model
+    mask = f"+1 mask token `{mask_token}`, id {m.mask_id}" if m.mask_token_id is None else \
+        f"mask: the vocabulary's own token `{mask_token}`, id {m.mask_id}; the embedding's extra row " \
+        f"{m.require_vocab()} is unused"
     start = meta.get("converted_from") or cfg.train.init_from or "random initialisation"
     return f"""# {m.name}: masked diffusion language model ({variant(cfg, meta)})
 
@@ -318,7 +355,7 @@ Made with [sinkdlm](https://arxiv.org/abs/2601.19657) (masked diffusion LM with 
 
 - Variant: {variant(cfg, meta)}
 - Architecture: {m.n_layer} layers, {m.n_head} heads ({m.groups} KV groups, head dim {m.hd}), width {m.n_embd},
-  MLP {m.intermediate_size}, vocabulary {m.vocab_size} (+1 mask token `{MASK_TOKEN}`, id {m.mask_id}),
+  MLP {m.intermediate_size}, vocabulary {m.vocab_size} ({mask}),
   {m.non_embedding_params():,} non-embedding parameters
 - Starting point: {start}
 - Training budget: {training_budget(cfg, meta)}
@@ -356,8 +393,8 @@ model, cfg = load_model("<this folder>")
 `model.safetensors` (weights: sinkdlm's names under `model.`), `config.json` (a transformers config
 holding every sinkdlm model setting; the rest of the run's config under `{CONFIG_KEY}`),
 `{CONFIG_FILE_CODE}.py` and `{MODELING_FILE_CODE}.py` (the transformers classes), `sinkdlm_model.py`
-and `sinkdlm_attention.py`, `tokenizer.json` and `{TOKENIZER_CONFIG}` (the tokenizer with the mask
-token), `meta.json` (step, eos id, provenance).
+and `sinkdlm_attention.py`, `tokenizer.json` and `{TOKENIZER_CONFIG}` (the tokenizer and
+its mask token), `meta.json` (step, eos id, provenance).
 """
 
 
@@ -368,13 +405,12 @@ def llama_card(cfg: Config) -> str:
 This folder holds the weights in `LlamaForCausalLM`'s names and config, for tools that know only
 standard architectures. **This model's attention is {"causal" if m.causal else "bidirectional"}**; transformers'
 Llama code runs attention causally, so `LlamaForCausalLM` computes other logits than this model does
-(those of the same weights with causal attention). The config's `vocab_size` ({m.mask_id + 1}) counts the
-mask token (`mask_token_id` {m.mask_id}); the LM head's row for it is zero: that logit is no prediction.
+(those of the same weights with causal attention). {llama_vocabulary(m)}
 To run the model as it was trained, turn the folder back into a checkpoint with
 `sinkdlm convert --from <this folder> --out RUN`, or export it without `--llama`.
 
 ## Files
 `model.safetensors` (Llama names), `config.json` (a Llama config; the whole sinkdlm config under
-`{CONFIG_KEY}`), `tokenizer.json` and `{TOKENIZER_CONFIG}` (the tokenizer with the mask token),
+`{CONFIG_KEY}`), `tokenizer.json` and `{TOKENIZER_CONFIG}` (the tokenizer and its mask token),
 `meta.json` (step, eos id, provenance).
 """
