@@ -82,6 +82,13 @@ def test_generations_do_not_depend_on_the_batch_or_the_order(sharp_checkpoint):
     assert other_seed != one
 
 
+def test_requests_without_a_document_id_sample_the_same_on_any_rank(sharp_checkpoint):
+    """Keyed by their own arguments, not by their index in the list a rank gets."""
+    lm = model(sharp_checkpoint, temperature=0.7, remasking="random", max_gen_toks=8)
+    first, second = request(CONTEXTS[0], doc=None), request(CONTEXTS[1], doc=None)
+    assert lm.generate_until([first, second], disable_tqdm=True)[1:] == lm.generate_until([second], disable_tqdm=True)
+
+
 def test_max_gen_toks_steps_and_block_length(sharp_checkpoint):
     lm = model(sharp_checkpoint)
     cfg, limit = lm.sample_config({"max_gen_toks": 10, "do_sample": False, "temperature": 0.9}, "t")

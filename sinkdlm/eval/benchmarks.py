@@ -131,7 +131,8 @@ def gsm8k_task_config(data: Path) -> dict[str, Any]:
     source = Path(lm_eval.__file__).parent.joinpath(*LM_EVAL_GSM8K_YAML)
     if not source.is_file():
         raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install "
-                        f"lm-eval>={DEPENDENCIES['lm_eval'].minimum} (the `eval` extra), or run `sinkdlm eval-gsm8k` instead")
+                        f"lm-eval>={DEPENDENCIES['lm_eval'].minimum} (the `eval` extra), or run "
+                        f"`sinkdlm eval-gsm8k` instead")
     config = yaml.safe_load(source.read_text())
     for key in ("dataset_name", "training_split", "tag"):  # the Hub's config name, an absent split, a group
         config.pop(key, None)

@@ -147,11 +147,11 @@ def _request_sampling(gen_kwargs: dict[str, Any], task: str) -> dict[str, Any]:
     return values
 
 
-def request_key(req: Any) -> Any:
+def request_key(req: Any) -> int | tuple[str, int]:
     """What keys a request's random draws besides its task: its document id, else its own arguments
     (the same on every rank and in every order, unlike its index in a rank's list)."""
     doc = getattr(req, "doc_id", None)
-    return doc if doc is not None else ("request", *req.args)
+    return doc if doc is not None else ("request", stable_key(*req.args))
 
 
 def refuse_split_dependence(cfg: SampleConfig, model: Any, world_size: int, task: str) -> None:
