@@ -241,5 +241,9 @@ def test_lm_evals_own_command_line_runs_the_sinkdlm_model(tmp_path):
                           text=True)
     assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1] == (
         "sinkdlm-lm-eval: error: unknown model_args key 'stpes' for model 'sinkdlm'; did you mean 'steps'?")
+    bad = subprocess.run(base + ["--model_args", f"pretrained={ckpt},max_gen_toks=lots"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "sinkdlm-lm-eval: error: model_args: max_gen_toks='lots' is not a int"), bad.stderr[-2000:]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["sinkdlm-lm-eval"] == "sinkdlm.eval.lm_eval_cli:main"  # what `pip install sinkdlm` puts on PATH
