@@ -28,7 +28,7 @@ class Dependency:
 
 # import name -> where it comes from
 DEPENDENCIES: dict[str, Dependency] = {
-    "lm_eval": Dependency("lm-eval", "eval", "0.4.3"),
+    "lm_eval": Dependency("lm-eval", "eval", "0.4.13"),  # `run` subcommand, TaskManager.load, gsm8k.yaml's path
     "pyarrow": Dependency("pyarrow", "eval", "14"),
     "transformers": Dependency("transformers", "convert", "4.56"),
     "gguf": Dependency("gguf", "convert", "0.11"),

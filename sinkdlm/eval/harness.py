@@ -14,12 +14,14 @@ max_length - gen_length tokens (lm-eval's HFLM convention) and the text is cut a
 Data parallel: under torchrun (WORLD_SIZE > 1) the class joins a torch.distributed group (gloo on
 CPU, nccl on GPU) and reports `rank`/`world_size`; lm-eval's evaluator then gives each rank every
 world_size-th document and gathers the metrics on rank 0 through `all_gather`/`gather_object`.
-Every random draw is keyed by (task, document, request), so the numbers do not depend on the split.
+Every random draw is keyed by (task, document, request), so the numbers do not depend on the split;
+a request without a document id is keyed by its own arguments (`request_key`). The exceptions are
+the sampler's batch-level settings (flattened_batch ranking; left padding with front sinks), which
+make a row depend on its batch mates and so on the split: refused when world_size > 1.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import logging
@@ -37,6 +39,7 @@ from sinkdlm.data.tokenizer import eos_id as tokenizer_eos
 from sinkdlm.errors import UserError
 from sinkdlm.eval import presets
 from sinkdlm.eval.likelihood import Estimate, ForwardStats, Pair, Settings, rolling_pairs, score_groups, stable_key
+from sinkdlm.eval.run import SAMPLING_FIELDS
 from sinkdlm.sample import SampleConfig, generate
 from sinkdlm.settings import check_allowed, field_types, without_none
 
@@ -44,20 +47,13 @@ MODEL_NAME = "sinkdlm"
 GROUPS_PER_CALL = 8  # questions scored together, so short rows of several fill one batch
 DEFAULT_BATCH = Settings.batch_size
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default, for tasks that set no max_gen_toks
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
-SHARED_FIELDS = ("guidance", "seed")  # one value serves scoring and sampling
 # arguments lm-eval's simple_evaluate adds to every model's; meaningless here
 LM_EVAL_EXTRAS = ("max_batch_size",)
 # generation_kwargs of lm-eval tasks that are not SampleConfig fields: read, or ignored with a reason
 UNTIL, MAX_GEN_TOKS, DO_SAMPLE = "until", "max_gen_toks", "do_sample"
 HF_SAMPLING_TEMPERATURE = 1.0  # transformers' default temperature when do_sample is on
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-
-
+AUTO_BATCH = "auto"  # lm-eval's batch_size=auto (or auto:N): we take DEFAULT_BATCH
 BOS_PROBE = "a"  # any text: what the tokenizer's template adds around it is what we want
 
 
@@ -75,28 +71,44 @@ def leading_special_tokens(tokenizer: Any) -> list[int]:
 # ---- sampler settings from model_args / generation_kwargs ------------------------------------------
 
 
+def typed(name: str, value: Any, base: type, where: str) -> Any:
+    """`value` as lm-eval hands it over (already typed, or a string from Python callers) converted to
+    bool (one of BOOL_WORDS), int or float; anything else about it is a UserError naming the setting."""
+    try:
+        if base is bool:
+            if str(value).lower() not in BOOL_WORDS:
+                raise ValueError
+            return BOOL_WORDS[str(value).lower()]
+        if base in (int, float):
+            if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return base(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {name}={value!r} is not a {base.__name__}") from None
+    return value
+
+
 def sampling_value(name: str, value: Any, where: str) -> Any:
-    """A SampleConfig field's value as lm-eval hands it over (already typed, or a string from
-    Python callers), converted to the field's type and checked against its declared choices."""
+    """A SampleConfig field's value, converted to the field's type and checked against its declared choices."""
     hint = field_types(SampleConfig)[name]
     base = without_none(hint)
     if value is None or (isinstance(value, str) and value.lower() == "none"):
         if base is hint:
             raise UserError(f"{where}: {name}=None is not allowed; give a {base.__name__}")
         return None
-    try:
-        if base is bool:
-            if str(value).lower() not in BOOL_WORDS:
-                raise ValueError
-            value = BOOL_WORDS[str(value).lower()]
-        elif base in (int, float):
-            if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = base(value)
-    except ValueError:
-        raise UserError(f"{where}: {name}={value!r} is not a {base.__name__}") from None
+    value = typed(name, value, base, where)
     check_allowed(value, hint, f"{where}: {name}")
     return value
+
+
+def batch_size_value(value: Any) -> int:
+    """model_args' batch_size: a whole number >= 1, or lm-eval's "auto"/"auto:N" (DEFAULT_BATCH here)."""
+    if str(value).startswith(AUTO_BATCH):
+        return DEFAULT_BATCH
+    size = typed("batch_size", value, int, "model_args")
+    if size < 1:
+        raise UserError(f"model_args: batch_size={value!r} must be >= 1 (or {AUTO_BATCH})")
+    return size
 
 
 def split_model_args(given: dict[str, Any]) -> dict[str, Any]:
@@ -127,11 +139,30 @@ def _request_sampling(gen_kwargs: dict[str, Any], task: str) -> dict[str, Any]:
             raise UserError(f"task {task!r} asks for generation setting {key}={value!r}, which the diffusion "
                             f"sampler does not have; its settings: {', '.join(SAMPLING_FIELDS)}")
         values[key] = sampling_value(key, value, f"task {task!r} generation_kwargs")
-    if DO_SAMPLE in gen_kwargs and not _flag(gen_kwargs[DO_SAMPLE]):
-        values["temperature"] = 0.0
-    elif _flag(gen_kwargs.get(DO_SAMPLE, False)):
-        values.setdefault("temperature", HF_SAMPLING_TEMPERATURE)
+    if DO_SAMPLE in gen_kwargs:
+        if typed(DO_SAMPLE, gen_kwargs[DO_SAMPLE], bool, f"task {task!r} generation_kwargs"):
+            values.setdefault("temperature", HF_SAMPLING_TEMPERATURE)
+        else:
+            values["temperature"] = 0.0
     return values
+
+
+def request_key(req: Any) -> int | tuple[str, int]:
+    """What keys a request's random draws besides its task: its document id, else its own arguments
+    (the same on every rank and in every order, unlike its index in a rank's list)."""
+    doc = getattr(req, "doc_id", None)
+    return doc if doc is not None else ("request", stable_key(*req.args))
+
+
+def refuse_split_dependence(cfg: SampleConfig, model: Any, world_size: int, task: str) -> None:
+    """The sampler settings under which a row's output depends on its batch mates (sinkdlm.sample)
+    would make data-parallel numbers depend on how the documents are split: refused there."""
+    front_sinks = model.sink_tokens > 0 and model.sink_position == "front"
+    setting = ("batch_ranking=flattened_batch" if cfg.batch_ranking == "flattened_batch" else
+               "padding=left with front sinks" if cfg.padding == "left" and front_sinks else None)
+    if world_size > 1 and setting:
+        raise UserError(f"task {task!r}: {setting} makes a row depend on its batch mates, so results would depend "
+                        f"on the split over {world_size} processes; run it in one process or drop the setting")
 
 
 def stop_at(text: str, until: list[str]) -> str:
@@ -189,15 +220,19 @@ class DiffusionLM(LM):
         eos = load_meta(ckpt).get("eos_id")  # what training recorded, as sample.load_for_sampling reads it
         self.eos_id = int(eos) if eos is not None else tokenizer_eos(self.tokenizer)
         self.max_length = self.config.model.block_size
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = typed(MAX_GEN_TOKS, max_gen_toks, int, "model_args")
+        if self.max_gen_toks < 1:
+            raise UserError(f"model_args: {MAX_GEN_TOKS}={max_gen_toks!r} must be >= 1")
         self.preset = preset
-        add_bos = chosen.add_bos if add_bos is None else _flag(add_bos)
+        add_bos = chosen.add_bos if add_bos is None else typed("add_bos", add_bos, bool, "model_args")
         self.bos = leading_special_tokens(self.tokenizer) if add_bos else []
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH  # lm-eval may pass "auto"
-        self.overrides = dict(estimator=estimator, guidance=None if guidance is None else float(guidance),
-                              mc_num=None if mc_num is None else int(mc_num),
-                              seed=Settings.seed if seed is None else int(seed), crn=_flag(crn),
-                              eps=None if eps is None else float(eps), batch_size=self.batch_size)
+        self.batch_size = batch_size_value(batch_size)
+        given = dict(guidance=(guidance, float), mc_num=(mc_num, int), eps=(eps, float),
+                     seed=(Settings.seed if seed is None else seed, int))
+        self.overrides = {k: None if v is None else typed(k, v, kind, "model_args") for k, (v, kind) in given.items()}
+        self.overrides.update(estimator=estimator, crn=typed("crn", crn, bool, "model_args"),
+                              batch_size=self.batch_size)
+        self.settings_for("")  # mc_num, eps, estimator out of range: now, not at the first request
         self.stats = ForwardStats()
         self.estimates: dict[str, list[Estimate]] = defaultdict(list)  # per task, for MC standard errors
 
@@ -254,8 +289,7 @@ class DiffusionLM(LM):
         first: dict[int, int] = {}  # lm-eval repeats a request object (its `repeats`, data-parallel padding)
         for i, req in enumerate(requests):
             if first.setdefault(id(req), i) == i:  # scored (and counted in the MC stderr) once
-                doc = getattr(req, "doc_id", None)
-                questions[(getattr(req, "task_name", None) or "", doc if doc is not None else f"request-{i}")].append(i)
+                questions[(getattr(req, "task_name", None) or "", request_key(req))].append(i)
         pairs = [self.encode_pair(*req.args) for req in requests]
         out: list[Estimate] = [None] * len(requests)  # type: ignore[list-item]
         keys = list(questions)
@@ -283,10 +317,10 @@ class DiffusionLM(LM):
         """Sum of window ELBOs (a lower bound on log p(text)) over disjoint windows (no BOS: the
         paper's scripts have no rolling likelihood, and a BOS would be scored as text here)."""
         out = []
-        for i, req in enumerate(tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm)):
+        for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
             task = getattr(req, "task_name", None) or ""
             windows = rolling_pairs(self._encode(req.args[0]), self.max_length)
-            seeds = [stable_key(task, getattr(req, "doc_id", i), w) for w in range(len(windows))]
+            seeds = [stable_key(task, request_key(req), w) for w in range(len(windows))]
             estimates = score_groups(self.model, [[w] for w in windows], self.settings_for(task), seeds, self.stats)
             out.append(sum(g[0].loglik for g in estimates))
         return out
@@ -310,9 +344,11 @@ class DiffusionLM(LM):
             values["gen_length"] = -(-limit // block) * block if block else limit
         values.setdefault("steps", values["gen_length"])
         try:
-            return SampleConfig(**values), limit
+            cfg = SampleConfig(**values)
         except UserError as e:
             raise UserError(f"task {task!r}: {e} (sampler settings come from --model_args)") from None
+        refuse_split_dependence(cfg, self.config.model, self.world_size, task)
+        return cfg, limit
 
     def prompt_ids(self, context: str, cfg: SampleConfig, task: str) -> list[int]:
         """The context's tokens (after the BOS, if any) cut on the left to leave room for the
@@ -328,7 +364,8 @@ class DiffusionLM(LM):
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Sample each request's continuation with the diffusion sampler; its noise is keyed by
-        (seed, task, document, request index), so it depends neither on the batch nor on the rank."""
+        (seed, task, document, request index), so it depends neither on the batch nor on the rank
+        (except under the batch-level settings, which refuse_split_dependence refuses on several ranks)."""
         jobs: dict[str, list[tuple[int, list[int], int, int]]] = defaultdict(list)  # per sampler settings
         configs: dict[str, SampleConfig] = {}
         until: list[list[str]] = []
@@ -339,8 +376,7 @@ class DiffusionLM(LM):
             cfg, limit = self.sample_config(dict(gen_kwargs), task)
             stops = gen_kwargs.get(UNTIL) or []
             until.append([stops] if isinstance(stops, str) else list(stops))
-            doc = getattr(req, "doc_id", None)
-            name = (task, doc if doc is not None else f"request-{i}", getattr(req, "idx", 0))
+            name = (task, request_key(req), getattr(req, "idx", 0))
             seen[name] += 1  # lm-eval repeats a request object for `repeats` samples
             configs[repr(cfg)] = cfg
             jobs[repr(cfg)].append((i, self.prompt_ids(context, cfg, task), limit, stable_key(*name, seen[name])))

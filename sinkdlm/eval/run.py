@@ -9,6 +9,7 @@ Under torchrun every rank evaluates its share of the documents and rank 0 alone 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -25,6 +26,7 @@ from sinkdlm.eval.likelihood import Estimator, Settings
 from sinkdlm.files import atomic_write
 from sinkdlm.intervals import format_share
 from sinkdlm.optional import require
+from sinkdlm.sample import SampleConfig
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -34,6 +36,10 @@ METRIC = "acc"  # the paper reports accuracy on every task
 EXACT_MATCH = "exact_match"  # generation tasks' metric, one per filter (lm-eval's gsm8k)
 TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown task name is taken for a misspelt offline one
 PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its default 100k is slow
+# the sampler's settings, which model_args (and `sinkdlm eval --sampling`) may give; declared here, where
+# both the model class and the command read them without importing lm-eval
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
+SHARED_FIELDS = ("guidance", "seed")  # one value serves scoring and sampling (own options in `sinkdlm eval`)
 
 
 @dataclass
@@ -90,7 +96,7 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalO
     tasks = [benchmarks.canonical(t) for t in tasks if t]
     check_task_names(tasks)
     harness.split_model_args(options.sampling)  # a typo fails now, not after the likelihood tasks
-    shared = sorted(set(options.sampling) & set(harness.SHARED_FIELDS))
+    shared = sorted(set(options.sampling) & set(SHARED_FIELDS))
     if shared:
         raise UserError(f"set {', '.join(shared)} with --{' / --'.join(shared)} (not in --sampling): one value "
                         f"serves the likelihood tasks and the sampler")
