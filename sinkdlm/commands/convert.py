@@ -26,9 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         default=ModelConfig.sink_position, help="where the sink tokens sit in every sequence")
     parser.add_argument("--block-size", type=int, default=None,
                         help=f"longest sequence recorded in the config (prompt + generation, lm-eval's max_length, "
-                             f"training's default data.seq_len; RoPE allocates nothing by it), capped at a Hugging Face "
-                             f"model's own; default: the model's own for {sorted(NATIVE)} and SMDM ({SMDM_SEQ_LEN}), "
-                             f"{AR_BLOCK_SIZE} for a causal LM")
+                             f"training's default data.seq_len; RoPE allocates nothing by it), capped at a Hugging "
+                             f"Face model's own; default: the model's own for {sorted(NATIVE)} and SMDM "
+                             f"({SMDM_SEQ_LEN}), {AR_BLOCK_SIZE} for a causal LM")
     parser.add_argument("--tokenizer", default=None,
                         help=f"SMDM files only: tokenizer.json, HF folder or Hub name (default {SMDM_TOKENIZER})")
     parser.add_argument("--n-head", type=int, default=None,
