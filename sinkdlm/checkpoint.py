@@ -220,9 +220,9 @@ def check_state_shapes(weights: dict[str, torch.Tensor], cfg: ModelConfig, what:
     got = {name: tuple(t.shape) for name, t in weights.items()}
     wrong = sorted(set(got) ^ set(expected)) + sorted(k for k in got.keys() & expected.keys() if got[k] != expected[k])
     if wrong:
-        name, more = wrong[0], f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
-        raise UserError(f"{what} ({name}: {got.get(name)} where {expected.get(name)} is expected, None meaning "
-                        f"absent{more}); {fix}")
+        name, more = wrong[0], f", and {len(wrong) - 1} more" if len(wrong) > 1 else ""
+        raise UserError(f"{what} ({name}: {got.get(name)} where {expected.get(name)} is expected{more}; "
+                        f"None = absent); {fix}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

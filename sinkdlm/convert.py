@@ -358,8 +358,9 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     start = time.perf_counter()
     smdm_only = [flag for flag, value in (("--tokenizer", tokenizer), ("--n-head", n_head)) if value is not None]
     if smdm_only and not is_smdm_file(source):
-        raise UserError(f"{' and '.join(smdm_only)} apply only to SMDM files ({' / '.join(SUFFIXES)}); {source} "
-                        f"brings its own tokenizer and config, drop {' and '.join(smdm_only)}")
+        flags = " and ".join(smdm_only)
+        raise UserError(f"{flags} {'apply' if len(smdm_only) > 1 else 'applies'} only to SMDM files "
+                        f"({' / '.join(SUFFIXES)}); {source} brings its own tokenizer and config, drop {flags}")
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     if is_export(source):  # a folder `sinkdlm export` wrote: its own checkpoint back, sinks and all

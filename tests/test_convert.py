@@ -213,7 +213,7 @@ def test_a_folder_of_pickled_weights_only_is_refused_without_unpickling(tmp_path
 def test_smdm_only_flags_are_refused_for_other_sources(flags, tmp_path, capsys):
     folder = save_hf(tmp_path, hf_model("llama", tie=True))
     expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o"), *flags],
-                     f"{' and '.join(flags[::2])} apply only to SMDM files")
+                     f"{' and '.join(flags[::2])} appl{'y' if len(flags) > 2 else 'ies'} only to SMDM files")
     assert not (tmp_path / "o").exists()
 
 
