@@ -26,7 +26,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sinkdlm.config import Config, config_from_dict, save_config
+from sinkdlm.config import Config, ModelConfig, config_from_dict, save_config
 from sinkdlm.errors import UserError
 from sinkdlm.files import META_FILE as META, TOKENIZER_FILE as TOKENIZER, use_umask
 from sinkdlm.hf_format import config_sections, dlm_weights, is_export_config
@@ -206,6 +206,23 @@ def load_into(model: torch.nn.Module, path: str | Path) -> None:
                         f"(the folder was edited or mixed from two runs); restore it, use an earlier "
                         f"step-* folder, or retrain")
     model.load_state_dict(weights)
+
+
+def check_state_shapes(weights: dict[str, torch.Tensor], cfg: ModelConfig, what: str, fix: str) -> None:
+    """A UserError unless `weights` are exactly the tensors (names and shapes) of DLM(cfg), which is
+    built on the meta device: shapes only, so an 8B import is never allocated twice. The message is
+    "{what} ({name}: {shape} where {shape} is expected); {fix}", `what` saying whose weights fail to
+    match what, e.g. "FILE does not match its config.json"."""
+    from sinkdlm.model import DLM
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in DLM(cfg).state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in weights.items()}
+    wrong = sorted(set(got) ^ set(expected)) + sorted(k for k in got.keys() & expected.keys() if got[k] != expected[k])
+    if wrong:
+        name, more = wrong[0], f", and {len(wrong) - 1} more" if len(wrong) > 1 else ""
+        raise UserError(f"{what} ({name}: {got.get(name)} where {expected.get(name)} is expected{more}; "
+                        f"None = absent); {fix}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

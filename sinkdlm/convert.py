@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from sinkdlm.checkpoint import list_checkpoints, save_checkpoint
+from sinkdlm.checkpoint import check_state_shapes, list_checkpoints, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
@@ -32,6 +32,7 @@ from sinkdlm.optional import require
 
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly (through transformers)
 SINK_INITS = ("mean", "bos", "zero", "random")
+AR_BLOCK_SIZE = SMDM_SEQ_LEN  # the context a causal LM's import records unless --block-size says otherwise
 MASK_INIT = "mean of the real tokens' input embeddings"
 # named GGUF models shipped inside PyPI wheels (docs/offline-data.md): name -> (requirement, member of the wheel)
 KNOWN_GGUF: dict[str, tuple[str, str]] = {
@@ -49,6 +50,12 @@ LAYER_NAMES = {
     "input_layernorm.weight": "norm_attn.weight", "post_attention_layernorm.weight": "norm_mlp.weight",
 }
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def sink_kind(sink_init: str) -> str:
+    """ModelConfig.sink_init for a SINK_INITS choice: zero sinks stay "zero", every other start is a
+    vector the model learns from ("learned")."""
+    return "zero" if sink_init == "zero" else "learned"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,28 +79,27 @@ def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype
         source, gguf_file = str(path.parent), path.name
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model folder, a Hub name or a .gguf file")
+    elif path.is_dir():
+        folder.weight_files(path)  # refuses a folder of pickled weights only (pytorch_model.bin) in one line
     transformers = require_loaders(gguf=gguf_file is not None)
     if not path.exists():
         require_hub(f"model {str(source)!r} (not a local path)")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    weights_format = {} if gguf_file else {"use_safetensors": True}  # never unpickle a *.bin (code execution)
     try:
         config = transformers.AutoConfig.from_pretrained(str(source), **extra)
         model_config(config)  # refuse an unsupported model before reading its weights
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(source), config=config, dtype=dtype, output_loading_info=True, **extra)
+            str(source), config=config, dtype=dtype, output_loading_info=True, **weights_format, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), **extra)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"could not load {source} with transformers ({_first_line(e)}); pass a local "
+        raise UserError(f"could not load {source} with transformers ({folder.first_line(e)}); pass a local "
                         f"folder with config.json + *.safetensors, a .gguf file, or a reachable Hub name") from None
     missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head.") or not _tied(model.config)]
     if missing:
         raise UserError(f"{source} is missing weights ({sorted(missing)[:3]}...); the download is incomplete, "
                         f"fetch the model again")
     return model.eval(), tokenizer
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _tied(hf_config: Any) -> bool:
@@ -122,9 +128,12 @@ def fetch_known_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
-                 sink_position: str = "front", block_size: int = SMDM_SEQ_LEN) -> ModelConfig:
-    """The DLM config of an HF Llama/Qwen2 config; refuses every feature DLM would silently drop."""
+                 sink_position: str = "front", block_size: int | None = None) -> ModelConfig:
+    """The DLM config of an HF Llama/Qwen2 config; refuses every feature DLM would silently drop.
+    block_size None: AR_BLOCK_SIZE (a causal LM's own context, often 32k or more, is not the length
+    its diffusion adaptation trains at), capped at max_position_embeddings like any other value."""
     kind = getattr(hf_config, "model_type", None)
+    block_size = block_size or AR_BLOCK_SIZE
     if kind not in SUPPORTED:
         raise unsupported_model_type(kind)
     _refuse_unsupported(hf_config, kind)
@@ -134,14 +143,14 @@ def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
     return ModelConfig(
         name=str(getattr(hf_config, "_name_or_path", "") or kind).rstrip("/").split("/")[-1] or kind,
         vocab_size=hf_config.vocab_size,
-        block_size=min(block_size, getattr(hf_config, "max_position_embeddings", block_size)),
+        block_size=folder.context_length(block_size, getattr(hf_config, "max_position_embeddings", block_size)),
         n_layer=hf_config.num_hidden_layers, n_head=n_head, n_embd=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
         n_query_groups=getattr(hf_config, "num_key_value_heads", None) or n_head,
         head_dim=head_dim, rope_base=float(rope["rope_theta"]), norm_eps=float(hf_config.rms_norm_eps),
         qkv_bias=kind == "qwen2", tie_embeddings=_tied(hf_config), causal=False,
         sink_tokens=sink_tokens, sink_position=sink_position,
-        sink_init="zero" if sink_init == "zero" else "learned",
+        sink_init=sink_kind(sink_init),
     )
 
 
@@ -240,7 +249,7 @@ def sink_vectors(embeddings: Tensor, n: int, init: str, bos_id: int | None, seed
 
 
 def convert_hf(model_or_path: Any, tokenizer: Any = None, sink_tokens: int = 0, sink_init: str = "mean",
-               sink_position: str = "front", block_size: int = SMDM_SEQ_LEN,
+               sink_position: str = "front", block_size: int | None = None,
                gguf_file: str | None = None) -> tuple[dict[str, Tensor], ModelConfig]:
     """(DLM state dict, ModelConfig) of an HF model object, folder, Hub name or .gguf file."""
     if isinstance(model_or_path, (str, Path)):
@@ -269,7 +278,7 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> int:
 class Native:
     """How to read one kind of model folder: its config, its weights' names, its tokenizer."""
 
-    model_config: Callable[[dict[str, Any], str, int], ModelConfig]  # (config.json, name, block_size)
+    model_config: Callable[[dict[str, Any], str, int | None], ModelConfig]  # (config.json, name, block_size)
     dlm_name: Callable[[str, ModelConfig], str | None]
     tokenizer_class: str | None = None  # for a folder without tokenizer.json (see folder.read_tokenizer)
 
@@ -297,18 +306,19 @@ def native_folder(source: str) -> Path | None:
 
 
 def import_native(path: Path, name: str, sink_tokens: int = 0, sink_init: str = "mean",
-                  sink_position: str = "front", block_size: int = SMDM_SEQ_LEN
+                  sink_position: str = "front", block_size: int | None = None
                   ) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
     """(DLM weights, ModelConfig named `name`, tokenizer, EOS id) of a NATIVE model folder."""
     raw = folder.read_config(path)
     importer = NATIVE[str(raw.get("model_type")).lower()]
     cfg = dataclasses.replace(importer.model_config(raw, name, block_size), sink_tokens=sink_tokens,
-                              sink_position=sink_position, sink_init="zero" if sink_init == "zero" else "learned")
+                              sink_position=sink_position, sink_init=sink_kind(sink_init))
     tokenizer = folder.read_tokenizer(path, importer.tokenizer_class)
     n_real = check_tokenizer(tokenizer, cfg.require_vocab())
     weights = folder.read_weights(path, lambda key: importer.dlm_name(key, cfg))
     weights = add_mask_and_sinks(weights, cfg, sink_init, n_real, raw.get("bos_token_id"))
-    folder.check_weights(weights, cfg, path)
+    check_state_shapes(weights, cfg, f"the weights of {path} do not match its config.json",
+                       "a damaged or mixed download: fetch the model again")
     eos = raw.get("eos_token_id")
     return weights, cfg, tokenizer, getattr(tokenizer, "eos_token_id", None) if eos is None else eos
 
@@ -336,15 +346,21 @@ def save_converted(out_dir: str | Path, weights: dict[str, Tensor], cfg: ModelCo
 
 
 def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: str = "mean",
-            sink_position: str = "front", block_size: int = SMDM_SEQ_LEN,
+            sink_position: str = "front", block_size: int | None = None,
             cache_dir: str | Path | None = None, tokenizer: str | None = None,
             n_head: int | None = None) -> tuple[Path, float]:
     """`sinkdlm convert`: any supported source -> checkpoint. Returns (checkpoint, seconds taken).
-    tokenizer and n_head serve SMDM files (sinkdlm.importers.smdm), which carry neither."""
+    tokenizer and n_head serve SMDM files (sinkdlm.importers.smdm), which carry neither. block_size
+    None: the model's own context for a diffusion LM (LLaDA, Dream, SMDM), AR_BLOCK_SIZE for a causal LM."""
     from sinkdlm.export import import_export, is_export  # here: export reads this module's Llama names
-    from sinkdlm.importers.smdm import convert_smdm, is_smdm_file
+    from sinkdlm.importers.smdm import SUFFIXES, convert_smdm, is_smdm_file
 
     start = time.perf_counter()
+    smdm_only = [flag for flag, value in (("--tokenizer", tokenizer), ("--n-head", n_head)) if value is not None]
+    if smdm_only and not is_smdm_file(source):
+        flags = " and ".join(smdm_only)
+        raise UserError(f"{flags} {'apply' if len(smdm_only) > 1 else 'applies'} only to SMDM files "
+                        f"({' / '.join(SUFFIXES)}); {source} brings its own tokenizer and config, drop {flags}")
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     if is_export(source):  # a folder `sinkdlm export` wrote: its own checkpoint back, sinks and all
@@ -364,7 +380,7 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     return ckpt, time.perf_counter() - start
 
 
-def _import_transformers(source: str, sink_tokens: int, sink_init: str, sink_position: str, block_size: int,
+def _import_transformers(source: str, sink_tokens: int, sink_init: str, sink_position: str, block_size: int | None,
                          cache_dir: str | Path | None) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
     """A causal LM loaded by transformers: an HF folder, a Hub name, a .gguf file or a KNOWN_GGUF name."""
     if source in KNOWN_GGUF:

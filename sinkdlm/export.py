@@ -26,14 +26,13 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
-from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, list_checkpoints,
-                                load_config_of, load_meta, load_weights, resolve, save_checkpoint)
+from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, check_state_shapes,
+                                list_checkpoints, load_config_of, load_meta, load_weights, resolve, save_checkpoint)
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.convert import LAYER_NAMES
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
 from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, MODELING_FILE_CODE, hf_config, hf_weights
-from sinkdlm.model import DLM
 from sinkdlm.optional import require
 
 CARD = "README.md"
@@ -305,13 +304,8 @@ def import_export(folder: str | Path, out_dir: str | Path, sink_tokens: int = 0)
 
 def check_weights(weights: dict[str, torch.Tensor], m: ModelConfig, folder: str | Path) -> None:
     """A UserError unless `weights` are exactly the tensors (names, shapes) of a DLM built from `m`."""
-    with torch.device("meta"):  # shapes only, whatever the model's size
-        expected = {name: tuple(t.shape) for name, t in DLM(m).state_dict().items()}
-    got = {name: tuple(t.shape) for name, t in weights.items()}
-    if got != expected:
-        name = sorted(set(got) ^ set(expected) or [k for k in got if got[k] != expected[k]])[0]
-        raise UserError(f"{Path(folder) / WEIGHTS} does not match its config.json ({name}: {got.get(name)} where "
-                        f"{expected.get(name)} is expected); the folder was edited, export the checkpoint again")
+    check_state_shapes(weights, m, f"{Path(folder) / WEIGHTS} does not match its config.json",
+                       "the folder was edited, export the checkpoint again")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -192,6 +192,38 @@ def test_not_a_model_folder(tmp_path, capsys):
     expect_cli_error(capsys, ["convert", "--from", str(tmp_path), "--out", str(tmp_path / "o")], "no config.json")
 
 
+def test_a_folder_of_pickled_weights_only_is_refused_without_unpickling(tmp_path, capsys, monkeypatch):
+    """A pytorch_model.bin is a pickle: refused in one line, and torch.load is never called (also when
+    the folder check is bypassed: transformers is asked for safetensors only)."""
+    import sinkdlm.convert as converter
+
+    hf = hf_model("llama", tie=True)
+    folder = save_hf(tmp_path, hf)
+    (folder / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickled weights file was loaded"))
+    expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")],
+                     "pickled weights (pytorch_model.bin")
+    monkeypatch.setattr(converter.folder, "weight_files", lambda path: [])
+    expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")], "could not load")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags", [["--tokenizer", "x"], ["--n-head", "4"], ["--tokenizer", "x", "--n-head", "4"]])
+def test_smdm_only_flags_are_refused_for_other_sources(flags, tmp_path, capsys):
+    folder = save_hf(tmp_path, hf_model("llama", tie=True))
+    expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o"), *flags],
+                     f"{' and '.join(flags[::2])} appl{'y' if len(flags) > 2 else 'ies'} only to SMDM files")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("block_size,expected", [(None, 2048), (512, 512), (10**6, 8192)])
+def test_a_causal_lm_records_2048_unless_asked_capped_at_its_own(block_size, expected):
+    """A causal LM's own context (32k for Qwen2.5) is not the length its diffusion adaptation uses."""
+    config = transformers.LlamaConfig(**SIZES, max_position_embeddings=8192)
+    assert model_config(config, block_size=block_size).block_size == expected
+
+
 def adapt_args(*argv):
     from sinkdlm.cli import parse_args
     from sinkdlm.recipes import adapt_config, shortcuts_of

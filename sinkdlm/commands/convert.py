@@ -7,7 +7,7 @@ import argparse
 
 from sinkdlm.checkpoint import load_config_of, load_meta
 from sinkdlm.config import SMDM_SEQ_LEN, ModelConfig
-from sinkdlm.convert import KNOWN_GGUF, NATIVE, SINK_INITS, convert
+from sinkdlm.convert import AR_BLOCK_SIZE, KNOWN_GGUF, NATIVE, SINK_INITS, convert
 from sinkdlm.importers.smdm import DEFAULT_TOKENIZER as SMDM_TOKENIZER, SUFFIXES as SMDM_SUFFIXES
 from sinkdlm.settings import choices_of, field_types
 
@@ -24,14 +24,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="initial sink vectors: mean embedding | BOS embedding | zero | random")
     parser.add_argument("--sink-position", choices=choices_of(field_types(ModelConfig)["sink_position"]),
                         default=ModelConfig.sink_position, help="where the sink tokens sit in every sequence")
-    parser.add_argument("--block-size", type=int, default=SMDM_SEQ_LEN,
-                        help="training context recorded in the config, capped at the model's "
-                             "max_position_embeddings")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help=f"longest sequence recorded in the config (prompt + generation, lm-eval's max_length, "
+                             f"training's default data.seq_len; RoPE allocates nothing by it), capped at a Hugging "
+                             f"Face model's own; default: the model's own for {sorted(NATIVE)} and SMDM "
+                             f"({SMDM_SEQ_LEN}), {AR_BLOCK_SIZE} for a causal LM")
     parser.add_argument("--tokenizer", default=None,
                         help=f"SMDM files only: tokenizer.json, HF folder or Hub name (default {SMDM_TOKENIZER})")
     parser.add_argument("--n-head", type=int, default=None,
                         help="SMDM files only: attention heads (default: from SMDM's size table by the widths)")
-    parser.add_argument("--cache-dir", default=None, help="download cache (default $SINKDLM_CACHE or ~/.cache/sinkdlm)")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"where {sorted(KNOWN_GGUF)} are downloaded (default $SINKDLM_CACHE or ~/.cache/sinkdlm); "
+                             f"Hub models and tokenizers go to Hugging Face's cache (HF_HOME)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
+from sinkdlm.importers.folder import context_length
 
 MODEL_TYPE = "dream"
 TOKENIZER_CLASS = "Qwen2TokenizerFast"  # what Dream's DreamTokenizer is, without its remote code
@@ -27,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def model_config(raw: dict[str, Any], name: str, block_size: int) -> ModelConfig:
+def model_config(raw: dict[str, Any], name: str, block_size: int | None) -> ModelConfig:
     """The DLM config of a Dream config.json (no sinks); refuses what the DLM would compute differently."""
     c = {**DEFAULTS, **raw}
     if c["hidden_act"] != "silu":
@@ -41,7 +42,7 @@ def model_config(raw: dict[str, Any], name: str, block_size: int) -> ModelConfig
         raise UserError(f"Dream config hidden_size={c['hidden_size']} is not divisible by "
                         f"num_attention_heads={c['num_attention_heads']}")
     return ModelConfig(
-        name=name, vocab_size=c["vocab_size"], block_size=min(block_size, c["max_position_embeddings"]),
+        name=name, vocab_size=c["vocab_size"], block_size=context_length(block_size, c["max_position_embeddings"]),
         n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
         intermediate_size=c["intermediate_size"],
         n_query_groups=c["num_key_value_heads"] or c["num_attention_heads"], rope_base=float(c["rope_theta"]),

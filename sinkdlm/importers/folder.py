@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
 from sinkdlm.optional import require
 
@@ -21,6 +19,18 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # what a Hub snapshot needs: config, weights and tokenizer files (never *.py code or pickled *.bin)
 HUB_FILES = ["*.json", "*.safetensors", "*.txt"]
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, for a one-line UserError (or its type when it has no message)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def context_length(requested: int | None, own: int) -> int:
+    """The block_size an import records: the model's own context unless a shorter one is requested.
+    (block_size allocates nothing, RoPE is computed per forward; it bounds prompts and lm-eval's
+    max_length, and is training's default data.seq_len.)"""
+    return own if requested is None else min(requested, own)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -89,25 +99,8 @@ def _keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as reader:
             return list(reader.keys())
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); fetch it "
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(e)}); fetch it "
                         f"again") from None
-
-
-def check_weights(weights: dict[str, Tensor], cfg: ModelConfig, folder: Path) -> None:
-    """The converted weights must be exactly the DLM's (names and shapes), checked on the meta device
-    so that an 8B model is not built twice in memory."""
-    from sinkdlm.model import DLM
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DLM(cfg).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    problems = [f"lacks {k}" for k in expected if k not in got]
-    problems += [f"has {k} of shape {got[k]} where its config needs {expected[k]}"
-                 for k in expected if k in got and got[k] != expected[k]]
-    problems += [f"has an unexpected {k}" for k in got if k not in expected]
-    if problems:
-        raise UserError(f"{folder} {problems[0]}; the weights do not match config.json (a damaged or mixed "
-                        f"download): fetch the model again")
 
 
 def read_tokenizer(folder: Path, slow_bpe_class: str | None = None) -> Any:
@@ -125,7 +118,7 @@ def read_tokenizer(folder: Path, slow_bpe_class: str | None = None) -> Any:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise UserError(f"could not read the tokenizer in {folder} ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0]}); fetch the model's tokenizer files again") from None
+                        f"{first_line(e)}); fetch the model's tokenizer files again") from None
 
 
 def hub_snapshot(name: str) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
+from sinkdlm.importers.folder import context_length
 
 MODEL_TYPE = "llada"
 # configuration_llada.ModelConfig's defaults, for keys a config.json leaves out
@@ -58,7 +59,7 @@ BLOCK_NAMES = {
 }
 
 
-def model_config(raw: dict[str, Any], name: str, block_size: int) -> ModelConfig:
+def model_config(raw: dict[str, Any], name: str, block_size: int | None) -> ModelConfig:
     """The DLM config of a LLaDA config.json (no sinks); refuses what the DLM would compute differently."""
     c = {**DEFAULTS, **raw}
     for key, allowed in REPRODUCIBLE.items():
@@ -72,7 +73,7 @@ def model_config(raw: dict[str, Any], name: str, block_size: int) -> ModelConfig
         raise UserError(f"LLaDA config d_model={c['d_model']} is not divisible by n_heads={c['n_heads']}")
     return ModelConfig(
         name=name, vocab_size=c["embedding_size"] or c["vocab_size"],  # logits cover every embedding row
-        block_size=min(block_size, c["max_sequence_length"]), n_layer=c["n_layers"], n_head=c["n_heads"],
+        block_size=context_length(block_size, c["max_sequence_length"]), n_layer=c["n_layers"], n_head=c["n_heads"],
         n_embd=c["d_model"], intermediate_size=c["mlp_hidden_size"] or c["mlp_ratio"] * c["d_model"],
         n_query_groups=_kv_heads(c), rope_base=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
         qkv_bias=bool(c["include_qkv_bias"]), tie_embeddings=bool(c["weight_tying"]), causal=False,

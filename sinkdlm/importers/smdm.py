@@ -20,6 +20,7 @@ import dataclasses
 import pickle  # only for its exception type: loading is weights_only
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sinkdlm.checkpoint import NEEDED_CLASS, save_checkpoint
+from sinkdlm.checkpoint import NEEDED_CLASS, check_state_shapes, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, SMDM_SIZES, Config, ModelConfig
-from sinkdlm.convert import sink_vectors
+from sinkdlm.convert import sink_kind, sink_vectors
 from sinkdlm.errors import UserError
+from sinkdlm.importers.folder import first_line
 
 SUFFIXES = (".pth", ".pt", ".safetensors")  # a single file: Fabric's checkpoint or a state dict
 # the tokenizer every SMDM script loads (the Llama-2 SentencePiece vocabulary of 32,000 tokens)
@@ -86,24 +88,21 @@ def _safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)}); download it again") from None
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(e)}); download it again") from None
 
 
 def _pickle(path: Path) -> Any:
     try:
-        # mmap: the optimizer state beside the model (twice its size) is never read into memory
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap: the optimizer state beside the model (twice its size) is never read into memory. Only
+        # torch's zip format can be memory-mapped; a file of torch < 1.6's format is read whole.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         needed = NEEDED_CLASS.search(str(e))
         what = f"the class {needed.group(1)}" if needed else "objects other than tensors and plain data"
         raise UserError(f"{path} holds {what}, which only pickle code execution could load and sinkdlm never "
                         f"runs code from a file; save the model's state_dict() alone (or as safetensors)") from None
     except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"{path} is not a readable torch checkpoint ({_first_line(e)}); download it again") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a readable torch checkpoint ({first_line(e)}); download it again") from None
 
 
 def _unwrapped(key: str) -> str:
@@ -125,8 +124,9 @@ class Layout:
 
 
 def infer_config(state: dict[str, Tensor], n_head: int | None = None, sink_position: str = "front",
-                 block_size: int = SMDM_SEQ_LEN) -> tuple[ModelConfig, Layout]:
-    """The DLM config of a lit_gpt TransEncoder state dict; refuses what DLM cannot reproduce."""
+                 block_size: int | None = None) -> tuple[ModelConfig, Layout]:
+    """The DLM config of a lit_gpt TransEncoder state dict; refuses what DLM cannot reproduce.
+    block_size None: SMDM's own context, SMDM_SEQ_LEN (every Diff_LLaMA config's)."""
     head, wte = _required(state, "lm_head.weight"), _required(state, "transformer.wte.weight")
     vocab, n_embd = head.shape
     n_sink = wte.shape[0] - vocab - 1
@@ -150,7 +150,7 @@ def infer_config(state: dict[str, Tensor], n_head: int | None = None, sink_posit
     gate = "none" if gate_name is None else _gate_kind(first[gate_name], heads, head_dim)
     size = next((s for s, shape in SMDM_SIZES.items() if shape == (n_layer, heads, n_embd, intermediate)), None)
     cfg = ModelConfig(
-        name=f"Diff_LLaMA_{size}M" if size else "smdm", vocab_size=vocab, block_size=block_size,
+        name=f"Diff_LLaMA_{size}M" if size else "smdm", vocab_size=vocab, block_size=block_size or SMDM_SEQ_LEN,
         n_layer=n_layer, n_head=heads, n_embd=n_embd, intermediate_size=intermediate,
         n_query_groups=groups, rope_base=ROPE_BASE, norm_eps=NORM_EPS,
         sink_tokens=n_sink, sink_position=sink_position, attn_gate=gate)
@@ -245,20 +245,6 @@ def _convert_layer(layer: dict[str, Tensor], i: int, cfg: ModelConfig, layout: L
     return out
 
 
-def check_complete(weights: dict[str, Tensor], cfg: ModelConfig) -> None:
-    """Every tensor DLM(cfg) has, of its shape (a layer without the gate the others have, say)."""
-    from sinkdlm.model import DLM
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DLM(cfg).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    wrong = [k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)]
-    if wrong:
-        k = sorted(wrong)[0]
-        raise UserError(f"after mapping, {k} has shape {got.get(k)} where the model needs {expected.get(k)} "
-                        f"(None = absent); the checkpoint's layers differ from each other, it cannot be imported")
-
-
 def split_qkv(weight: Tensor, n_head: int, groups: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """lit_gpt's fused qkv rows are grouped: per KV group its n_head/groups query heads, then its key,
     then its value. Query head h belongs to group h // (n_head / groups), as in DLM's repeat_interleave."""
@@ -274,7 +260,7 @@ def split_qkv(weight: Tensor, n_head: int, groups: int, head_dim: int) -> tuple[
 
 def convert_smdm(source: str | Path, out_dir: str | Path, tokenizer: str | None = None,
                  n_head: int | None = None, sink_tokens: int = 0, sink_init: str = "mean",
-                 sink_position: str = "front", block_size: int = SMDM_SEQ_LEN) -> Path:
+                 sink_position: str = "front", block_size: int | None = None) -> Path:
     """`sinkdlm convert --from file.pth`: an SMDM checkpoint -> a step-0 sinkdlm checkpoint in out_dir.
 
     sink_tokens adds new sinks (initialised by sink_init) to a checkpoint that has none; a checkpoint
@@ -296,8 +282,9 @@ def convert_smdm(source: str | Path, out_dir: str | Path, tokenizer: str | None 
     if sink_tokens:
         weights["sink"] = sink_vectors(weights["wte.weight"][:n_tokens], sink_tokens, sink_init,
                                        tok.token_to_id(BOS), seed=0)
-        cfg = dataclasses.replace(cfg, sink_tokens=sink_tokens, sink_init="zero" if sink_init == "zero" else "learned")
-    check_complete(weights, cfg)
+        cfg = dataclasses.replace(cfg, sink_tokens=sink_tokens, sink_init=sink_kind(sink_init))
+    check_state_shapes(weights, cfg, f"after mapping, the weights of {source} do not fit one model",
+                       "its layers differ from each other, it cannot be imported")
     meta = {"eos_id": eos_id(tok), "converted_from": str(source), "tokenizer_size": n_tokens,
             "mask_init": "trained (the checkpoint's mask row)", "sink_init": sink_from if cfg.sink_tokens else None,
             "tokens": 0, **{f"source_{k}": v for k, v in extra.items()}}
