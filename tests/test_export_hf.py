@@ -210,17 +210,23 @@ def test_a_tokenizer_smaller_than_the_vocabulary_gets_reserved_tokens_before_the
     assert load_tokenizer(back).to_str() == load_tokenizer(tmp_path / "run").to_str()
 
 
+def converted_back_equals(ckpt: Path, folder: Path, back: Path) -> dict[str, torch.Tensor]:
+    """`sinkdlm convert --from` the exported folder gives the checkpoint's config and weights; returns them."""
+    assert main(["convert", "--from", str(folder), "--out", str(back)]) == 0
+    (model, cfg), (again, cfg_again) = load_model(ckpt), load_model(back)
+    assert cfg_again == cfg
+    state, state_again = model.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
+    return state
+
+
 @pytest.mark.parametrize("name", ["front_sink_x2", "gqa_bias_tied", "mask_in_vocabulary"])
 def test_convert_from_the_export_gives_the_checkpoint_back(tmp_path, name):
     ckpt = random_checkpoint(tmp_path, name, **VARIANTS[name])
     folder = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(folder)]) == 0
     back = tmp_path / "back"
-    assert main(["convert", "--from", str(folder), "--out", str(back)]) == 0
-    (model, cfg), (again, cfg_again) = load_model(ckpt), load_model(back)
-    assert cfg_again == cfg
-    state, state_again = model.state_dict(), again.state_dict()
-    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
+    state = converted_back_equals(ckpt, folder, back)
     assert load_tokenizer(back).to_str() == load_tokenizer(ckpt).to_str()
     meta = load_meta(back)
     assert meta["step"] == 3 and meta["eos_id"] == 0 and meta["imported_from"] == str(folder)
@@ -302,12 +308,7 @@ def test_llama_layout_loads_into_llama_and_converts_back(tmp_path, tie, mask):
     assert ("the embedding's tied row" in card) == (tie and not in_vocabulary)
     assert (f"`mask_token_id` {VOCAB - 1}, a vocabulary token" in card) == bool(in_vocabulary)
 
-    back = tmp_path / "back"
-    assert main(["convert", "--from", str(folder), "--out", str(back)]) == 0
-    (model, cfg), (again, cfg_again) = load_model(ckpt), load_model(back)
-    assert cfg_again == cfg
-    state, state_again = model.state_dict(), again.state_dict()
-    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
+    converted_back_equals(ckpt, folder, tmp_path / "back")
 
 
 @pytest.mark.parametrize("model,named", [(dict(sink_tokens=1), "sink tokens"),
