@@ -190,9 +190,10 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
                         f"resume from an earlier step-* folder") from None
 
 
-def load_into(model: torch.nn.Module, path: str | Path) -> None:
+def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Load a checkpoint's weights into `model`, built from its config; a tensor that is missing,
-    extra or of another shape is a UserError naming the file and the tensor."""
+    extra or of another shape is a UserError naming the file and the tensor. A model built on the
+    meta device takes the loaded tensors themselves (cast to `dtype`), so it is never allocated twice."""
     ckpt = resolve(path)
     weights, expected = load_weights(ckpt), model.state_dict()
     problems = [f"lacks {name}" for name in expected if name not in weights]
@@ -205,7 +206,9 @@ def load_into(model: torch.nn.Module, path: str | Path) -> None:
         raise UserError(f"{ckpt / WEIGHTS} {problems[0]}{more}: the weights do not match the config "
                         f"(the folder was edited or mixed from two runs); restore it, use an earlier "
                         f"step-* folder, or retrain")
-    model.load_state_dict(weights)
+    if dtype is not None:
+        weights = {name: tensor.to(dtype) for name, tensor in weights.items()}
+    model.load_state_dict(weights, assign=any(p.is_meta for p in model.parameters()))
 
 
 def check_state_shapes(weights: dict[str, torch.Tensor], cfg: ModelConfig, what: str, fix: str) -> None:
@@ -229,19 +232,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                **runtime: Any):
     """Rebuild the model a checkpoint describes (any variant) and load its weights.
 
-    Returns (model in eval mode, Config). dtype: cast the parameters (e.g. torch.bfloat16 to halve
-    the memory of a large import on the GPU; RMSNorm and softmax still compute in float32); None
-    keeps float32. `runtime` changes ModelConfig.RUNTIME_FIELDS only (such as attn_impl), each
-    validated; the architecture is the checkpoint's.
+    Returns (model in eval mode, Config). dtype: the parameters' (e.g. torch.bfloat16 halves the
+    memory of a large import; RMSNorm and softmax still compute in float32); None = float32. The
+    model is built on the meta device and takes the loaded weights, so memory peaks at the weights
+    as stored plus their cast copy, not at a randomly initialised model besides them. `runtime`
+    changes ModelConfig.RUNTIME_FIELDS only (such as attn_impl), each validated; the architecture
+    is the checkpoint's.
     """
     from sinkdlm.model import DLM
 
     ckpt = resolve(path)
     cfg = load_config_of(ckpt)
     cfg.model = cfg.model.with_runtime(**runtime)
-    model = DLM(cfg.model)
-    load_into(model, ckpt)
-    return model.to(device=device, dtype=dtype).eval(), cfg
+    with torch.device("meta"):
+        model = DLM(cfg.model)
+    load_into(model, ckpt, dtype or torch.float32)
+    return model.to(device).eval(), cfg
 
 
 def load_tokenizer(path: str | Path):

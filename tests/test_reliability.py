@@ -55,6 +55,27 @@ def test_mismatched_weights_are_one_line_exit_2(tiny_data, tmp_path, capsys, cha
     assert "model.safetensors" in one_line_error(capsys)
 
 
+def test_load_model_never_builds_a_random_model_beside_the_weights(tiny_data, tmp_path, monkeypatch):
+    """The model is built on the meta device and takes the loaded tensors (an 8B import is held once,
+    in the dtype asked for), and gives the weights exactly."""
+    run = tmp_path / "run"
+    train(config(tiny_data, run))
+    initialised, normal = [], torch.nn.init.normal_
+
+    def recording_normal(*args, **kwargs):
+        initialised.append((args[0] if args else kwargs["tensor"]).device.type)
+        return normal(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", recording_normal)
+    model, _ = ckpt.load_model(run)
+    assert initialised and set(initialised) == {"meta"}
+    stored = ckpt.load_weights(run)
+    assert all(torch.equal(stored[name], tensor) for name, tensor in model.state_dict().items())
+    half, _ = ckpt.load_model(run, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(stored[name].to(torch.bfloat16), t) for name, t in half.state_dict().items())
+
+
 def test_init_from_with_mismatched_weights_is_refused(tiny_data, tmp_path):
     first = train(config(tiny_data, tmp_path / "a", steps=1))["checkpoint"]
     edit_weights(first, lambda w: w.pop("lm_head.weight"))

@@ -28,10 +28,11 @@ def model_without_sink(path: str | Path, device: str | torch.device = "cpu", dty
     """The checkpoint's weights in the same architecture with no sink tokens."""
     cfg = ckpt.load_config_of(path)
     cfg.model.sink_tokens = 0
-    model = DLM(cfg.model)
-    weights = {k: v for k, v in ckpt.load_weights(path).items() if k != "sink"}
-    model.load_state_dict(weights, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):  # takes the loaded tensors: never allocated twice
+        model = DLM(cfg.model)
+    weights = {k: v.to(dtype or torch.float32) for k, v in ckpt.load_weights(path).items() if k != "sink"}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(device).eval()
 
 
 def model_with_zero_sink_value(path: str | Path, device: str | torch.device = "cpu",
@@ -39,9 +40,10 @@ def model_with_zero_sink_value(path: str | Path, device: str | torch.device = "c
     """The checkpoint's weights with the sink's value vectors forced to zero (not a runtime field)."""
     cfg = ckpt.load_config_of(path)
     cfg.model.sink_zero_value = True
-    model = DLM(cfg.model)
-    ckpt.load_into(model, path)
-    return model.to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        model = DLM(cfg.model)
+    ckpt.load_into(model, path, dtype or torch.float32)
+    return model.to(device).eval()
 
 
 def top_content_keys(colsum: Tensor, key_valid: Tensor, n_sink: int, k: int) -> Tensor:
