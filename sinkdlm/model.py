@@ -381,8 +381,9 @@ class DLM(nn.Module):
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Total and SMDM's non-embedding count (no embedding, head, sinks or gates)."""
+    """Total, SMDM's non-embedding count (no embedding, head, sinks or gates) and the gates'."""
     total = sum(p.numel() for p in model.parameters())
+    gate = sum(p.numel() for n, p in model.named_parameters() if ".attn.gate." in n)
     non_emb = sum(p.numel() for n, p in model.named_parameters()
                   if not (n.startswith(("wte.", "lm_head.")) or n == "sink" or ".attn.gate." in n))
-    return {"total": total, "non_embedding": non_emb}
+    return {"total": total, "non_embedding": non_emb, "gate": gate}

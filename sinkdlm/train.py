@@ -526,7 +526,8 @@ class Loop:
         self.val_loss = float("nan")
         if fabric.global_rank == 0:
             n = count_params(model.module)
-            fabric.print(f"model {cfg.model.name}: {n['non_embedding'] / 1e6:.2f}M non-embedding, "
+            gate = f" (+ {n['gate'] / 1e6:.2f}M gate)" if n["gate"] else ""  # SMDM's N leaves gates out
+            fabric.print(f"model {cfg.model.name}: {n['non_embedding'] / 1e6:.2f}M non-embedding{gate}, "
                          f"{n['total'] / 1e6:.2f}M total parameters; {self.steps} steps x "
                          f"{cfg.train.global_batch} x {cfg.seq_len} tokens; accumulation {accum}")
 

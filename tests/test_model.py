@@ -152,7 +152,9 @@ def test_472_has_paper_non_embedding_params():
     assert cfg.non_embedding_params() == 471_906_560
     with torch.device("meta"):
         model = DLM(model_preset("472", sink_tokens=1, attn_gate="elementwise"))
-    assert count_params(model)["non_embedding"] == 471_906_560
+    counts = count_params(model)
+    assert counts["non_embedding"] == 471_906_560
+    assert counts["gate"] == 18 * 1280 * 1280  # an E x E gate in each of 18 layers, reported apart (start-up line)
 
 
 @pytest.mark.parametrize("name", list(SMDM_SIZES))
