@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sinkdlm.commands.data", "materialise offline benchmark data (`sinkdlm data benchmarks`)"),
     "analyze": ("sinkdlm.commands.analyze", "attention-sink analysis of a checkpoint: metrics, plots, report"),
     "study": ("sinkdlm.commands.study", "train and compare the paper's variants/ablations at any scale"),
-    "convert": ("sinkdlm.commands.convert", "import a Llama/Qwen2-family causal LM as a DLM checkpoint"),
+    "convert": ("sinkdlm.commands.convert", "import a Llama/Qwen2 causal LM, LLaDA, Dream, an SMDM .pth or an exported folder"),
     "adapt": ("sinkdlm.commands.adapt", "continue a converted AR model with the diffusion loss"),
     "export": ("sinkdlm.commands.export", "write a self-contained folder to publish a checkpoint"),
 }

@@ -48,6 +48,7 @@ IMPORT_REWRITES = {
 }
 SINKDLM_IMPORT = re.compile(r"^\s*(?:from|import)\s+sinkdlm\b.*$", re.MULTILINE)
 MASK_TOKEN = "<|sinkdlm_mask|>"
+MODEL_INPUTS = ("input_ids", "attention_mask")  # SinkDLMForMaskedLM.forward's inputs, named for the tokenizer
 RESERVED_TOKEN = "<|sinkdlm_reserved_{}|>"  # fills the ids between the tokenizer's last one and the mask id
 ADDED_TOKEN = re.compile(r"<\|sinkdlm_(?:mask|reserved_\d+)\|>")
 LLAMA_TYPE = "llama"
@@ -194,7 +195,9 @@ def hf_tokenizer(tokenizer: Tokenizer, cfg: Config, eos_id: int | None) -> tuple
                         f"model's mask id {m.mask_id}: the tokenizer's ids have gaps; export needs contiguous ids")
     eos = tokenizer.id_to_token(eos_id) if eos_id is not None else None
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "mask_token": mask_token, "eos_token": eos,
-              "pad_token": eos, "model_max_length": m.block_size, "clean_up_tokenization_spaces": False}
+              "pad_token": eos, "model_max_length": m.block_size, "clean_up_tokenization_spaces": False,
+              # what the model's forward takes: transformers 4.x tokenizers add token_type_ids otherwise
+              "model_input_names": list(MODEL_INPUTS)}
     return tokenizer, {key: value for key, value in config.items() if value is not None}
 
 

@@ -198,6 +198,7 @@ def test_config_json_is_a_transformers_config_with_every_model_field(tmp_path):
     assert {f.name for f in dataclasses.fields(ModelConfig)} <= set(data)
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tok_config["mask_token"] == MASK_TOKEN and tok_config["eos_token"] == "</s>"
+    assert tok_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids (transformers 4)
     assert set(load_file(str(folder / "model.safetensors"))) == {f"model.{k}" for k in DLM(tiny(sink_tokens=2)).state_dict()}
 
 

@@ -1,5 +1,5 @@
-"""`sinkdlm convert`: import a Llama/Qwen2-family causal LM, or a LLaDA or Dream diffusion LM, as a
-(bidirectional) DLM checkpoint."""
+"""`sinkdlm convert`: import a Llama/Qwen2-family causal LM, a LLaDA or Dream diffusion LM, an SMDM /
+sink-paper lit_gpt checkpoint or a folder `sinkdlm export` wrote, as a (bidirectional) DLM checkpoint."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Writes <out>/gsm8k_samples.jsonl (prompt, output, gold, and per metric the extracted answer and
 whether it is correct) and <out>/gsm8k_summary.json (strict-match and flexible-extract accuracy with
 standard errors, the preset's headline metric, settings). Each data set has its own default folder
-beside the checkpoint (gsm8k/, gsm8k-synthetic/, gsm8k-<file name>/), and an earlier result is
+inside the checkpoint folder (gsm8k/, gsm8k-synthetic/, gsm8k-<file name>/), and an earlier result is
 replaced only with --overwrite. `--preset paper` is the paper's decoding (length 256 counting the
 prompt, 256 steps, temperature 0.1, guidance 0.1, two stages) with strict-match as headline; sampling
 options given explicitly override the stage-1 settings of the preset. `--data synthetic` scores the
@@ -37,8 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                        "the synthetic arithmetic SFT set, NOT GSM8K) (default: the GSM8K test set, "
                                        "fetched once)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems (default: all)")
-    parser.add_argument("--out", help="output folder (default: beside the checkpoint, gsm8k/ for the GSM8K test, "
-                                      "gsm8k-synthetic/ for --data synthetic, gsm8k-<file name>/ for a JSONL)")
+    parser.add_argument("--out", help="output folder (default: inside the checkpoint folder, gsm8k/ for the GSM8K "
+                                      "test, gsm8k-synthetic/ for --data synthetic, gsm8k-<file name>/ for a JSONL)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
     parser.add_argument("--one-stage", action="store_true", help="skip the second stage")
     parser.add_argument("--exact", action="store_true",

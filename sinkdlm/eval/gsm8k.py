@@ -280,7 +280,7 @@ def exact(settings: GSM8KSettings) -> GSM8KSettings:
 
 
 def output_folder(checkpoint: str | Path, data: str | None, out: str | Path | None, overwrite: bool) -> Path:
-    """`out`, else a folder beside the checkpoint named after the data (gsm8k/, gsm8k-synthetic/,
+    """`out`, else a folder inside the checkpoint named after the data (gsm8k/, gsm8k-synthetic/,
     gsm8k-<file name>/); refuses to replace an earlier result unless `overwrite`."""
     from sinkdlm.checkpoint import resolve
 
