@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
 from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, check_state_shapes,
-                                list_checkpoints, load_config_of, load_meta, load_weights, resolve, save_checkpoint)
+                                load_config_of, load_meta, load_weights, resolve, save_checkpoint)
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.convert import LAYER_NAMES
 from sinkdlm.errors import UserError
@@ -284,12 +284,11 @@ def llama_vocabulary(m: ModelConfig) -> str:
 
 def import_export(folder: str | Path, out_dir: str | Path, sink_tokens: int = 0) -> Path:
     """`sinkdlm convert --from FOLDER`: an exported folder back into a checkpoint in the run folder
-    `out_dir`, with the weights, Config, meta and tokenizer it was exported from."""
+    `out_dir` (which `convert` has checked holds none), with the weights, Config, meta and tokenizer
+    it was exported from."""
     if sink_tokens:
         raise UserError(f"{folder} is a sinkdlm export, converted back as it is (its sinks included); "
                         f"drop --sink-tokens")
-    if list_checkpoints(out_dir):
-        raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     if not (Path(folder) / TOKENIZER).is_file():
         raise UserError(f"the exported folder {folder} has no {TOKENIZER}; export the checkpoint again")
     cfg, meta, weights = load_config_of(folder), load_meta(folder), load_weights(folder)
