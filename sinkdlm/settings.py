@@ -77,6 +77,17 @@ def check_choices(settings: Any, where: str) -> None:
 # command-line options
 
 
+def comma_ints(text: str, refusal: str) -> list[int]:
+    """At least one comma-separated integer in `text` (an option's value); else UserError(refusal)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UserError(refusal)
+    return values
+
+
 def comma_list(item: type) -> Callable[[str], list[Any]]:
     """An argparse type: "0.25,0.5" -> [0.25, 0.5] with each item converted by `item`."""
 

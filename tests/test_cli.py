@@ -140,3 +140,15 @@ def test_analyze_and_eval_gsm8k_options_come_from_their_settings():
     settings = command.settings_from(parser.parse_args(["--checkpoint", "c", "--preset", "paper", "--steps", "128"]))
     paper = GSM8K_PRESETS["paper"]
     assert settings.first == dataclasses.replace(paper.first, steps=128) and settings.second == paper.second
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["study", "--seeds", "1,x"], "--seeds '1,x' should be comma-separated integers"),
+    (["study", "--seeds", ","], "--seeds ',' should be comma-separated integers"),
+    (["analyze", "--checkpoint", "c", "--out", "o", "--checkpoint-steps", "last"], "--checkpoint-steps 'last' should be `all`"),
+])
+def test_comma_separated_integer_options_are_one_line_exit_2(argv, said, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1

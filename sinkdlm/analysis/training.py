@@ -20,6 +20,7 @@ from sinkdlm.analysis.pipeline import AnalysisSettings, analyze_checkpoint
 from sinkdlm.analysis.stats import to_py
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
+from sinkdlm.settings import comma_ints
 
 ROWS_FILE = "training.json"
 FIGURE_FILE = "training.png"
@@ -41,13 +42,7 @@ def parse_steps(text: str) -> str | list[int]:
     """`all` or comma-separated training steps, e.g. 100,200."""
     if text.strip() == "all":
         return "all"
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        steps = []
-    if not steps:
-        raise UserError(f"--checkpoint-steps {text!r} should be `all` or comma-separated steps, e.g. 200,400")
-    return steps
+    return comma_ints(text, f"--checkpoint-steps {text!r} should be `all` or comma-separated steps, e.g. 200,400")
 
 
 def find_runs(path: str | Path) -> list[Path]:

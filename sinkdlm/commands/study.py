@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from sinkdlm import study
-from sinkdlm.errors import UserError
 from sinkdlm.recipes import add_overrides_argument
+from sinkdlm.settings import comma_ints
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def seeds_of(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise UserError(f"--seeds {text!r} should be comma-separated integers, e.g. 1,2,3")
-    return seeds
+    return comma_ints(text, f"--seeds {text!r} should be comma-separated integers, e.g. 1,2,3")
 
 
 def run(args: argparse.Namespace) -> int:
