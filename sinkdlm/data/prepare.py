@@ -38,12 +38,12 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from sinkdlm.data.shards import (DEFAULT_SHARD_TOKENS, FORMAT_VERSION, META_FILE, SHARD_SUFFIX, SPLITS,
-                                 TMP_SUFFIX, TOKENIZER_FILE, PackedData, ShardWriter, StaleState, hash_ints,
-                                 token_dtype, write_json_atomic)
+from sinkdlm.data.shards import (DEFAULT_SHARD_TOKENS, FORMAT_VERSION, SHARD_SUFFIX, SPLITS, PackedData,
+                                 ShardWriter, StaleState, hash_ints, token_dtype, write_json_atomic)
 from sinkdlm.data.sources import DocStream, RecordFilter, describe, documents
 from sinkdlm.data.tokenizer import DEFAULT_BPE_VOCAB, eos_id, load_tokenizer
 from sinkdlm.errors import UserError
+from sinkdlm.files import META_FILE, TMP_SUFFIX, TOKENIZER_FILE
 
 DEFAULT_TOKENIZER = f"bpe:{DEFAULT_BPE_VOCAB}"
 DEFAULT_VAL_FRACTION = 0.01

@@ -25,17 +25,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from sinkdlm.errors import UserError
-from sinkdlm.files import META_FILE, TMP_SUFFIX, TOKENIZER_FILE, atomic_write
+from sinkdlm.files import META_FILE, atomic_write
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: one <split>.bin per split
-META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
-TMP_SUFFIX = ".tmp"
 SHARD_SUFFIX = ".bin"
 DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard: ~4,700 shards for all of SlimPajama
 MAX_OPEN_SHARDS = 256  # memory maps kept open per split (each holds a file descriptor)
