@@ -28,6 +28,7 @@ LINE_STYLES = ("-", "--", "-.", ":")  # one per variant: curves that coincide st
 MARKERS = ("o", "s", "^", "D", "v", "P")
 HEADROOM = 1.15  # open-ended metric axes reach this far above the highest point
 NOT_RESOLVED = "not resolved"
+IDENTICAL = "identical in every seed"
 TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
               "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
               "not acc_norm) in percent. The uniform-baseline row: what each metric reads under uniform "
@@ -92,6 +93,8 @@ class Interval:
     def cell(self) -> str:
         if self.low is None:
             return f"{self.mean:.4g} (n=1: no interval)"
+        if self.mean == 0 and self.sd == 0:  # e.g. a null model that does not depend on the variant
+            return f"0 ({IDENTICAL})"
         return f"{self.mean:.4g} [{self.low:.4g}, {self.high:.4g}]" + ("" if self.resolved else f" {NOT_RESOLVED}")
 
 
@@ -224,8 +227,8 @@ def render(title: str, command: str, runs: list[Run]) -> tuple[str, dict[str, An
         interval_table(within, "variant"),
         "## Paired differences (same seeds, same data order)", interval_table(diffs, "comparison"),
         f"{T_INTERVAL_NOTE}, over the n seeds (a paired difference: over the seeds both variants ran). "
-        f"`{NOT_RESOLVED}`: the interval includes zero, so the sign is not told from noise; n=1 gives no "
-        f"interval.",
+        f"`{NOT_RESOLVED}`: the interval includes zero, so the sign is not told from noise; `{IDENTICAL}`: the "
+        f"difference is exactly 0 in each seed; n=1 gives no interval.",
         "## Runs", runs_table(runs),
         "![curves](loss_curves.png)\n\n![metrics](metrics.png)\n\n![paired](paired.png)\n\n"
         "![sinks over training](training/training.png)"])

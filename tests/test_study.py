@@ -121,6 +121,8 @@ def test_paired_differences_use_the_same_seeds_and_say_when_not_resolved():
     single = study_report.paired([study.Run("plain", 1, Path("."), {"x": 1.0}),
                                   study.Run("sink", 1, Path("."), {"x": 2.0})])
     assert single["sink − plain"]["x"].cell() == "1 (n=1: no interval)"
+    same = study_report.Interval.of([0.5 - 0.5, 0.25 - 0.25, 0.0])  # a null that does not depend on the variant
+    assert same.cell() == "0 (identical in every seed)"
 
 
 def test_within_variant_excess_over_the_uniform_baseline():
