@@ -48,8 +48,8 @@ CURVE_POINTS = 8  # checkpoints kept per run for the sinks-over-training analysi
 EVAL_CACHE = "study-eval.json"
 CURVES_DIR = "training"
 # `cpu`: the demo model on BoolQ's Wikipedia passages for 3.3M tokens, where a check run formed a
-# dedicated sink (after 2.5M tokens; 1.6M were not enough): about 4 h on 2 idle cores for 8 variants
-# x 3 seeds (docs/study-cpu.md gives the check's numbers)
+# dedicated sink (after 2.5M tokens; 1.6M were not enough; in the 3-seed study 1 seed of 3 did): about
+# 2.2 h on 2 idle cores for 8 variants x 3 seeds, 5 min per run measured (docs/study-cpu.md)
 CPU_RECIPE = {
     "model": {"preset": "demo"},
     "data": {"path": "runs/cpu-data", "val_windows": 64},
