@@ -32,7 +32,8 @@ IDENTICAL = "identical in every seed"
 TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
               "val_elbo: validation ELBO in nats/token (lower is better); acc %: lm-eval's `acc` (accuracy, "
               "not acc_norm) in percent. The uniform-baseline row: what each metric reads under uniform "
-              "attention over the valid keys (val_elbo: a uniform guess, ln V), averaged over the runs.")
+              "attention over the valid keys (val_elbo: a uniform guess, ln V); a range where variants differ (a "
+              "sink adds keys), each variant's in study.json.")
 # moving_sink_summary key (or (null model, key)) -> table column
 SINK_COLUMNS = {
     "absorption_rate": "absorption",
@@ -123,14 +124,23 @@ def summarise(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, tuple[flo
     return columns, table
 
 
-def baselines(runs: list[Run], columns: list[str]) -> dict[str, float]:
-    """Column -> its uniform baseline averaged over the runs that have one."""
-    out = {}
-    for col in columns:
-        values = [r.baselines[col] for r in runs if r.baselines.get(col) is not None]
-        if values:
-            out[col] = statistics.fmean(values)
+def baselines(runs: list[Run], columns: list[str]) -> dict[str, dict[str, float]]:
+    """Variant -> column -> its uniform baseline, averaged over the variant's runs (variants differ:
+    a sink adds a key, so a uniform share is 1/49 beside plain's 1/48)."""
+    out: dict[str, dict[str, float]] = {}
+    for variant in dict.fromkeys(r.variant for r in runs):
+        mine = [r for r in runs if r.variant == variant]
+        row = {col: statistics.fmean(vs) for col in columns
+               if (vs := [r.baselines[col] for r in mine if r.baselines.get(col) is not None])}
+        if row:
+            out[variant] = row
     return out
+
+
+def baseline_cell(values: list[float]) -> str:
+    """One value where every variant has the same baseline (to 4 digits), else the range."""
+    low, high = f"{min(values):.4g}", f"{max(values):.4g}"
+    return low if low == high else f"{low}-{high} (by variant)"
 
 
 def excess(runs: list[Run]) -> dict[str, dict[str, Interval]]:
@@ -174,8 +184,9 @@ def paired(runs: list[Run]) -> dict[str, dict[str, Interval]]:
 
 
 def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, int]]],
-             baseline: dict[str, float] | None = None) -> str:
-    """Per variant: mean ± sd over seeds, then the uniform-baseline row; the seeds column last."""
+             baseline: dict[str, dict[str, float]] | None = None) -> str:
+    """Per variant: mean ± sd over seeds, then the uniform-baseline row (a range where the variants'
+    baselines differ; study.json has each); the seeds column last."""
     lines = ["| variant | " + " | ".join(columns) + " | seeds |", "|---" * (len(columns) + 2) + "|"]
     for variant, row in table.items():
         cells = []
@@ -188,7 +199,8 @@ def markdown(columns: list[str], table: dict[str, dict[str, tuple[float, float, 
         seeds = max((n for _, _, n in row.values()), default=0)
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seeds} |")
     if baseline:
-        cells = [f"{baseline[c]:.4g}" if c in baseline else "-" for c in columns]
+        per_col = {c: [row[c] for row in baseline.values() if c in row] for c in columns}
+        cells = [baseline_cell(per_col[c]) if per_col[c] else "-" for c in columns]
         lines.append("| uniform baseline | " + " | ".join(cells) + " | |")
     return "\n".join(lines + ["", TABLE_NOTE])
 
@@ -235,7 +247,7 @@ def render(title: str, command: str, runs: list[Run]) -> tuple[str, dict[str, An
     results = {"runs": [asdict(r) | {"out": str(r.out)} for r in runs],
                "per_variant": {v: {c: dict(zip(("mean", "sd", "n"), cell)) for c, cell in row.items()}
                                for v, row in table.items()},
-               "uniform_baseline": base,
+               "uniform_baseline": base,  # variant -> column -> baseline
                "within_variant": {v: {k: asdict(i) for k, i in row.items()} for v, row in within.items()},
                "paired": {k: {c: asdict(i) for c, i in row.items()} for k, row in diffs.items()},
                "interval": "95% Student t interval of the mean over seeds"}

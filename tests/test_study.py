@@ -143,6 +143,16 @@ def test_study_markdown_and_json_carry_spread_intervals_and_baselines(tmp_path):
     assert "| sink, seed 2 | 10 | 1,280 | 0.50 | 1,000 |" in text
 
 
+def test_the_baseline_row_shows_a_range_where_variants_have_different_baselines():
+    runs = [study.Run("plain", 1, Path("."), {"stability": 0.8}, {"stability": 1 / 48}),  # 48 keys
+            study.Run("sink", 1, Path("."), {"stability": 0.7}, {"stability": 1 / 49})]  # + the sink's key
+    for r in runs:
+        r.info = {"steps": 10, "tokens": 1280, "epochs": 0.5, "params": 1000}
+    text, results = study_report.render("t", "sinkdlm study", runs)
+    assert "| uniform baseline | 0.02041-0.02083 (by variant) | |" in text  # not their mean, 0.02062
+    assert results["uniform_baseline"] == {"plain": {"stability": 1 / 48}, "sink": {"stability": 1 / 49}}
+
+
 # ---- the parameter-matched gate and the checkpoints a study keeps ----------------------------------
 
 
