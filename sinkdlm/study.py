@@ -49,7 +49,7 @@ EVAL_CACHE = "study-eval.json"
 CURVES_DIR = "training"
 # `cpu`: the demo model on BoolQ's Wikipedia passages for 3.3M tokens, where a check run formed a
 # dedicated sink (after 2.5M tokens; 1.6M were not enough; in the 3-seed study 1 seed of 3 did): about
-# 2.2 h on 2 idle cores for 8 variants x 3 seeds, 5 min per run measured (docs/study-cpu.md)
+# 2.3 h on 2 idle cores for 8 variants x 3 seeds, about 5 min per run measured (docs/study-cpu.md)
 CPU_RECIPE = {
     "model": {"preset": "demo"},
     "data": {"path": "runs/cpu-data", "val_windows": 64},
