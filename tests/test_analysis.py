@@ -321,3 +321,12 @@ def test_analyze_over_training_rejects_steps_the_run_does_not_have(tiny_data, tm
     assert "no checkpoint at step(s) [3]; it has [2, 4]" in capsys.readouterr().err
     assert main(["analyze", "--checkpoint", str(tmp_path / "run"), "--checkpoint-steps", "x", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_training_table_says_when_a_metric_is_defined_in_fewer_seeds_than_its_row():
+    from sinkdlm.analysis.training import training_table
+
+    rows = [{"variant": "plain", "seed": s, "step": 100, "tokens": 400, "val_elbo": 6.0 + s,
+             "value_rank_sinks": 0.9 if s == 1 else None} for s in (1, 2, 3)]  # content sinks in seed 1 only
+    line = next(x for x in training_table(rows).splitlines() if x.startswith("| plain | 100 |"))
+    assert "| 3 |" in line and "0.900 (n=1)" in line and "8.000 ± 1.000 |" in line  # val_elbo: all 3 seeds

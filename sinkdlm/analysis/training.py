@@ -153,10 +153,12 @@ def training_table(rows: list[dict[str, Any]]) -> str:
             for metric in CURVES:
                 point = next((p for p in curves[metric][variant] if p[0] == step), None)
                 cells.append("n/a" if point is None else
-                             f"{point[1]:.3f}" + (f" ± {point[2]:.3f}" if point[3] > 1 else ""))
+                             f"{point[1]:.3f}" + (f" ± {point[2]:.3f}" if point[3] > 1 else "")
+                             + (f" (n={point[3]})" if point[3] < len(same) else ""))  # defined in fewer seeds
             lines.append(f"| {variant} | {step} | {same[0].get('tokens')} | {len(same)} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", "Cells: mean ± standard deviation over the seeds (the value alone with one "
-                                  "seed); n/a: undefined (no dedicated sink, or no content sink detected).", ""])
+                                  "seed); (n=K): defined in only K of the row's seeds; n/a: undefined (no "
+                                  "dedicated sink, or no content sink detected).", ""])
 
 
 def plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
