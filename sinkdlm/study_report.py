@@ -110,31 +110,32 @@ def columns_of(runs: list[Run]) -> list[str]:
     return columns
 
 
-def summarise(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
-    """variant -> metric -> (mean, std over seeds, n seeds), keeping the metrics' first-seen order."""
-    columns = columns_of(runs)
+def per_variant(runs: list[Run], columns: list[str], field: str = "metrics"
+                ) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """variant -> column -> (mean, std over seeds, n seeds) of each run's `field` (metrics or baselines)."""
     table: dict[str, dict[str, tuple[float, float, int]]] = {}
     for variant in dict.fromkeys(r.variant for r in runs):
         table[variant] = {}
         for col in columns:
-            values = [r.metrics[col] for r in runs if r.variant == variant and col in r.metrics]
+            values = [getattr(r, field)[col] for r in runs
+                      if r.variant == variant and getattr(r, field).get(col) is not None]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 table[variant][col] = (statistics.fmean(values), std, len(values))
-    return columns, table
+    return table
+
+
+def summarise(runs: list[Run]) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
+    """variant -> metric -> (mean, std over seeds, n seeds), keeping the metrics' first-seen order."""
+    columns = columns_of(runs)
+    return columns, per_variant(runs, columns)
 
 
 def baselines(runs: list[Run], columns: list[str]) -> dict[str, dict[str, float]]:
     """Variant -> column -> its uniform baseline, averaged over the variant's runs (variants differ:
     a sink adds a key, so a uniform share is 1/49 beside plain's 1/48)."""
-    out: dict[str, dict[str, float]] = {}
-    for variant in dict.fromkeys(r.variant for r in runs):
-        mine = [r for r in runs if r.variant == variant]
-        row = {col: statistics.fmean(vs) for col in columns
-               if (vs := [r.baselines[col] for r in mine if r.baselines.get(col) is not None])}
-        if row:
-            out[variant] = row
-    return out
+    return {variant: {col: cell[0] for col, cell in row.items()}
+            for variant, row in per_variant(runs, columns, "baselines").items() if row}
 
 
 def baseline_cell(values: list[float]) -> str:
