@@ -113,8 +113,8 @@ def test_sink_hidden_states_do_not_depend_on_input(monkeypatch):
     first = captured[:]
     captured.clear()
     model(torch.randint(0, 51, (4, 7)))
-    for a, b in zip(first, captured):
-        torch.testing.assert_close(a.expand_as(b), b, rtol=0, atol=0)
+    for a, b in zip(first, captured):  # another batch shape may round differently; input dependence is O(1)
+        torch.testing.assert_close(a.expand_as(b), b, rtol=1e-6, atol=1e-6)
     states = model.sink_hidden_states()
     torch.testing.assert_close(states[1], first[1])
 
