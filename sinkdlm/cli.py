@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
@@ -33,6 +34,43 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+THREADS_HELP = ("torch CPU threads (default: torch's, one fewer per core that other processes keep busy "
+                "(1-minute load average); OMP_NUM_THREADS, where set, is left as it is)")
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def default_threads(current: int) -> tuple[int, str | None]:
+    """The torch threads to use when --threads is not given, and a note when that is fewer than torch's.
+
+    torch starts one thread per core, and on a shared machine its OpenMP workers spin against the
+    other processes' (a small model then trains ~10-25x slower): leave the busy cores free.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):  # set by the user or torchrun: theirs to choose
+        return current, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(current, cores - round(load)))
+    if threads == current:
+        return current, None
+    return threads, (f"{cores - threads} of {cores} cores busy with other work (load average {load:.1f}): "
+                     f"torch uses {threads} thread{'s' * (threads > 1)} (--threads N to choose)")
+
+
+def set_threads(requested: int | None) -> None:
+    import torch  # only when a command runs: --help stays fast
+
+    threads, note = (requested, None) if requested else default_threads(torch.get_num_threads())
+    if note:
+        print(f"sinkdlm: {note}", file=sys.stderr)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
     """The top-level parser, and the parser of `command` (None if it names none). Only that command's
     module is imported to declare its arguments."""
@@ -43,6 +81,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, a
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module, command=name)
+        p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
         if name == command:
             importlib.import_module(module).configure(p)
             chosen = p
@@ -69,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         build_parser()[0].print_help()
         return 0
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        set_threads(args.threads)
+        code = int(importlib.import_module(args._module).run(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe found at exit would print a traceback
+        return code
+    except BrokenPipeError:  # `sinkdlm config | head`: the reader left; no traceback, nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader closed the pipe
     except UserError as e:
         print(f"sinkdlm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -152,3 +152,46 @@ def test_comma_separated_integer_options_are_one_line_exit_2(argv, said, capsys,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert said in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_reader_that_closes_the_pipe_ends_the_command_without_a_traceback():
+    """`sinkdlm config | head`: the reader leaves before the command writes (closed before it starts)."""
+    import subprocess
+
+    done = subprocess.Popen([sys.executable, "-m", "sinkdlm", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    done.stdout.close()
+    err = done.stderr.read().decode()
+    assert done.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_threads_leave_busy_cores_free_unless_chosen(monkeypatch):
+    from sinkdlm import cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    threads, note = cli.default_threads(2)
+    assert threads == 1 and note.startswith("1 of 2 cores busy with other work (load average 1.2): torch uses 1 thread")
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+    assert cli.default_threads(2) == (2, None)  # an idle machine: torch's default
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert cli.default_threads(2)[0] == 1  # never fewer than one
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli.default_threads(2) == (2, None)  # the user's (or torchrun's) choice stands
+
+
+def test_every_command_takes_threads(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["config", "--threads", "2"]) == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert main(["config", "--threads", "0"]) == 2
+    assert "--threads: '0' is not a whole number >= 1" in capsys.readouterr().err
+    for command in COMMANDS:
+        _, parser = build_parser(command)
+        assert "--threads" in parser._option_string_actions, command

@@ -58,7 +58,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-samples", action="store_true",
                         help="also write samples_<task>.jsonl (responses, filtered answers, metrics)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--output", default=None, help=f"results folder (default: <checkpoint>/{EVAL_SUBDIR})")
     parser.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                         help="print one table of earlier results (eval output, checkpoint or run folders) "
@@ -71,10 +70,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise UserError("--checkpoint is required (or use --compare DIR ...)")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     options = EvalOptions(preset=args.preset, limit=args.limit, mc_num=args.mc_num, estimator=args.estimator,
                           guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, crn=not args.no_crn,
                           device=args.device, num_fewshot=args.num_fewshot, sampling=key_values(args.sampling),
