@@ -259,20 +259,24 @@ def real_logits_diff(ours, theirs, mask):
 
 @pytest.mark.parametrize("kind,overrides", VARIANTS)
 def test_converted_logits_match_the_original_forward(kind, overrides, tmp_path, capsys):
-    make, reference = MODELS[kind]
-    folder, c, weights = make(tmp_path, **overrides)
+    folder, c, weights = MODELS[kind][0](tmp_path, **overrides)
+    diff = converted_logits_diff(kind, folder, c, weights, tmp_path)
+    with capsys.disabled():
+        print(f"\n{kind} {overrides}: max |logit diff| = {diff:.2e}")
+    assert diff <= PARITY_TOL
+
+
+def converted_logits_diff(kind, folder, c, weights, tmp_path):
+    """`sinkdlm convert` the folder; the largest |logit difference| from the original forward at real positions."""
     assert main(["convert", "--from", str(folder), "--out", str(tmp_path / "dlm")]) == 0
     model, cfg = load_model(tmp_path / "dlm")
     assert cfg.model.mask_id == MASK_ID and model.mask_id == MASK_ID and not cfg.model.causal
     assert cfg.model.logit_shift == (kind == "dream")
     idx, mask = tokens()
     with torch.no_grad():
-        ours, theirs = model(idx, attention_mask=mask), reference(weights, c, idx, mask)
+        ours, theirs = model(idx, attention_mask=mask), MODELS[kind][1](weights, c, idx, mask)
     assert ours.shape == theirs.shape == (2, 12, VOCAB)
-    diff = real_logits_diff(ours, theirs, mask)
-    with capsys.disabled():
-        print(f"\n{kind} {overrides}: max |logit diff| = {diff:.2e}")
-    assert diff <= PARITY_TOL
+    return real_logits_diff(ours, theirs, mask)
 
 
 def test_bf16_weights_stay_bf16_in_the_checkpoint_and_match(tmp_path):
@@ -353,9 +357,13 @@ def test_dream_tokenizer_is_built_from_vocab_and_merges_with_its_special_ids(tmp
     ("llada", {"mask_token_id": None}, "mask_token_id"),
     ("llada", {"multi_query_attention": True}, "multi_query_attention"),  # contradicts n_kv_heads=4
     ("llada", {"model_type": "llada_moe"}, "llada_moe"),
+    ("llada", {"vocab_size": VOCAB + 8}, "embedding_size=320 is smaller than vocab_size=328"),  # LLaDA refuses it
     ("dream", {"hidden_act": "gelu"}, "hidden_act"),
-    ("dream", {"use_sliding_window": True}, "use_sliding_window"),
-    ("dream", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ("dream", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling asks for RoPE scaling 'yarn'"),
+    # what transformers 5 writes when it re-saves a config
+    ("dream", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+     "rope_parameters asks for RoPE scaling 'yarn'"),
+    ("dream", {"head_dim": HEAD_DIM // 2}, f"head_dim={HEAD_DIM // 2} disagrees"),  # Dream's own code fails
 ])
 def test_unsupported_configs_are_refused_in_one_line(kind, overrides, named, tmp_path, capsys):
     folder, _, _ = MODELS[kind][0](tmp_path, **overrides)
@@ -363,6 +371,30 @@ def test_unsupported_configs_are_refused_in_one_line(kind, overrides, named, tmp
     err = capsys.readouterr().err.strip()
     assert named in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "dlm").exists()
+
+
+@pytest.mark.parametrize("kind,overrides,note", [
+    ("llada", {"clip_qkv": 0.5}, "clip_qkv=0.5 is ignored"),  # never read by LLaDA's llama block
+    ("dream", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window=true is ignored"),
+    ("dream", {"rope_scaling": {"rope_type": "default"}}, None),  # plain RoPE, under another spelling
+])
+def test_configs_the_original_computes_the_same_are_accepted(kind, overrides, note, tmp_path, capsys):
+    """Values the original's code ignores (a 0.5 clip or a 4-token window would change these logits)."""
+    folder, c, weights = MODELS[kind][0](tmp_path, **overrides)
+    assert converted_logits_diff(kind, folder, c, weights, tmp_path) <= PARITY_TOL
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == (note is not None) and all(note in line for line in notes)
+
+
+def test_a_dream_config_resaved_by_transformers_5_keeps_its_rope_base(tmp_path):
+    """transformers 5 moves rope_theta into rope_parameters; read there, not taken as the default 10000."""
+    folder, c, weights = dream_folder(tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["rope_theta"], raw["rope_scaling"]
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_theta"]}
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert converted_logits_diff("dream", folder, c, weights, tmp_path) <= PARITY_TOL
+    assert load_config_of(tmp_path / "dlm").model.rope_base == c["rope_theta"]
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path, capsys):

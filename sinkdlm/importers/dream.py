@@ -7,6 +7,9 @@ the AR habit: the hidden state at position i predicts token i + 1; its sampler s
 right by one (the first position repeats), which is the DLM's `logit_shift`. Its mask token
 (config mask_token_id, 151666) is a row of the vocabulary; its tokenizer is Qwen2's byte-level BPE,
 shipped as vocab.json + merges.txt for a tokenizer class of its own (built here as Qwen2's).
+The RoPE base is rope_theta, or the one inside rope_parameters of a config transformers 5 re-saved;
+RoPE scaling in either is refused. use_sliding_window=true is accepted with a note: Dream's own
+attention has no sliding window (nor has the DLM's).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
-from sinkdlm.importers.folder import context_length
+from sinkdlm.importers.folder import context_length, note, plain_rope_theta
 
 MODEL_TYPE = "dream"
 TOKENIZER_CLASS = "Qwen2TokenizerFast"  # what Dream's DreamTokenizer is, without its remote code
@@ -34,18 +37,21 @@ def model_config(raw: dict[str, Any], name: str, block_size: int | None) -> Mode
     if c["hidden_act"] != "silu":
         raise UserError(f"Dream config hidden_act={c['hidden_act']!r} is not supported (the DLM's MLP is SwiGLU)")
     if c["use_sliding_window"]:
-        raise UserError("Dream config use_sliding_window=true is not supported; the DLM attends over the "
-                        "whole sequence")
-    if c["rope_scaling"]:
-        raise UserError(f"Dream config rope_scaling={c['rope_scaling']!r} is not supported (only plain RoPE)")
-    if c["hidden_size"] % c["num_attention_heads"]:
-        raise UserError(f"Dream config hidden_size={c['hidden_size']} is not divisible by "
-                        f"num_attention_heads={c['num_attention_heads']}")
+        note("Dream config use_sliding_window=true is ignored, as Dream's own code ignores it (its attention "
+             "has no sliding window, at most a warning): both attend over the whole sequence")
+    rope_base = plain_rope_theta(c, DEFAULTS["rope_theta"], "Dream config")
+    n_head = c["num_attention_heads"]
+    if c["hidden_size"] % n_head:
+        raise UserError(f"Dream config hidden_size={c['hidden_size']} is not divisible by num_attention_heads={n_head}")
+    if c.get("head_dim") not in (None, c["hidden_size"] // n_head):
+        raise UserError(f"Dream config head_dim={c['head_dim']} disagrees with hidden_size / num_attention_heads = "
+                        f"{c['hidden_size'] // n_head}, Dream's head size (Dream's own code sizes its RoPE by "
+                        f"head_dim and fails); remove head_dim from config.json or correct it")
     return ModelConfig(
         name=name, vocab_size=c["vocab_size"], block_size=context_length(block_size, c["max_position_embeddings"]),
-        n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        n_query_groups=c["num_key_value_heads"] or c["num_attention_heads"], rope_base=float(c["rope_theta"]),
-        norm_eps=float(c["rms_norm_eps"]), qkv_bias=True, tie_embeddings=bool(c["tie_word_embeddings"]),
-        causal=False, logit_shift=True, mask_token_id=int(c["mask_token_id"]),
+        n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=c["hidden_size"],
+        intermediate_size=c["intermediate_size"], n_query_groups=c["num_key_value_heads"] or n_head,
+        rope_base=rope_base, norm_eps=float(c["rms_norm_eps"]), qkv_bias=True,
+        tie_embeddings=bool(c["tie_word_embeddings"]), causal=False, logit_shift=True,
+        mask_token_id=int(c["mask_token_id"]),
     )

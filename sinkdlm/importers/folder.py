@@ -5,6 +5,7 @@ library, the tokenizer from its files. Nothing is unpickled and no `trust_remote
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,31 @@ def context_length(requested: int | None, own: int) -> int:
     (block_size allocates nothing, RoPE is computed per forward; it bounds prompts and lm-eval's
     max_length, and is training's default data.seq_len.)"""
     return own if requested is None else min(requested, own)
+
+
+def note(message: str) -> None:
+    """One line on stderr for a config value an import accepts although it ignores it, as the
+    model's own code does."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def plain_rope_theta(config: dict[str, Any], default: float, who: str) -> float:
+    """The RoPE base of a config written by transformers 4 (rope_theta, rope_scaling) or by 5, which
+    moves both into rope_parameters; refuses any RoPE scaling (sinkdlm.model.rope_cache computes
+    plain RoPE only). As in transformers, a base inside the mapping wins over rope_theta."""
+    mappings = []
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key) or {}
+        if not isinstance(rope, dict) or any(isinstance(value, dict) for value in rope.values()):
+            raise UserError(f"{who} {key}={rope!r} is not one flat RoPE mapping, the only form sinkdlm "
+                            f"reads (e.g. {{'rope_type': 'default', 'rope_theta': 10000.0}}); fix config.json")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{who} {key} asks for RoPE scaling {kind!r}, which sinkdlm does not compute (only "
+                            f"plain RoPE); convert a model without RoPE scaling or extend sinkdlm.model.rope_cache")
+        mappings.append(rope)
+    thetas = [rope.get("rope_theta") for rope in mappings] + [config.get("rope_theta"), default]
+    return float(next(theta for theta in thetas if theta is not None))
 
 
 def read_config(folder: Path) -> dict[str, Any]:

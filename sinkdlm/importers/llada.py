@@ -7,7 +7,11 @@ LLaDA's "llama" block computes what a DLM layer computes: RMSNorm (eps rms_norm_
 the last block ln_f, then the LM head transformer.ff_out (or the embedding, with weight_tying).
 Its mask token (config mask_token_id, 126336 in LLaDA-8B) is a row of the vocabulary.
 
-Every config key that changes this computation is checked; a value the DLM cannot reproduce is refused.
+Every config key that changes this computation is checked; a value the DLM cannot reproduce is refused
+(clip_qkv, which the llama block never reads, is accepted with a note). One difference is deliberate:
+LLaDA's published forward passes no mask to its attention, so padding keys are attended whatever
+attention_mask says (ML-GSAI/LLaDA issue #89); the DLM hides those attention_mask marks, so padded
+batches differ.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
-from sinkdlm.importers.folder import context_length
+from sinkdlm.importers.folder import context_length, note
 
 MODEL_TYPE = "llada"
 # configuration_llada.ModelConfig's defaults, for keys a config.json leaves out
@@ -30,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "bias_for_layer_norm": None, "attention_layer_norm": False, "alibi": False, "rope": False,
     "input_emb_norm": False, "scale_logits": False, "clip_qkv": None, "block_group_size": 1,
 }
+IGNORED = ("clip_qkv",)  # configuration_llada.ModelConfig keys that LLaDA's llama block never reads
 # config key -> the values under which LLaDA computes exactly what the DLM computes
 REPRODUCIBLE: dict[str, tuple[Any, ...]] = {
     "block_type": ("llama",),  # separate q/k/v and a gated MLP (ff_proj, up_proj)
@@ -43,7 +48,6 @@ REPRODUCIBLE: dict[str, tuple[Any, ...]] = {
     "alibi": (False,),
     "input_emb_norm": (False,),  # embeddings scaled by sqrt(d_model)
     "scale_logits": (False,),
-    "clip_qkv": (None,),
     "block_group_size": (1,),  # groups rename the blocks (transformer.block_groups.*)
 }
 PREFIX = "model.transformer."
@@ -71,6 +75,13 @@ def model_config(raw: dict[str, Any], name: str, block_size: int | None) -> Mode
                         "(126336 for LLaDA-8B)")
     if c["d_model"] % c["n_heads"]:
         raise UserError(f"LLaDA config d_model={c['d_model']} is not divisible by n_heads={c['n_heads']}")
+    if c["embedding_size"] is not None and c["embedding_size"] < c["vocab_size"]:
+        raise UserError(f"LLaDA config embedding_size={c['embedding_size']} is smaller than vocab_size="
+                        f"{c['vocab_size']} (LLaDA's own code refuses this too); set embedding_size to the "
+                        f"embedding's row count, at least vocab_size")
+    for key in IGNORED:
+        if c[key] is not None:
+            note(f"LLaDA config {key}={c[key]!r} is ignored, as LLaDA's own llama block never reads it")
     return ModelConfig(
         name=name, vocab_size=c["embedding_size"] or c["vocab_size"],  # logits cover every embedding row
         block_size=context_length(block_size, c["max_sequence_length"]), n_layer=c["n_layers"], n_head=c["n_heads"],
