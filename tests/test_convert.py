@@ -153,6 +153,17 @@ def test_missing_weights(tmp_path, capsys):
     expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")], "missing weights")
 
 
+def test_weights_of_the_wrong_shape_are_named_in_one_line(tmp_path, capsys):
+    """Right names, wrong shapes: not transformers' ignore_mismatched_sizes traceback."""
+    folder = save_hf(tmp_path, hf_model("llama", tie=False))
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(48, SIZES["hidden_size"])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")],
+                     "weight model.layers.1.mlp.up_proj.weight has shape (48, 32) but config.json implies (64, 32)")
+    assert not (tmp_path / "o").exists()
+
+
 def test_tokenizer_larger_than_vocab(tmp_path, capsys):
     folder = save_hf(tmp_path, hf_model("llama", tie=True), hf_tokenizer(VOCAB + 5))
     expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")],
