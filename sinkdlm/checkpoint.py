@@ -26,7 +26,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sinkdlm.config import Config, ModelConfig, config_from_dict, save_config
+from sinkdlm.config import Config, ModelConfig, config_from_dict, save_config, with_run_data_paths, yaml_problem
 from sinkdlm.errors import UserError
 from sinkdlm.files import META_FILE as META, TOKENIZER_FILE as TOKENIZER, use_umask
 from sinkdlm.hf_format import config_sections, dlm_weights, is_export_config
@@ -148,13 +148,15 @@ def load_config_of(path: str | Path) -> Config:
     cfg_file = ckpt / CONFIG if (ckpt / CONFIG).is_file() else ckpt / CONFIG_JSON
     try:
         data = yaml.safe_load(cfg_file.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint {ckpt} has no readable {CONFIG} ({e}); it is incomplete") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg_file} is not valid YAML: {yaml_problem(e)}; the checkpoint is damaged") from None
     if not isinstance(data, dict):
         raise UserError(f"{cfg_file} does not hold a config mapping; the checkpoint is damaged")
     if is_export_config(data):
         data = config_sections(data)
-    return config_from_dict(data, str(ckpt / CONFIG))
+    return with_run_data_paths(config_from_dict(data, str(ckpt / CONFIG)), ckpt)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,9 @@ everything downstream (sampling, evaluation, analysis) rebuilds the model from i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ import yaml
 
 from sinkdlm.diffusion import NOISE_FLOOR, TMode
 from sinkdlm.errors import UserError
-from sinkdlm.settings import check_allowed, check_choices, field_types, type_name
+from sinkdlm.settings import (HELP, Range, check_allowed, check_choices, field_types, range_of, setting, type_name,
+                              without_none)
 
 SMDM_SEQ_LEN = 2048  # the sequence length SMDM's FLOPs budgets assume
 FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs
@@ -46,43 +49,40 @@ class ModelConfig:
     IMPLEMENTATION_FIELDS: ClassVar[frozenset[str]] = frozenset({"attn_impl"})
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = IMPLEMENTATION_FIELDS | {"logit_shift", "causal"}
 
-    name: str = "tiny"
-    vocab_size: int | None = None  # real vocabulary; None = take it from the data
+    name: str = setting("tiny", "preset name (a label; model.preset=NAME sets the shape)")
+    vocab_size: int | None = setting(None, "real vocabulary size", unset="take it from the data", at_least=1)
     # the mask token: None = an extra embedding row after the vocabulary, id vocab_size (sinkdlm's own
     # models); an id inside the vocabulary for imports trained with one (LLaDA 126336, Dream 151666),
     # whose extra row is then a copy of that id's row that no input uses
-    mask_token_id: int | None = None
-    block_size: int = 64  # longest content sequence (sinks not counted)
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 32
-    intermediate_size: int = 64
-    n_query_groups: int | None = None  # grouped-query attention (imports); None = n_head
-    head_dim: int | None = None  # None = n_embd // n_head
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    qkv_bias: bool = False  # Qwen2 has biases on q/k/v
-    tie_embeddings: bool = False
-    causal: bool = False  # True only for AR parity checks
-    logit_shift: bool = False  # Dream/DiffuLLaMA adaptation: position i predicts token i+1
+    mask_token_id: int | None = setting(None, "mask token id inside the vocabulary (imports)",
+                                        unset="an extra row, id vocab_size", at_least=0)
+    block_size: int = setting(64, "longest content sequence (sinks not counted)", at_least=1)
+    n_layer: int = setting(2, "Transformer blocks", at_least=1)
+    n_head: int = setting(2, "attention heads", at_least=1)
+    n_embd: int = setting(32, "model width", at_least=1)
+    intermediate_size: int = setting(64, "SwiGLU MLP width", at_least=1)
+    n_query_groups: int | None = setting(None, "key/value heads (grouped-query attention, imports)",
+                                         unset="n_head", at_least=1)
+    head_dim: int | None = setting(None, "width of one head", unset="n_embd // n_head", at_least=1)
+    rope_base: float = setting(10000.0, "RoPE base frequency", above=0)
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon", above=0)
+    qkv_bias: bool = setting(False, "biases on q/k/v (Qwen2)")
+    tie_embeddings: bool = setting(False, "the LM head shares the embedding's weights")
+    causal: bool = setting(False, "causal attention (AR parity checks only)")
+    logit_shift: bool = setting(False, "position i predicts token i+1 (Dream/DiffuLLaMA adaptation)")
     # --- the sink (0 tokens = the plain model) ---
-    sink_tokens: int = 0
-    sink_position: Literal["front", "end"] = "front"
-    sink_init: Literal["learned", "zero"] = "learned"  # learned = random normal; trained either way
-    sink_zero_value: bool = False  # force the sink's value vectors to zero
-    sink_self_only: bool = True  # False = ablation: the sink attends to everything
+    sink_tokens: int = setting(0, "sink tokens; 0 = the plain model", at_least=0)
+    sink_position: Literal["front", "end"] = setting("front", "where the sinks sit")
+    sink_init: Literal["learned", "zero"] = setting("learned", "sink init: random normal or zeros; trained either way")
+    sink_zero_value: bool = setting(False, "force the sink's value vectors to zero")
+    sink_self_only: bool = setting(True, "the sink attends to itself only (False = ablation: to everything)")
     # --- gated attention baseline (Qiu et al. 2025) ---
-    attn_gate: Literal["none", "elementwise", "headwise"] = "none"
-    # fast: mask-free sink | reference: dense mask | eager: keeps the probabilities
-    attn_impl: Literal["fast", "reference", "eager"] = "fast"
+    attn_gate: Literal["none", "elementwise", "headwise"] = setting("none", "sigmoid gate on the attention output")
+    attn_impl: Literal["fast", "reference", "eager"] = setting(
+        "fast", "fast: mask-free sink; reference: dense mask; eager: keeps the probabilities")
 
     def __post_init__(self) -> None:
         check_choices(self, "model.")
-        if self.sink_tokens < 0:
-            raise UserError(f"model.sink_tokens={self.sink_tokens} must be >= 0")
-        for key in ("block_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"model.{key}={getattr(self, key)} must be >= 1")
         if self.n_head % self.groups:
             raise UserError(f"model.n_query_groups={self.groups} must divide n_head={self.n_head}")
         if self.head_dim is None and self.n_embd % self.n_head:
@@ -161,13 +161,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder made by `sinkdlm prepare` (meta.json + token shards)
-    seq_len: int | None = None  # training window; None = model.block_size
-    val_windows: int = 64  # fixed held-out windows for the validation ELBO
-    val_seed: int = 1234  # seeds the fixed validation masks, so runs are comparable
-    # SFT: JSONL {prompt, response} or SMDM's GSM8K train.txt; empty = pretraining data above
-    sft_path: str = ""
-    order: WindowOrder = "random"  # training windows
+    path: str = setting("", "a folder made by `sinkdlm prepare` (meta.json + token shards)")
+    seq_len: int | None = setting(None, "training window", unset="model.block_size", at_least=1)
+    val_windows: int = setting(64, "fixed held-out windows for the validation ELBO", at_least=1)
+    val_seed: int = setting(1234, "seeds the fixed validation masks, so runs are comparable", at_least=0)
+    sft_path: str = setting("", "SFT data: JSONL {prompt, response} or SMDM's GSM8K train.txt; "
+                                "empty = the pretraining data above")
+    order: WindowOrder = setting("random", "training windows: random = start anywhere, with replacement; "
+                                           "epoch = each pass visits every window once, shuffled (SMDM)")
 
     def __post_init__(self) -> None:
         check_choices(self, "data.")
@@ -175,61 +176,69 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    min_lr: float = 2e-5
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    warmup_frac: float = 0.01
-    warmup_min_steps: int = 100
+    lr: float = setting(2e-4, "peak learning rate (AdamW)", above=0)
+    min_lr: float = setting(2e-5, "learning rate at the end of the cosine decay, <= lr", at_least=0)
+    beta1: float = setting(0.9, "AdamW beta1", at_least=0, below=1)
+    beta2: float = setting(0.95, "AdamW beta2", at_least=0, below=1)
+    weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
+    grad_clip: float = setting(1.0, "gradient norm clip; 0 = off", at_least=0)
+    warmup_frac: float = setting(0.01, "warmup share: linear warmup over max(warmup_frac x steps, "
+                                         "warmup_min_steps) steps", at_least=0, at_most=1)
+    warmup_min_steps: int = setting(100, "warmup steps at least (see warmup_frac)", at_least=0)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "optim.")
+        if self.min_lr > self.lr:
+            raise UserError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; the cosine decays from lr "
+                            f"to min_lr: lower min_lr (SMDM: lr / 10)")
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/default"
-    global_batch: int = 8  # sequences per optimizer step, over all devices
-    micro_batch: int = 8  # sequences per forward on one device; accumulation follows
-    max_steps: int = 100  # ignored when flops > 0
-    flops: float = 0.0  # budget in units of 1e18 FLOPs (SMDM): steps = F*1e18 / (6 N B L); 0 = max_steps
-    seed: int = 42
+    out_dir: str = setting("runs/default", "run folder: checkpoints, metrics, logs")
+    global_batch: int = setting(8, "sequences per optimizer step, over all devices", at_least=1)
+    micro_batch: int = setting(8, "sequences per forward on one device (accumulation follows); divides "
+                                  "global_batch", at_least=1)
+    max_steps: int = setting(100, "optimizer steps; ignored when flops > 0", at_least=1)
+    flops: float = setting(0.0, "budget in 1e18 FLOPs (SMDM): steps = F*1e18 / (6 N B L); 0 = max_steps", at_least=0)
+    seed: int = setting(42, "seeds the initialisation, the windows and the masks", at_least=0)
     # diffusion objective
-    eps: float = NOISE_FLOOR  # p = (1 - eps) t + eps
-    t_sampling: TMode = "uniform"  # over the global batch
-    random_length_prob: float = 0.0  # SMDM's stochastic sequence length
-    objective: Literal["pretrain", "sft"] = "pretrain"
-    init_from: str = ""  # checkpoint to start from (SFT, adaptation)
-    mask_anneal_steps: int = 0  # DiffuLLaMA: attention goes from causal to full over these steps
+    eps: float = setting(NOISE_FLOOR, "noise floor eps of p = (1 - eps) t + eps", at_least=0, below=1)
+    t_sampling: TMode = setting("uniform", "how the noise levels t are drawn over the global batch")
+    random_length_prob: float = setting(0.0, "probability that a step's batch is cut to a random length (SMDM)",
+                                        at_least=0, at_most=1)
+    objective: Literal["pretrain", "sft"] = setting("pretrain", "pretrain: every token; sft: response tokens only")
+    init_from: str = setting("", "checkpoint to start from (SFT, adaptation); empty = random initialisation")
+    mask_anneal_steps: int = setting(0, "DiffuLLaMA: attention goes from causal to full over these steps", at_least=0)
     # hardware (Lightning Fabric)
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: Strategy = "auto"  # fsdp = FSDP2 (fully_shard per Block, then the root), see parallelize.py
-    precision: str = "32-true"  # e.g. bf16-mixed on GPUs; with fsdp one of FSDP_PRECISIONS
-    compile: bool = False  # torch.compile each Block (before FSDP shards it)
-    activation_checkpointing: bool = False  # recompute each Block's activations in backward
+    accelerator: str = setting("auto", "Lightning accelerator: auto, cpu, cuda, ...")
+    devices: int | str = setting(1, "Lightning devices per node: a count, -1 or auto")
+    num_nodes: int = setting(1, "machines", at_least=1)
+    strategy: Strategy = setting("auto", "fsdp = FSDP2 (fully_shard per Block, then the root), see parallelize.py")
+    precision: str = setting("32-true", f"Lightning precision, e.g. bf16-mixed on GPUs; with fsdp one of "
+                                         f"{', '.join(FSDP_PRECISIONS)}")
+    compile: bool = setting(False, "torch.compile each Block (before FSDP shards it)")
+    activation_checkpointing: bool = setting(False, "recompute each Block's activations in backward")
     # bookkeeping
-    log_every: int = 10
-    val_every: int = 100
-    save_every: int = 100
-    keep_last: int = 2
-    sink_monitor_every: int = 50
-    # beside metrics.jsonl (always written): any of LOGGERS; a missing package is named at start-up
-    loggers: list[str] = field(default_factory=lambda: list(DEFAULT_LOGGERS))
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    log_every: int = setting(10, "log the training loss every N steps", at_least=1)
+    val_every: int = setting(100, "validation ELBO every N steps (and at the end)", at_least=1)
+    save_every: int = setting(100, "checkpoint every N steps (and at the end)", at_least=1)
+    keep_last: int = setting(2, "checkpoints kept; 0 = all", at_least=0)
+    sink_monitor_every: int = setting(50, "sink metrics every N steps; 0 = off", at_least=0)
+    loggers: list[str] = setting(list(DEFAULT_LOGGERS), f"loggers beside metrics.jsonl (always written): any of "
+                                                       f"{', '.join(LOGGERS)}")
+    resume: bool = setting(False, "continue the run in out_dir")
+    overwrite: bool = setting(False, "replace the run in out_dir")
+    progress: bool = setting(True, "a progress bar")
 
     def __post_init__(self) -> None:
         check_choices(self, "train.")
         if self.strategy == "fsdp" and self.precision not in FSDP_PRECISIONS:
             raise UserError(f"train.precision={self.precision!r} is not supported with train.strategy=fsdp; "
                             f"choose one of {list(FSDP_PRECISIONS)}")
-        for key in ("global_batch", "micro_batch", "max_steps"):
-            if getattr(self, key) < 1:
-                raise UserError(f"train.{key}={getattr(self, key)} must be >= 1")
-        if not (math.isfinite(self.flops) and self.flops >= 0):
-            raise UserError(f"train.flops={self.flops} must be a finite budget >= 0 (0 = train train.max_steps)")
+        if self.global_batch % self.micro_batch:
+            raise UserError(f"train.global_batch={self.global_batch} is not a multiple of "
+                            f"train.micro_batch={self.micro_batch}; change one of them")
         unknown = [name for name in self.loggers if name not in LOGGERS]
         if unknown:
             raise UserError(f"train.loggers has {unknown}; choose from {list(LOGGERS)}, e.g. train.loggers=[csv]")
@@ -351,30 +360,45 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def merge(cfg: Config, updates: dict[str, Any], source: str) -> Config:
-    """Return cfg with `updates` ({section: {key: value}}) applied; unknown keys are errors."""
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
-    out = {}
-    for section_name in sections:
-        section = getattr(cfg, section_name)
-        raw = updates.get(section_name) or {}
-        if not isinstance(raw, dict):
-            raise UserError(f"{source}: section {section_name!r} should be a mapping of keys to values")
-        new = dict(raw)
-        if section_name == "model" and "preset" in new:
-            # a preset sets the shape only: sink/gate fields chosen elsewhere survive it
-            shape = MODEL_PRESETS[model_preset(str(new.pop("preset"))).name]
-            section = dataclasses.replace(section, n_query_groups=None, head_dim=None, **shape)
-        types_ = field_types(type(section))
-        values = dataclasses.asdict(section)
-        for key, value in new.items():
-            if key not in types_:
-                raise UserError(f"{source}: unknown key {section_name}.{key}; valid keys: {', '.join(types_)}")
-            values[key] = _coerce(value, types_[key], f"{section_name}.{key}")
-        out[section_name] = type(section)(**values)
-    unknown = set(updates) - set(sections)
+    """Return cfg with `updates` ({section: {key: value}}) applied; unknown keys are errors, each
+    naming `source` (a file, "command line")."""
+    sections = [f.name for f in dataclasses.fields(Config)]
+    unknown = [name for name in updates if name not in sections]
     if unknown:
-        raise UserError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {list(sections)}")
-    return Config(**out)
+        raise UserError(f"{source}: unknown section {unknown[0]!r}{_did_you_mean(unknown[0], sections)}; "
+                        f"the sections are {', '.join(sections)}")
+    try:
+        return Config(**{name: _merge_section(getattr(cfg, name), updates.get(name), name) for name in sections})
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _merge_section(section: Any, raw: Any, name: str) -> Any:
+    """`section` (a ModelConfig, ...) with the `raw` {key: value} of a YAML file or the command line."""
+    if raw is None:
+        return section
+    if not isinstance(raw, dict):
+        first = dataclasses.fields(section)[0]
+        raise UserError(f"section {name!r} should be a mapping of keys to values, e.g. "
+                        f"`{name}: {{{first.name}: {getattr(section, first.name)!r}}}`")
+    new = dict(raw)
+    if name == "model" and "preset" in new:
+        # a preset sets the shape only: sink/gate fields chosen elsewhere survive it
+        shape = MODEL_PRESETS[model_preset(str(new.pop("preset"))).name]
+        section = dataclasses.replace(section, n_query_groups=None, head_dim=None, **shape)
+    types_ = field_types(type(section))
+    values = dataclasses.asdict(section)
+    for key, value in new.items():
+        if key not in types_:
+            raise UserError(f"unknown key {name}.{key}{_did_you_mean(key, list(types_), f'{name}.')}; "
+                            f"`sinkdlm config` lists every key")
+        values[key] = _coerce(value, types_[key], f"{name}.{key}")
+    return type(section)(**values)
+
+
+def _did_you_mean(wrong: Any, known: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(wrong), known, n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -399,13 +423,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"config file {p} is not valid YAML: {yaml_problem(e)}; fix the YAML there") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {p} cannot be read ({e}); pass a YAML text file") from None
         if not isinstance(data, dict):
-            raise UserError(f"config file {p} should hold a mapping with sections model/data/optim/train")
+            raise UserError(f"config file {p} holds a {type(data).__name__}, not a mapping of sections; "
+                            f"write it as sections {', '.join(f.name for f in dataclasses.fields(Config))}, "
+                            f"e.g. `train: {{max_steps: 10}}`")
         cfg = merge(cfg, data, str(p))
     if overrides:
         cfg = merge(cfg, parse_overrides(overrides), "command line")
     return cfg
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: 'line 3, column 2: expected <block end>, but found '<block mapping
+    start>' (while parsing a block mapping)' (yaml's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        context += f" from line {start.line + 1}, column {start.column + 1}"
+    return where + problem + (f" ({context})" if context else "")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -413,13 +453,59 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def describe_keys(cfg: Config) -> list[str]:
-    """One line per `section.key`: its type and its value in `cfg`, aligned in columns."""
-    rows = [(f"{section.name}.{key}", type_name(hint), repr(getattr(getattr(cfg, section.name), key)))
-            for section in dataclasses.fields(Config)
-            for key, hint in field_types(type(getattr(cfg, section.name))).items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    return [f"{key:{widths[0]}}  {kind:{widths[1]}}  {value}" for key, kind, value in rows]
+    """One line per `section.key`: its type (and range), its value in `cfg` and its help, in columns."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        settings = getattr(cfg, section.name)
+        hints = field_types(type(settings))
+        for f in dataclasses.fields(settings):
+            rows.append((f"{section.name}.{f.name}", kind_of(hints[f.name], range_of(f)),
+                         repr(getattr(settings, f.name)), f.metadata[HELP]))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return [f"{key:{widths[0]}}  {kind:{widths[1]}}  {value:{widths[2]}}  # {help_}"
+            for key, kind, value, help_ in rows]
+
+
+def kind_of(hint: Any, bounds: Range | None) -> str:
+    """A field's type as `sinkdlm config` shows it: 'int', 'float in [0, 1)', 'int >= 1 | None'."""
+    if bounds is None:
+        return type_name(hint)
+    optional = " | None" if without_none(hint) is not hint else ""
+    return f"{type_name(without_none(hint))} {bounds}{optional}"
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write cfg as YAML, its data paths absolute: analyze and eval read the run's training data from
+    whatever folder they are started in."""
+    data = dataclasses.replace(cfg.data, path=_absolute(cfg.data.path), sft_path=_absolute(cfg.data.sft_path))
+    Path(path).write_text(yaml.safe_dump(dataclasses.replace(cfg, data=data).to_dict(), sort_keys=False))
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def with_run_data_paths(cfg: Config, folder: str | Path) -> Config:
+    """cfg, loaded from checkpoint `folder`, with a relative data.path or data.sft_path (saved by an older
+    sinkdlm) made absolute: against the current folder where it exists there, else against the folder
+    training ran in (the run folder less train.out_dir), where it exists there."""
+    bases = [Path.cwd()] + [base for base in [_training_folder(Path(folder), cfg.train.out_dir)] if base]
+    found = {}
+    for key in ("path", "sft_path"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).expanduser().is_absolute():
+            found[key] = next((str(base / value) for base in bases if (base / value).exists()), value)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **found)) if found else cfg
+
+
+def _training_folder(checkpoint: Path, out_dir: str) -> Path | None:
+    """The folder a run was trained from: the run folder (the checkpoint's, or the one holding it) with the
+    relative train.out_dir it was given cut off its end; None when out_dir is absolute or does not fit."""
+    parts = Path(out_dir).parts
+    if not parts or Path(out_dir).is_absolute():
+        return None
+    checkpoint = Path(os.path.abspath(checkpoint))
+    for run in (checkpoint, checkpoint.parent):
+        if run.parts[-len(parts):] == parts:
+            return Path(*run.parts[:-len(parts)])
+    return None

@@ -53,24 +53,26 @@ StepCallback = Callable[[int, Tensor], None]
 class SampleConfig:
     """Decoding settings; `sinkdlm generate` and `eval-gsm8k` build their options from these fields."""
 
-    gen_length: int = setting(64, "new tokens per prompt (with length_includes_prompt: the total)")
-    steps: int = setting(64, "denoising steps over the whole generation, split evenly over the blocks")
+    gen_length: int = setting(64, "new tokens per prompt (with length_includes_prompt: the total)", at_least=1)
+    steps: int = setting(64, "denoising steps over the whole generation, split evenly over the blocks",
+                         at_least=1)
     block_length: int | None = setting(None, "semi-autoregressive block length, dividing gen_length",
-                                       unset="one block")
-    temperature: float = setting(0.0, "Gumbel-max temperature; 0 = argmax")
-    top_k: int = setting(0, "sample among the K most likely tokens only; 0 = off")
-    top_p: float = setting(1.0, "sample among the most likely tokens of total probability P only; 1 = off")
+                                       unset="one block", at_least=1)
+    temperature: float = setting(0.0, "Gumbel-max temperature; 0 = argmax", at_least=0)
+    top_k: int = setting(0, "sample among the K most likely tokens only; 0 = off", at_least=0)
+    top_p: float = setting(1.0, "sample among the most likely tokens of total probability P only; 1 = off",
+                          above=0, at_most=1)
     remasking: Literal["low_confidence", "random", "margin", "entropy"] = setting(
         "low_confidence", "which masked positions to unmask first: highest p(x0), random, largest margin "
                           "p1 - p2, or lowest entropy")
     guidance: float = setting(0.0, "unsupervised classifier-free guidance weight w: logits = un + (w + 1)"
-                                   "(cond - un), the prompt masked for un; 0 = off")
-    threshold: float | None = setting(None, "also unmask every candidate with p(x0) above this, in (0, 1] "
-                                            "(Fast-dLLM parallel decoding)", unset="off")
+                                   "(cond - un), the prompt masked for un; 0 = off", at_least=0)
+    threshold: float | None = setting(None, "also unmask every candidate with p(x0) above this (Fast-dLLM "
+                                            "parallel decoding)", unset="off", above=0, at_most=1)
     eos: Literal["stop", "fill"] = setting("stop", "stop: cut the output at the first EOS; fill: put EOS "
                                                    "after the first EOS at once")
-    suppress_eos_steps: int = setting(0, "forbid EOS during the first N denoising steps")
-    min_length: int = setting(0, "forbid EOS in the first N generated positions")
+    suppress_eos_steps: int = setting(0, "forbid EOS during the first N denoising steps", at_least=0)
+    min_length: int = setting(0, "forbid EOS in the first N generated positions", at_least=0)
     batch_ranking: Literal["per_sequence", "flattened_batch"] = setting(
         "per_sequence", "flattened_batch: rank candidates over the whole batch, as SMDM's GSM8K script "
                         "(the only setting under which a row's output depends on its batch mates)")
@@ -81,7 +83,7 @@ class SampleConfig:
         "right", "where a shorter prompt's padding goes; left aligns the generated regions (LLaDA), which "
                  "makes front sinks' distance to a row's content depend on its batch")
     length_includes_prompt: bool = setting(False, "gen_length counts the prompt too (SMDM's context_length)")
-    seed: int = setting(0, "a prompt's draws are a function of (seed, its index, step)")
+    seed: int = setting(0, "a prompt's draws are a function of (seed, its index, step)", at_least=0)
 
     def __post_init__(self) -> None:
         check_choices(self, "sampling ")

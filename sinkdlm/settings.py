@@ -2,15 +2,20 @@
 
 A field's allowed values are its `Literal[...]` type, read both by `check_choices` (the dataclass's
 own check, whatever built it: YAML, Python or a flag) and by `add_arguments` (argparse's choices).
-A field's help is its metadata (`setting(default, "help")`). So a flag's type, default, allowed
-values and help all come from the one field, instead of being declared again in each command.
+A field's help is its metadata (`setting(default, "help")`), and so is a number's allowed range
+(`setting(2e-4, "peak learning rate", above=0)`), checked by `check_choices` too, which also refuses
+NaN and infinity in every float field. So a flag's type, default, allowed values and help all come
+from the one field, instead of being declared again in each command.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -20,12 +25,52 @@ from sinkdlm.errors import UserError
 
 HELP = "help"  # the metadata key of a field's help text
 UNSET = "unset"  # ... and of what a None value means
+RANGE = "range"  # ... and of the numbers it allows (a Range, or None: any finite number)
 
 
-def setting(default: Any, help: str, unset: str | None = None) -> Any:
-    """A dataclass field with its help text (shown by --help) and, for a field that may be None, what
-    None means ("one block")."""
-    return dataclasses.field(default=default, metadata={HELP: help, UNSET: unset})
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: from `low` up to `high`, either end absent (unbounded) or open
+    (the end itself excluded). A list field's items must each lie in it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above_low = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below_high = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above_low and below_high
+
+    def __str__(self) -> str:
+        """'>= 1', '> 0', 'in [0, 1)'."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def setting(default: Any, help: str, unset: str | None = None, *, at_least: float | None = None,
+            above: float | None = None, at_most: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field with its help text (shown by --help), for a field that may be None what None
+    means ("one block"), and for a number its range: at_least / above (the low end, included /
+    excluded), at_most / below (the high end). A list default is copied for each instance."""
+    if (at_least is not None and above is not None) or (at_most is not None and below is not None):
+        raise TypeError("give each end of a range once: at_least or above, at_most or below")
+    low = above if above is not None else at_least
+    high = below if below is not None else at_most
+    bounds = Range(low, high, above is not None, below is not None) if (low, high) != (None, None) else None
+    metadata = {HELP: help, UNSET: unset, RANGE: bounds}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def range_of(f: dataclasses.Field) -> Range | None:
+    """The Range a field declares (`setting(..., at_least=1)`), else None."""
+    return f.metadata.get(RANGE)
 
 
 @functools.cache
@@ -67,10 +112,32 @@ def check_allowed(value: Any, hint: Any, where: str) -> None:
         raise UserError(f"{where}={value!r} is not one of {list(allowed)}")
 
 
+def holds_floats(hint: Any) -> bool:
+    """Whether a field's values are floats: float, float | None, Sequence[float]."""
+    base = without_none(hint)
+    return base is float or float in typing.get_args(base)
+
+
+def check_number(value: Any, hint: Any, bounds: Range | None, where: str) -> None:
+    """A UserError ("optim.lr=-1.0 must be a finite number > 0") when a number, or an item of a list of
+    numbers, is NaN, infinite or outside `bounds`; other values (None, strings) pass."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    numbers = [x for x in items if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    shown, each = (f"{where}={items}", " each") if isinstance(value, (list, tuple)) else (f"{where}={value!r}", "")
+    wanted = " ".join((["a finite number"] if holds_floats(hint) else []) + ([str(bounds)] if bounds else []))
+    for x in numbers:
+        if not math.isfinite(x) or (bounds is not None and x not in bounds):
+            raise UserError(f"{shown} must{each} be {wanted}")
+
+
 def check_choices(settings: Any, where: str) -> None:
-    """check_allowed for every field of a settings dataclass; `where` prefixes the field names ("model.")."""
-    for key, hint in field_types(type(settings)).items():
-        check_allowed(getattr(settings, key), hint, f"{where}{key}")
+    """Every field of a settings dataclass: its Literal's values (check_allowed), and a number's range
+    and finiteness (check_number); `where` prefixes the field names ("model.")."""
+    hints = field_types(type(settings))
+    for f in dataclasses.fields(settings):
+        value, name = getattr(settings, f.name), f"{where}{f.name}"
+        check_allowed(value, hints[f.name], name)
+        check_number(value, hints[f.name], range_of(f), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[st
             raise TypeError(f"{cls.__name__}.{name} has no help; declare it with settings.setting(default, help)")
         default = None if overrides_preset else _default(f)
         help_ = f.metadata[HELP]
+        if range_of(f) is not None:
+            help_ += f"; must be {range_of(f)}"
         if overrides_preset:
             help_ += " (default: the preset's)"
         elif default is None:
@@ -191,13 +260,23 @@ def _shown(default: Any) -> str:
     return str(default).replace("%", "%%")
 
 
-def close_option(parser: argparse.ArgumentParser, wrong: str) -> str | None:
-    """The option of `parser` closest to a misspelled one, if any is close."""
-    import difflib
+OPTION_CUTOFF = 0.6  # difflib similarity below which a known option is not offered for a misspelled one
 
+
+def _head_word(option: str) -> str:
+    """The word an option is about: --block-length -> block, --no-progress -> progress."""
+    words = option.lstrip("-").split("-")
+    return words[1] if words[0] == "no" and len(words) > 1 else words[0]
+
+
+def close_option(parser: argparse.ArgumentParser, wrong: str) -> str | None:
+    """The option of `parser` closest to a misspelled one, if any is close. Among the close ones, one
+    about the same thing comes first: a misremembered option keeps its head word and misnames the
+    rest (--block-size means --block-length, though its letters are closer to --batch-size)."""
     known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
-    found = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6)
-    return found[0] if found else None
+    close = difflib.get_close_matches(wrong, known, n=len(known), cutoff=OPTION_CUTOFF)
+    same_head = [option for option in close if _head_word(option) == _head_word(wrong)]
+    return (same_head or close or [None])[0]
 
 
 class Parser(argparse.ArgumentParser):

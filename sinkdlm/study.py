@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +22,7 @@ from sinkdlm.config import (Config, ModelConfig, config_from_dict, gate_matched_
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
 from sinkdlm.optional import available, install_hint, require
+from sinkdlm.settings import check_choices, setting
 from sinkdlm.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 
 # variant name -> model overrides (each a field of the one model; see README), or a function of the
@@ -62,18 +63,21 @@ PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS)}
 
 @dataclass
 class StudySettings:
-    preset: str = "demo"
-    variants: list[str] | None = None  # None = the preset's
-    seeds: list[int] = field(default_factory=lambda: [1])
-    out: Path | None = None  # None = runs/study-<preset>
-    data: str | None = None  # prepared data folder; None = the preset's corpus
-    overrides: list[str] = field(default_factory=list)  # section.key=value for every run
-    tasks: str = "arc_easy,piqa"  # offline lm-eval tasks ('' = none)
-    limit: int = 200
-    mc_num: int = 16
-    analysis_texts: int = 4  # held-out windows for the sink metrics
-    curves: bool = True  # analyse every kept checkpoint (sinks over training)
-    command: str = "sinkdlm study"  # as typed, for the table's header
+    preset: str = setting("demo", "demo, cpu or an SMDM size")
+    variants: list[str] | None = setting(None, "model variants to compare", unset="the preset's")
+    seeds: list[int] = setting([1], "training seeds of every variant", at_least=0)
+    out: Path | None = setting(None, "study folder", unset="runs/study-<preset>")
+    data: str | None = setting(None, "prepared data folder", unset="the preset's corpus")
+    overrides: list[str] = setting([], "section.key=value for every run")
+    tasks: str = setting("arc_easy,piqa", "offline lm-eval tasks ('' = none)")
+    limit: int = setting(200, "documents per task", at_least=1)
+    mc_num: int = setting(16, "Monte Carlo samples per choice", at_least=1)
+    analysis_texts: int = setting(4, "held-out windows for the sink metrics", at_least=1)
+    curves: bool = setting(True, "analyse every kept checkpoint (sinks over training)")
+    command: str = setting("sinkdlm study", "as typed, for the table's header")
+
+    def __post_init__(self) -> None:
+        check_choices(self, "study ")
 
     @property
     def folder(self) -> Path:

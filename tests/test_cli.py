@@ -72,8 +72,8 @@ def test_config_lists_every_key_with_its_type_and_value(capsys):
     lines = capsys.readouterr().out.splitlines()
     keys = [f"{s.name}.{k}" for s in dataclasses.fields(Config) for k in field_types(type(getattr(Config(), s.name)))]
     assert [line.split()[0] for line in lines] == keys
-    assert re.search(r"^model\.attn_gate +none\|elementwise\|headwise +'headwise'$", "\n".join(lines), re.M)
-    assert re.search(r"^train\.max_steps +int +7$", "\n".join(lines), re.M)
+    assert re.search(r"^model\.attn_gate +none\|elementwise\|headwise +'headwise' +# ", "\n".join(lines), re.M)
+    assert re.search(r"^train\.max_steps +int >= 1 +7 +# optimizer steps", "\n".join(lines), re.M)
 
 
 def test_generate_flags_are_sample_config_fields():

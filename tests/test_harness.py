@@ -204,9 +204,9 @@ def test_requests_without_a_document_id_get_their_own_seeds_the_same_on_any_rank
     (dict(max_gen_toks="lots"), r"model_args: max_gen_toks='lots' is not a int"),
     (dict(max_gen_toks=0), r"model_args: max_gen_toks=0 must be >= 1"),
     (dict(mc_num="x"), r"model_args: mc_num='x' is not a int"),
-    (dict(mc_num=0), r"mc_num=0 and batch_size=\d+ must be >= 1"),
+    (dict(mc_num=0), r"mc_num=0 must be >= 1"),
     (dict(eps="x"), r"model_args: eps='x' is not a float"),
-    (dict(eps=1.5), r"eps=1.5 must be in \[0, 1\)"),
+    (dict(eps=1.5), r"eps=1.5 must be a finite number in \[0, 1\)"),
     (dict(batch_size="0"), r"model_args: batch_size='0' must be >= 1 \(or auto\)"),
     (dict(batch_size="8x"), r"model_args: batch_size='8x' is not a int"),
     (dict(crn="flase"), r"model_args: crn='flase' is not a bool"),
@@ -228,7 +228,7 @@ def test_model_args_booleans_and_auto_batch(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, message", [("--batch-size", "0", "batch_size=0 must be >= 1"),
-                                                  ("--mc-num", "0", "mc_num=0 and batch_size=64 must be >= 1")])
+                                                  ("--mc-num", "0", "mc_num=0 must be >= 1")])
 def test_bad_eval_numbers_are_one_line_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
     """A generation task never builds the likelihood Settings, so these were found only by range()."""
     from tests.test_lm_eval_generate import PROBLEMS

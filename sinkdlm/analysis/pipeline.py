@@ -36,24 +36,28 @@ class AnalysisSettings:
 
     mode: Literal["trajectory", "masked"] = setting(
         "trajectory", "trajectory: record a generation; masked: fixed text at masking levels")
-    levels: Sequence[float] = setting((0.75, 0.5, 0.25), "masked mode: masking levels, in this order")
-    steps: int = setting(32, "trajectory: denoising steps")
-    gen_length: int = setting(32, "trajectory: tokens to generate")
-    temperature: float = setting(0.0, "trajectory: sampling temperature; 0 = greedy")
-    eps: float = setting(DEFAULT_EPS, "sink rule of 2510.15731 on column sums")
-    std_k: float = setting(DEFAULT_STD_K, "sink rule: column sum above mean + k * std")
+    levels: Sequence[float] = setting((0.75, 0.5, 0.25), "masked mode: masking levels, in this order",
+                                      above=0, at_most=1)
+    steps: int = setting(32, "trajectory: denoising steps", at_least=1)
+    gen_length: int = setting(32, "trajectory: tokens to generate", at_least=1)
+    temperature: float = setting(0.0, "trajectory: sampling temperature; 0 = greedy", at_least=0)
+    eps: float = setting(DEFAULT_EPS, "sink rule of 2510.15731 on column sums", at_least=0)
+    std_k: float = setting(DEFAULT_STD_K, "sink rule: column sum above mean + k * std", at_least=0)
     rule: Rule = setting("eps", "the detection rule behind the per-layer tables")
-    layers: Sequence[int] | None = setting(None, "layers to record, e.g. 0,3", unset="all")
+    layers: Sequence[int] | None = setting(None, "layers to record, e.g. 0,3", unset="all", at_least=0)
     map_steps: Sequence[int] | None = setting(None, "two steps for the attention-map figure",
-                                              unset="1/4 and 3/4 of the way")
-    prompt_tokens: int = setting(16, "length of the prompts cut from held-out text when none are given")
-    max_prompts: int = setting(2, "prompts cut from held-out text when none are given")
-    max_windows: int = setting(4, "held-out windows (masked mode, ELBO)")
-    top_k: Sequence[int] = setting((1, 4), "interventions: hide the top-K sinks of the previous step")
+                                              unset="1/4 and 3/4 of the way", at_least=0)
+    prompt_tokens: int = setting(16, "length of the prompts cut from held-out text when none are given",
+                                 at_least=1)
+    max_prompts: int = setting(2, "prompts cut from held-out text when none are given", at_least=1)
+    max_windows: int = setting(4, "held-out windows (masked mode, ELBO)", at_least=1)
+    top_k: Sequence[int] = setting((1, 4), "interventions: hide the top-K sinks of the previous step",
+                                   at_least=1)
     interventions: bool = setting(True, "the intervention runs")
     nulls: bool = setting(True, "the moving-sink metrics under the null models (random attention, fixed text)")
-    elbo_samples: int = setting(8, "masking levels per window for the intervention ELBOs; 0 = skip")
-    seed: int = setting(0, "seeds sampling and the ELBO's masks")
+    elbo_samples: int = setting(8, "masking levels per window for the intervention ELBOs; 0 = skip",
+                                 at_least=0)
+    seed: int = setting(0, "seeds sampling and the ELBO's masks", at_least=0)
     device: str = setting("cpu", "torch device, e.g. cuda")
     dtype: Dtype = setting("float32", "parameter dtype; bfloat16 halves the memory of a large model "
                                       "(statistics are accumulated in float32 either way)")
@@ -61,8 +65,8 @@ class AnalysisSettings:
 
     def __post_init__(self) -> None:
         check_choices(self, "analysis ")
-        if not self.levels or any(not 0 < x <= 1 for x in self.levels):
-            raise UserError(f"masking levels {list(self.levels)} must be in (0, 1]")
+        if not self.levels:
+            raise UserError("analysis levels is empty; give at least one masking level, e.g. --levels 0.5")
 
     def n_steps(self) -> int:
         return self.steps if self.mode == "trajectory" else len(self.levels)

@@ -1,7 +1,8 @@
 """`sinkdlm config [--config X.yaml] [--model 472] [section.key=value ...]`: every key a recipe may set.
 
-Prints each `section.key` with its type and value: the defaults, or what the given recipe, shortcuts
-and overrides resolve to (exactly what `sinkdlm train` with the same arguments would train).
+Prints each `section.key` with its type (a number's with its allowed range), its value and its help: the
+defaults, or what the given recipe, shortcuts and overrides resolve to (exactly what `sinkdlm train` with
+the same arguments would train).
 """
 
 from __future__ import annotations

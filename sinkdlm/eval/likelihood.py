@@ -29,8 +29,7 @@ import torch
 from torch import Tensor
 
 from sinkdlm.diffusion import NOISE_FLOOR
-from sinkdlm.errors import UserError
-from sinkdlm.settings import check_choices
+from sinkdlm.settings import check_choices, setting
 
 Estimator = Literal["mc", "chain_rule"]
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -38,22 +37,19 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 @dataclass(frozen=True)
 class Settings:
-    estimator: Estimator = "mc"
-    mc_num: int = 128  # MC samples per continuation (SMDM used 1024; LLaDA and Dream 128)
-    eps: float = NOISE_FLOOR  # p = (1 - eps) t + eps, as in training (the paper evaluates with 0)
-    guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = off)
-    stratified: bool = True  # t = (u0 + i / n) mod 1 rather than n independent draws
-    crn: bool = True  # the pairs of one group share t draws and mask uniforms
-    seed: int = 1234
-    batch_size: int = 64  # sequences per forward
-    dedupe: bool = True  # one forward per distinct mask pattern (exact: the model is deterministic)
+    estimator: Estimator = setting("mc", "mc: Monte Carlo over masking levels; chain_rule: one token at a time")
+    mc_num: int = setting(128, "MC samples per continuation (SMDM used 1024; LLaDA and Dream 128)", at_least=1)
+    eps: float = setting(NOISE_FLOOR, "noise floor of p = (1 - eps) t + eps, as in training (the paper "
+                                      "evaluates with 0)", at_least=0, below=1)
+    guidance: float = setting(0.0, "unsupervised classifier-free guidance weight w; 0 = off", at_least=0)
+    stratified: bool = setting(True, "t = (u0 + i / n) mod 1 rather than n independent draws")
+    crn: bool = setting(True, "the pairs of one group share t draws and mask uniforms")
+    seed: int = setting(1234, "seeds the MC noise levels and masks", at_least=0)
+    batch_size: int = setting(64, "sequences per forward", at_least=1)
+    dedupe: bool = setting(True, "one forward per distinct mask pattern (exact: the model is deterministic)")
 
     def __post_init__(self) -> None:
         check_choices(self, "")
-        if self.mc_num < 1 or self.batch_size < 1:
-            raise UserError(f"mc_num={self.mc_num} and batch_size={self.batch_size} must be >= 1")
-        if not 0 <= self.eps < 1:
-            raise UserError(f"eps={self.eps} must be in [0, 1) (the noise floor; the paper evaluates with 0)")
 
 
 @dataclass

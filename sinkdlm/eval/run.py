@@ -14,7 +14,7 @@ import difflib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from sinkdlm.files import atomic_write
 from sinkdlm.intervals import format_share
 from sinkdlm.optional import require
 from sinkdlm.sample import SampleConfig
+from sinkdlm.settings import check_choices, setting
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -46,24 +47,23 @@ SHARED_FIELDS = ("guidance", "seed")  # one value serves scoring and sampling (o
 class EvalOptions:
     """How `evaluate_checkpoint` scores: the preset's per-task settings, and what overrides them."""
 
-    preset: str = "default"
-    limit: int | None = None  # first N documents per task
-    mc_num: int | None = None  # None: the preset's
-    estimator: Estimator | None = None  # None: the preset's per task
-    guidance: float | None = None  # None: the preset's per task
-    batch_size: int = Settings.batch_size
-    seed: int | None = None  # None: Settings.seed for the MC masks, SampleConfig's for the sampler
-    crn: bool = True
-    device: str = "cpu"
-    num_fewshot: int | None = None  # None: each task's own
-    sampling: dict[str, Any] = field(default_factory=dict)  # SampleConfig fields for generation tasks
-    log_samples: bool = False
+    preset: str = setting("default", "likelihood preset: per-task estimator settings")
+    limit: int | None = setting(None, "first N documents per task", unset="every document", at_least=1)
+    mc_num: int | None = setting(None, "MC samples per continuation", unset="the preset's", at_least=1)
+    estimator: Estimator | None = setting(None, "likelihood estimator", unset="the preset's per task")
+    guidance: float | None = setting(None, "classifier-free guidance weight", unset="the preset's per task",
+                                     at_least=0)
+    batch_size: int = setting(Settings.batch_size, "sequences per forward", at_least=1)
+    seed: int | None = setting(None, "seed", unset="Settings.seed for the MC masks, SampleConfig's for the sampler",
+                               at_least=0)
+    crn: bool = setting(True, "common random numbers across the choices of a question")
+    device: str = setting("cpu", "torch device, e.g. cuda")
+    num_fewshot: int | None = setting(None, "few-shot examples", unset="each task's own", at_least=0)
+    sampling: dict[str, Any] = setting({}, "SampleConfig fields for generation tasks")
+    log_samples: bool = setting(False, "keep every document's inputs and outputs")
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"limit={self.limit} must be >= 1 (or unset for every document)")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UserError(f"num_fewshot={self.num_fewshot} must be >= 0")
+        check_choices(self, "")
 
 
 def check_task_names(tasks: list[str]) -> None:
