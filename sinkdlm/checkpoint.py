@@ -254,9 +254,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer (a `tokenizers.Tokenizer`)."""
-    from tokenizers import Tokenizer
+    from sinkdlm.data.tokenizer import read_tokenizer_file
 
     ckpt = resolve(path)
+    fix = "copy the tokenizer of its training data there"
     if not (ckpt / TOKENIZER).is_file():
-        raise UserError(f"checkpoint {ckpt} has no {TOKENIZER}; copy the tokenizer of its training data there")
-    return Tokenizer.from_file(str(ckpt / TOKENIZER))
+        raise UserError(f"checkpoint {ckpt} has no {TOKENIZER}; {fix}")
+    return read_tokenizer_file(ckpt / TOKENIZER, f"the checkpoint's tokenizer is damaged; {fix}")

@@ -32,12 +32,12 @@ def load_tokenizer(spec: str, corpus_iter: Iterable[str] | None = None,
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        return _from_file(path)
+        return read_tokenizer_file(path)
     if path.is_dir():
         if not (path / TOKENIZER_FILE).is_file():
             raise UserError(f"tokenizer folder {path} has no {TOKENIZER_FILE}; pass a folder saved by "
                             f"Hugging Face `save_pretrained` (fast tokenizer) or a tokenizer.json file")
-        return _from_file(path / TOKENIZER_FILE)
+        return read_tokenizer_file(path / TOKENIZER_FILE)
     if spec == "gpt2":
         return gpt2_tokenizer(cache_dir)
     if spec == "bpe" or spec.startswith("bpe:"):
@@ -101,11 +101,13 @@ def _bpe_vocab(spec: str, default: int) -> int:
     return size
 
 
-def _from_file(path: Path) -> Tokenizer:
+def read_tokenizer_file(path: str | Path, fix: str = "pass a Hugging Face tokenizer.json") -> Tokenizer:
+    """A tokenizer.json; a file that is not one (corrupt, truncated, other JSON) is a UserError naming it."""
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for bad files
-        raise UserError(f"tokenizer file {path} could not be read ({e}); pass a HF tokenizer.json") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"tokenizer file {path} is not a readable tokenizer ({reason}); {fix}") from None
 
 
 def _from_hub(name: str) -> Tokenizer:
