@@ -97,6 +97,9 @@ class SampleConfig:
                             f"({self.gen_length // block} = gen_length / block_length)")
         if self.length_includes_prompt and self.block_length not in (None, self.gen_length):
             raise UserError("length_includes_prompt works with one block only; unset block_length")
+        if self.steps > self.gen_length:  # a step unmasks at least one token: the rest would not run
+            raise UserError(f"steps={self.steps} is more than gen_length={self.gen_length}, the most steps that "
+                            f"can run (one token each); pass steps <= {self.gen_length} or a larger gen_length")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
                             f"(got {self.temperature}, {self.top_p}, {self.top_k})")
@@ -146,18 +149,21 @@ def build_canvas(prompts: list[list[int]], gen_lengths: list[int], padding: str,
     return Canvas(x.to(device), valid.to(device), is_prompt.to(device), start.to(device), end.to(device))
 
 
-def validate_prompts(prompts: list[list[int]], cfg: SampleConfig, block_size: int) -> list[int]:
-    """Per-sequence numbers of new tokens; UserError for prompts that cannot be generated from."""
+def validate_prompts(prompts: list[list[int]], cfg: SampleConfig, block_size: int,
+                     labels: Sequence[str] | None = None) -> list[int]:
+    """Per-sequence numbers of new tokens; UserError for prompts that cannot be generated from, naming
+    each by its label (default: "prompt i", i its index in `prompts`)."""
     if not prompts:
         raise UserError("no prompts given; pass at least one")
     gens = []
     for i, p in enumerate(prompts):
+        label = labels[i] if labels is not None else f"prompt {i}"
         if not p:
-            raise UserError(f"prompt {i} is empty; give at least one token of prompt")
+            raise UserError(f"{label} is empty; give at least one token of prompt")
         g = cfg.gen_length - len(p) if cfg.length_includes_prompt else cfg.gen_length
         total = len(p) + max(g, 0)
         if total > block_size:
-            raise UserError(f"prompt {i} ({len(p)} tokens) + generation ({g}) = {total} tokens exceeds the "
+            raise UserError(f"{label}: {len(p)} prompt tokens + {g} to generate = {total} tokens, more than the "
                             f"model's block_size {block_size}; shorten the prompt or gen_length")
         gens.append(max(g, 0))
     return gens
@@ -395,12 +401,12 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     if mask_id != model.mask_id:
         raise UserError(f"mask id {mask_id} is not the model's ({model.mask_id})")
     _check_model(model, cfg)
-    gens = validate_prompts(prompts, cfg, model.cfg.block_size)
-    device = next(model.parameters()).device
-    canvas = build_canvas(prompts, gens, cfg.padding, mask_id, eos_id, device)
     indices = list(range(len(prompts)) if indices is None else indices)
     if len(indices) != len(prompts):
         raise UserError(f"{len(indices)} prompt indices for {len(prompts)} prompts; give one per prompt")
+    gens = validate_prompts(prompts, cfg, model.cfg.block_size, [f"prompt {i}" for i in indices])
+    device = next(model.parameters()).device
+    canvas = build_canvas(prompts, gens, cfg.padding, mask_id, eos_id, device)
     x, step = canvas.x, 0
     with model.sink_cache():
         forward = Forward(model, canvas, cfg)
@@ -429,19 +435,30 @@ def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig
 
 
 def complete(model: DLM, tokenizer: Any, eos_id: int, texts: Sequence[str], cfg: SampleConfig,
-             batch_size: int = DEFAULT_BATCH, progress: bool = False) -> Iterator[str]:
+             batch_size: int = DEFAULT_BATCH, progress: bool = False,
+             labels: Sequence[str] | None = None) -> Iterator[str]:
     """The completion text of each prompt text, in order, generated `batch_size` prompts at a time.
 
+    Every prompt is checked before any is generated (a UserError names it by `labels[i]`, default
+    "prompt i" with i its index in `texts`), so a bad last prompt never costs the earlier ones' time.
     Prompt i draws its noise as the i-th prompt of the whole input, so a completion depends only on
     its prompt, its position and cfg.seed, never on the batch size.
     """
-    from tqdm import tqdm
-
     if batch_size <= 0:
         raise UserError(f"--batch-size={batch_size} must be > 0")
-    for lo in tqdm(range(0, len(texts), batch_size), desc="generate", unit="batch", disable=not progress):
-        ids = [tokenizer.encode(t).ids for t in texts[lo: lo + batch_size]]
-        for tokens in generate(model, ids, cfg, model.mask_id, eos_id, indices=range(lo, lo + len(ids))):
+    _check_model(model, cfg)
+    ids = [tokenizer.encode(t).ids for t in texts]
+    validate_prompts(ids, cfg, model.cfg.block_size, labels)
+    return _complete_batches(model, tokenizer, eos_id, ids, cfg, batch_size, progress)
+
+
+def _complete_batches(model: DLM, tokenizer: Any, eos_id: int, ids: list[list[int]], cfg: SampleConfig,
+                      batch_size: int, progress: bool) -> Iterator[str]:
+    from tqdm import tqdm
+
+    for lo in tqdm(range(0, len(ids), batch_size), desc="generate", unit="batch", disable=not progress):
+        batch = ids[lo: lo + batch_size]
+        for tokens in generate(model, batch, cfg, model.mask_id, eos_id, indices=range(lo, lo + len(batch))):
             yield tokenizer.decode(tokens, skip_special_tokens=True)
 
 
