@@ -249,7 +249,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.device("meta"):
         model = DLM(cfg.model)
     load_into(model, ckpt, dtype or torch.float32)
+    _refuse_non_finite(model, ckpt)
     return model.to(device).eval(), cfg
+
+
+def _refuse_non_finite(model: torch.nn.Module, ckpt: Path) -> None:
+    """NaN or inf weights (a diverged run) make every output garbage: refuse them, naming the tensor."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise UserError(f"{ckpt / WEIGHTS}: tensor {bad[0]}{more} holds NaN or inf values (training diverged "
+                        f"before this step?); use an earlier step-* folder or retrain")
 
 
 def load_tokenizer(path: str | Path):
