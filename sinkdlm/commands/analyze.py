@@ -13,6 +13,7 @@ from pathlib import Path
 from sinkdlm import settings
 from sinkdlm.analysis import AnalysisSettings
 from sinkdlm.errors import UserError
+from sinkdlm.jsonl import read_text
 
 # AnalysisSettings fields that are options (the rest keep their defaults)
 OPTIONS = ("mode", "levels", "steps", "gen_length", "temperature", "eps", "std_k", "rule", "layers", "map_steps",
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.text)
         if not path.is_file():
             raise UserError(f"--text {path} does not exist; pass a UTF-8 text file")
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [read_text(path)]
+    check_out(Path(args.out))
     chosen = AnalysisSettings(**settings.values_from(args, OPTIONS))
     if args.checkpoint_steps is not None:
         return _over_training(args, texts, chosen)
@@ -50,6 +52,14 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(args.out, metrics, trajectory)
     print("\n".join(summary_lines(metrics, report)))
     return 0
+
+
+def check_out(out: Path) -> None:
+    """Refuse a report folder that could not be created, before any time is spent analysing."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; pass a folder for the report "
+                        f"(created if missing)")
 
 
 def _over_training(args: argparse.Namespace, texts: list[str] | None, chosen: AnalysisSettings) -> int:
