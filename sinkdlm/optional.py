@@ -37,21 +37,36 @@ DEPENDENCIES: dict[str, Dependency] = {
     "matplotlib": Dependency("matplotlib", "analysis", "3.7"),
     "tensorboard": Dependency("tensorboard", "log", "2.12"),
 }
+# modules no extra names because a package of the table brings them (import name -> that package's
+# import name); huggingface_hub also comes with the core's tokenizers, so it is missing only from a
+# broken install, which the extra repairs
+BROUGHT_BY: dict[str, str] = {"huggingface_hub": "transformers"}
+NO_MINIMUM = "0"
+
+
+def dependency(module: str) -> Dependency:
+    """Where the optional `module` comes from (a KeyError for a module sinkdlm does not use)."""
+    if module in BROUGHT_BY:
+        return Dependency(module.replace("_", "-"), DEPENDENCIES[BROUGHT_BY[module]].extra, NO_MINIMUM)
+    return DEPENDENCIES[module]
 
 
 def install_hint(module: str) -> str:
     """The command that installs `module`'s extra (from the sinkdlm checkout)."""
-    return f'pip install -e ".[{DEPENDENCIES[module].extra}]"'
+    return f'pip install -e ".[{dependency(module).extra}]"'
 
 
 def available(module: str) -> bool:
     """Whether `module` can be imported (without importing it)."""
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ModuleNotFoundError, ValueError):  # a missing parent package; a module set to None in sys.modules
+        return False
 
 
 def require(module: str, purpose: str) -> ModuleType:
     """Import the optional `module` for `purpose` ("sinkdlm eval"), or say in one line how to get it."""
-    dep = DEPENDENCIES[module]
+    dep = dependency(module)
     try:
         imported = importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -63,6 +63,18 @@ def test_a_missing_module_is_one_line_naming_its_extra(monkeypatch):
     assert message == ('the analysis figures needs `matplotlib`, which is not installed; install the `analysis` '
                        'extra: pip install -e ".[analysis]"')
     assert not optional.available("surely_not_a_module_name")
+    assert not optional.available("surely_not_a_module_name.submodule")  # find_spec raises for these
+
+
+def test_a_module_a_table_package_brings_is_required_like_it(monkeypatch):
+    """huggingface_hub is in no extra (tokenizers and transformers bring it): no KeyError, no version
+    floor, and when missing the extra of transformers."""
+    assert optional.require("huggingface_hub", "downloading a model").__name__ == "huggingface_hub"
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(UserError) as e:
+        optional.require("huggingface_hub", "downloading a model")
+    assert str(e.value) == ('downloading a model needs `huggingface-hub`, which is not installed; install the '
+                            '`convert` extra: pip install -e ".[convert]"')
 
 
 def test_an_older_version_than_supported_is_refused(monkeypatch):
