@@ -191,7 +191,6 @@ def train_runs(base: Config, variants: list[str], seeds: list[int], out: Path,
     """Train (or resume, or skip when finished) every (variant, seed) run."""
     from sinkdlm.train import train
 
-    require("matplotlib", "sinkdlm study (its figures)")  # before hours of training, not after
     runs = []
     for variant in variants:
         for seed in seeds:
@@ -325,6 +324,7 @@ def sinks_over_training(runs: list[Run], out: Path, n_texts: int) -> None:
 
 def run_study(s: StudySettings) -> list[Run] | None:
     """Train, evaluate, follow the sinks over training and write the comparison; None on ranks > 0."""
+    require("matplotlib", "sinkdlm study (its figures)")  # before the corpus download and hours of training
     variants = s.variants or PRESET_DATA.get(s.preset, (None, PAPER_VARIANTS))[1]
     base = base_config(s.preset)
     overrides = study_data(s.preset, base, s.data) + list(s.overrides)

