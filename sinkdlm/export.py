@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
 from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, check_state_shapes,
-                                load_config_of, load_meta, load_weights, resolve, save_checkpoint)
+                                load_config_of, load_meta, load_tokenizer, load_weights, resolve, save_checkpoint)
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.convert import LAYER_NAMES
 from sinkdlm.errors import UserError
@@ -66,7 +66,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
         check_llama(cfg.model)
     if not (ckpt / TOKENIZER).is_file():
         raise UserError(f"checkpoint {ckpt} has no {TOKENIZER}; a published model needs its tokenizer")
-    tokenizer, tokenizer_config = hf_tokenizer(Tokenizer.from_file(str(ckpt / TOKENIZER)), cfg, meta.get("eos_id"))
+    tokenizer, tokenizer_config = hf_tokenizer(load_tokenizer(ckpt), cfg, meta.get("eos_id"))
     weights = load_weights(ckpt)
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     files = {TOKENIZER: tokenizer.to_str(), TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=2),

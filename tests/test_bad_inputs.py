@@ -88,10 +88,24 @@ def test_a_damaged_tokenizer_json_is_named(ckpt, tmp_path, run, content):
     damaged = tmp_path / "run" / ckpt.name
     shutil.copytree(ckpt, damaged)
     (damaged / "tokenizer.json").write_text(content)
-    code, err = run(*generate(damaged, "--prompt", "w3"))
-    line = one_error_line(err)
-    assert code == 2 and f"tokenizer file {damaged / 'tokenizer.json'} is not a readable tokenizer" in line
-    assert "copy the tokenizer of its training data there" in line
+    for command in (generate(damaged, "--prompt", "w3"), ("export", "--checkpoint", damaged, "--out", tmp_path / "hf")):
+        code, err = run(*command)
+        line = one_error_line(err)
+        assert code == 2 and f"tokenizer file {damaged / 'tokenizer.json'} is not a readable tokenizer" in line
+        assert "copy the tokenizer of its training data there" in line
+
+
+def test_a_damaged_tokenizer_of_prepared_data_is_named(tiny_data, tmp_path):
+    import shutil
+
+    from sinkdlm.data.shards import PackedData
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    packed = PackedData(data)
+    (data / packed.meta["tokenizer_file"]).write_text("{")
+    with pytest.raises(UserError, match=r"tokenizer file .* is not a readable tokenizer .*; prepare the data again"):
+        packed.tokenizer
 
 
 # ---- output paths ------------------------------------------------------------------------------------

@@ -217,7 +217,9 @@ class PackedData:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.path / self.meta["tokenizer_file"]))
+        from sinkdlm.data.tokenizer import read_tokenizer_file
+
+        return read_tokenizer_file(self.path / self.meta["tokenizer_file"], "prepare the data again (sinkdlm prepare)")
 
     def tokens(self, split: str) -> SplitTokens:
         """The split's token ids over all its shards, memory-mapped read-only (never loaded whole)."""
