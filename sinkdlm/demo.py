@@ -26,9 +26,12 @@ DEMO = {
 }
 
 
-# the first commands of README's "After the demo" ({run} = the demo's run folder; a test keeps them in README)
+# the first commands of README's "After the demo" ({run} = the demo's run folder; a test keeps them equal to
+# README's lines). generate's default decoding prints only newlines on the demo model: these are the readable
+# settings README recommends (docs/demo-outputs.md)
 NEXT_STEPS = (
-    'sinkdlm generate --checkpoint {run} --prompt "ROMEO:" --gen-length 64 --steps 64',
+    'sinkdlm generate --checkpoint {run} --prompt "ROMEO:" --gen-length 64 --steps 64 '
+    '--remasking random --temperature 0.7',
     "sinkdlm data benchmarks && sinkdlm eval --checkpoint {run} --tasks arc_easy,piqa --limit 200",
     "sinkdlm analyze --checkpoint {run} --out {run}-analysis",
 )

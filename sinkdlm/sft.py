@@ -33,11 +33,44 @@ ANSWER_PREFIX = "Answer: "
 FINAL_MARK = "####"
 FIELD_SEP = "||"
 SFT_STREAM = 3  # the sft_indices RNG stream, apart from diffusion's t (no suffix) and masks (1)
+EXAMPLE_QUESTION = "What is 23 + 4?"  # a synthetic problem, for the commands sft prints and README shows
+# stage 1 of eval-gsm8k's `synthetic` preset: room for "Answer: 23 + 4 = 27" and its EOS
+EXAMPLE_GEN_LENGTH = 24
 
 
 def gsm8k_prompt(question: str) -> str:
     """The stage-1 prompt, identical in SFT data and GSM8K evaluation."""
     return QUESTION_PREFIX + question.strip()
+
+
+def example_generate(run: str | Path) -> str:
+    """A `generate` that prompts an SFT model as it was trained: "Question: " + the question (stage 1;
+    the model writes "Answer: ..." itself)."""
+    return (f'sinkdlm generate --checkpoint {run} --prompt "{gsm8k_prompt(EXAMPLE_QUESTION)}" '
+            f"--gen-length {EXAMPLE_GEN_LENGTH} --steps {EXAMPLE_GEN_LENGTH}")
+
+
+def template_help(run: str | Path) -> str:
+    """The SFT prompt template, as `sinkdlm sft --help` states it."""
+    return (f"Prompt template (GSM8K format): a train.txt line 'question{FIELD_SEP}reasoning {FINAL_MARK} answer' "
+            f"gives two examples, prompt '{QUESTION_PREFIX}question' -> response '{ANSWER_PREFIX}reasoning', and "
+            f"prompt '{QUESTION_PREFIX}question{ANSWER_PREFIX}reasoning' -> response '{FINAL_MARK} answer' (each "
+            f"piece tokenized on its own); a JSONL row's prompt and response are used as they are. Prompt the "
+            f"fine-tuned model the same way: {example_generate(run)} prints 'Answer: 23 + 4 = 27' on the demo's; "
+            f"`sinkdlm eval-gsm8k` adds the second stage ('{FINAL_MARK} N') itself.")
+
+
+def next_steps(run: str | Path, synthetic: bool, data: str | Path | None = None) -> str:
+    """sft's last lines: how to score the run, and a `generate` that prompts it with the SFT template."""
+    if synthetic:
+        steps = [f"sinkdlm eval-gsm8k --checkpoint {run} --data synthetic   # the 198 held-out problems",
+                 example_generate(run)]
+    elif data is not None and is_jsonl(Path(data)):
+        steps = [f"sinkdlm generate --checkpoint {run} --prompt PROMPT   # PROMPT written as the prompts of {data}"]
+    else:
+        steps = [f"sinkdlm eval-gsm8k --checkpoint {run}   # the GSM8K test",
+                 f'sinkdlm generate --checkpoint {run} --prompt "{gsm8k_prompt("QUESTION")}"   # the SFT template']
+    return "next:\n" + "\n".join(f"  {s}" for s in steps)
 
 
 def parse_gsm8k_line(line: str) -> tuple[str, str, str] | None:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import add_recipe_arguments, sft_config, shortcuts_of, report_training
+from pathlib import Path
+
+from sinkdlm.recipes import SYNTHETIC_SFT_FILE, add_recipe_arguments, sft_config, shortcuts_of, report_training
 
 SHORTCUTS = ("out", "resume", "overwrite")  # --data is the SFT data here, not a prepared corpus
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from sinkdlm.sft import template_help
+
+    parser.epilog = template_help("runs/demo-sft")
     parser.add_argument("--init-from", required=True, help="pretrained checkpoint, or a run folder (its latest)")
     parser.add_argument("--data", help="SFT data: JSONL {prompt, response} or SMDM's GSM8K train.txt "
                                        "(default: a synthetic GSM8K-format set, NOT GSM8K)")
@@ -23,9 +28,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sinkdlm.sft import next_steps
     from sinkdlm.train import train
 
     cfg = sft_config(args.init_from, args.config, args.overrides, args.data,
                      **shortcuts_of(args, SHORTCUTS))
-    report_training(train(cfg))
+    result = train(cfg)
+    report_training(result)
+    if result.get("rank", 0) == 0:
+        run = cfg.train.out_dir
+        print(next_steps(run, Path(cfg.data.sft_path) == Path(run) / SYNTHETIC_SFT_FILE, cfg.data.sft_path))
     return 0
