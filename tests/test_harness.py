@@ -139,7 +139,8 @@ def test_cli_eval_offline_then_compare(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "--compare", str(tmp_path / "out"), str(tmp_path / "out")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| checkpoint | arc_easy acc % [95% Wilson CI] |" and len(table) == 4
+    assert table[0] == "| checkpoint | arc_easy acc % [95% Wilson CI] |" and len(table) == 5
+    assert table[-1] == "| chance (1 / options) | 25.0 |"  # ARC-Easy's 4 options
     assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|$", table[2]), table[2]  # value [Wilson interval]
 
 

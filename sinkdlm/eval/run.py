@@ -41,6 +41,11 @@ PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its d
 # both the model class and the command read them without importing lm-eval
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 SHARED_FIELDS = ("guidance", "seed")  # one value serves scoring and sampling (own options in `sinkdlm eval`)
+# answer options of the multiple-choice tasks (lm-eval's task definitions): a guess scores 1/options. ARC's
+# count is nominal (a few questions have 3 or 5). Tasks not named (LAMBADA, GSM8K, ...) get no chance level.
+CHOICES = {"arc_easy": 4, "arc_challenge": 4, "hellaswag": 4, "openbookqa": 4, "race": 4, "sciq": 4,
+           "social_iqa": 3, "piqa": 2, "boolq": 2, "winogrande": 2, "copa": 2}
+CHANCE_LABEL = "chance (1 / options)"
 
 
 @dataclass
@@ -217,7 +222,8 @@ def _label(results: dict[str, Any]) -> str:
 
 def markdown_table(all_results: list[dict[str, Any]]) -> str:
     """Rows = checkpoints, columns = tasks (a generation task: one per filter), cells = accuracy %
-    [95% Wilson interval over the questions]."""
+    [95% Wilson interval over the questions]; a last row gives a guess's accuracy
+    where a column is a multiple-choice task's."""
     columns: list[tuple[str, str]] = []
     for r in all_results:
         columns += [(t, k) for t, c in r.get("results", {}).items() for k in _metrics(c) if (t, k) not in columns]
@@ -227,4 +233,13 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
         n = {t: c.get("effective") for t, c in r.get("n-samples", {}).items()}
         lines.append(f"| {_label(r)} | " + " | ".join(_cell(r["results"].get(t), k, n.get(t)) for t, k in columns)
                      + " |")
+    chance = [_chance_cell(t, k) for t, k in columns]
+    if any(chance):
+        lines.append(f"| {CHANCE_LABEL} | " + " | ".join(chance) + " |")
     return "\n".join(lines)
+
+
+def _chance_cell(task: str, key: str) -> str:
+    """A uniform guess's accuracy in percent, for a multiple-choice task's accuracy column; else blank."""
+    options = CHOICES.get(benchmarks.canonical(task))
+    return f"{PERCENT / options:.1f}" if options and key == f"{METRIC},none" else ""
