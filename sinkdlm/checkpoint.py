@@ -13,6 +13,7 @@ resumes from it, and `model.safetensors` is the consolidated model every other c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle  # only for its exception type: loading is weights_only
@@ -40,6 +41,11 @@ STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"  # a folder being deleted: hidden first, so it is never mistaken for a checkpoint
 NEEDED_CLASS = re.compile(r"GLOBAL (\S+)")  # how torch names the class a weights_only load refused
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# how a full disk reads when torch.save (C++ iostreams), safetensors (Rust) or torch.distributed.checkpoint
+# report it without an errno
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "basic_ios::clear", "os error 28",
+                  "StorageFull")
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -112,9 +118,27 @@ def start_checkpoint(run_dir: str | Path, step: int) -> Path:
 
 def finish_checkpoint(tmp: Path, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any],
                       tokenizer: str | Path | None, trainer_state: dict[str, Any] | None, keep_last: int) -> Path:
-    """Write the rest of a started checkpoint, sync it to disk, rename it into place, prune."""
+    """Write the rest of a started checkpoint, sync it to disk, rename it into place, prune. A full
+    disk is a UserError; the partial folder is removed first."""
     run, final = tmp.parent, tmp.parent / tmp.name.removeprefix(TMP_PREFIX)
-    step = int(final.name.removeprefix(STEP_PREFIX))
+    try:
+        write_contents(tmp, weights, cfg, meta, tokenizer, trainer_state)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        full = disk_full_error(tmp, e)
+        if full is None:
+            raise
+        raise full from None
+    os.replace(tmp, final)
+    _fsync_dir(run)
+    if keep_last > 0:
+        for old in list_checkpoints(run)[:-keep_last]:
+            discard(old)
+    return final
+
+
+def write_contents(tmp: Path, weights: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any],
+                   tokenizer: str | Path | None, trainer_state: dict[str, Any] | None) -> None:
+    step = int(tmp.name.removeprefix(TMP_PREFIX).removeprefix(STEP_PREFIX))
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
     use_umask(tmp / WEIGHTS)  # safetensors creates it 0600
     save_config(cfg, tmp / CONFIG)
@@ -129,12 +153,30 @@ def finish_checkpoint(tmp: Path, weights: dict[str, torch.Tensor], cfg: Config, 
                 os.fsync(fh.fileno())
     for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
         _fsync_dir(folder)
-    os.replace(tmp, final)
-    _fsync_dir(run)
-    if keep_last > 0:
-        for old in list_checkpoints(run)[:-keep_last]:
-            discard(old)
-    return final
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, says the disk (or the user's quota) is full."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) in DISK_FULL_ERRNOS or any(t in str(seen) for t in DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full_error(tmp: Path, error: BaseException) -> UserError | None:
+    """For a full disk while writing the checkpoint `tmp`: remove that partial folder (freeing its
+    space) and return the one-line error naming the disk and the last complete checkpoint; else None."""
+    if not is_disk_full(error):
+        return None
+    shutil.rmtree(tmp, ignore_errors=True)
+    run, name = tmp.parent, tmp.name.removeprefix(TMP_PREFIX)
+    found = list_checkpoints(run)
+    last = f"the last complete checkpoint is {found[-1].name}" if found else "the run has no complete checkpoint yet"
+    free = shutil.disk_usage(run).free / 2**20
+    return UserError(f"the disk holding {run} is full ({free:,.0f} MiB free) while writing checkpoint {name}; "
+                     f"its partial folder is removed and {last}; free space, then continue with --resume")
 
 
 def is_sharded(path: str | Path) -> bool:
