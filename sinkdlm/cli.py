@@ -118,6 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sinkdlm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"sinkdlm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the trainer's says where the run stands and how to continue it
+        print(f"sinkdlm {args.command}: interrupted" + (f" {e}" if str(e) else ""), file=sys.stderr)
         return 130

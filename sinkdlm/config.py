@@ -230,6 +230,8 @@ class TrainConfig:
     resume: bool = setting(False, "continue the run in out_dir")
     overwrite: bool = setting(False, "replace the run in out_dir")
     progress: bool = setting(True, "a progress bar")
+    checkpoint_on_signal: bool = setting(False, "on SIGTERM or Ctrl-C, write a checkpoint at the next step "
+                                                "boundary before stopping (a second Ctrl-C stops at once)")
 
     def __post_init__(self) -> None:
         check_choices(self, "train.")

@@ -7,13 +7,18 @@ whatever the world size: micro-batch and accumulation follow from the real numbe
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,7 @@ from torch import Tensor
 from sinkdlm import checkpoint as ckpt
 from sinkdlm import diffusion
 from sinkdlm.config import Config, ModelConfig, OptimConfig, TrainConfig
-from sinkdlm.errors import UserError
+from sinkdlm.errors import EXIT_BAD_INPUT, UserError
 from sinkdlm.files import METRICS_LOG as METRICS  # the canonical log; train.loggers' are extra views
 from sinkdlm.model import DLM, count_params
 from sinkdlm.optional import install_hint
@@ -36,6 +41,10 @@ LOGGER_DIRS = {"csv": "csv", "tensorboard": "tb", "wandb": "wandb"}  # each logg
 LOGGER_INSTALL = {"tensorboard": install_hint("tensorboard"), "wandb": "pip install wandb"}
 WANDB_PROJECT = "sinkdlm"
 PREVIOUS_RUN = ".previous-run"  # an overwritten run waits here until the new run writes a checkpoint
+LOCK_FILE = ".trainer.lock"  # flock'ed by the trainer that owns the run folder; holds its pid
+LOCK_HOLDER_BYTES = 200  # enough for the "pid N on HOST" line the holder writes
+TRAINING_COMMANDS = ("train", "sft", "adapt")  # the commands a stopped run is continued with (plus --resume)
+EXIT_INTERRUPTED = 130  # what the CLI returns for Ctrl-C (128 + SIGINT)
 MONITOR_WINDOWS = 2  # validation windows the sink monitor looks at
 MONITOR_T = 0.5  # their masking level
 # what a resumed run must share with the saved one to continue the same trajectory (max_steps may grow)
@@ -165,6 +174,72 @@ def sink_monitor(model: torch.nn.Module, val: tuple[Tensor, Tensor | None], mask
 
 # ---------------------------------------------------------------------------------------------
 # run folder, resume and checkpoints
+
+
+def check_run_flags(train_cfg: TrainConfig) -> None:
+    """Contradictory flags and a run folder that cannot be one, refused before anything starts."""
+    run = Path(train_cfg.out_dir)
+    if train_cfg.resume and train_cfg.overwrite:
+        raise UserError(f"--resume continues the run in {run} and --overwrite replaces it: pass only one "
+                        f"(train.resume / train.overwrite)")
+    existing = next((p for p in (run, *run.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"train.out_dir={run}: {existing} is a file, not a folder; choose a folder "
+                        f"for the run with --out DIR")
+
+
+class RunLock:
+    """One trainer per run folder: an exclusive flock on LOCK_FILE, which the kernel releases when the
+    process ends however it ends (a killed run leaves no stale lock). The file names its holder and
+    is removed when training ends."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.path, self.fd = run, run / LOCK_FILE, None
+
+    def acquire(self) -> None:
+        fd = self.open()
+        while fd is not None and not self.holds(fd):  # a finishing holder removed the file we opened
+            os.close(fd)
+            fd = self.open()
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            self.fd = fd
+
+    def open(self) -> int | None:
+        """The lock file, opened and flock'ed; None where the filesystem has no flock."""
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {self.run} ({e.strerror}); choose another "
+                            f"train.out_dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            holder = os.read(fd, LOCK_HOLDER_BYTES).decode(errors="replace").strip() or "pid not written yet"
+            os.close(fd)
+            raise UserError(f"{self.run} is in use by another trainer ({holder}); let it finish or stop it, "
+                            f"or train into another --out") from None
+        except OSError as e:  # a filesystem without flock (some network mounts): say so, train anyway
+            print(f"warning: cannot lock {self.run} ({e}); make sure no other trainer writes there",
+                  file=sys.stderr)
+            os.close(fd)
+            return None
+
+    def holds(self, fd: int) -> bool:
+        """Whether the locked file is still the one at LOCK_FILE."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: see acquire
+            os.close(self.fd)  # releases the flock
+            self.fd = None
 
 
 def claim_run_dir(cfg: Config, source: Source) -> Path | None:
@@ -381,6 +456,74 @@ def on_rank_zero(fabric, fn: Callable[[], T]) -> T:
 
 
 # ---------------------------------------------------------------------------------------------
+# stopping: Ctrl-C and SIGTERM
+
+
+class StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send before preemption) is handled like Ctrl-C: it stops
+    training with a KeyboardInterrupt. With train.checkpoint_on_signal the first one only asks the
+    loop to write a checkpoint and stop at the next step boundary (a second Ctrl-C stops at once).
+    The launching process passes SIGTERM on to the processes Fabric started (Kubernetes signals only
+    the container's first process)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, deferred: bool, fabric) -> None:
+        self.deferred, self.fabric = deferred, fabric
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(s, handler)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM:
+            for proc in getattr(self.fabric.strategy.launcher, "procs", []):
+                proc.send_signal(signum)
+        # SLURM may deliver SIGTERM twice (to the task and, forwarded, from the launcher): only a
+        # second Ctrl-C cuts the checkpoint short
+        if self.deferred and (self.received is None or signum == signal.SIGTERM):
+            self.received = self.received or name
+            return
+        raise KeyboardInterrupt(name)
+
+
+def resume_command() -> str:
+    """The command line that continues this run: this one with --resume (and without --overwrite)."""
+    args = sys.argv[1:]
+    if not args or args[0] not in TRAINING_COMMANDS:
+        return "the same command with --resume"
+    kept = [a for a in args if a not in ("--resume", "--overwrite")
+            and not a.startswith(("train.resume=", "train.overwrite="))]
+    return shlex.join(["sinkdlm", *kept, "--resume"])
+
+
+def stopped_message(cfg: Config, step: int, wrote_checkpoint: bool, cause: str) -> str:
+    """Where an interrupted run stands and the command that continues it, after "interrupted"."""
+    run = Path(cfg.train.out_dir)
+    at = f"by {cause} at step {step}" if cause.startswith("SIG") else f"at step {step}"
+    if cfg.train.overwrite and not wrote_checkpoint and ((run / PREVIOUS_RUN).is_dir() or run_files(run)):
+        return (f"{at}, before the new run's first checkpoint, so the run in {run} it was to replace "
+                f"is kept; rerun the same command to replace it")
+    found = ckpt.list_checkpoints(run)
+    if not found:
+        return f"{at}, before the first checkpoint in {run}; start it again with: {resume_command()}"
+    return f"{at}; the last complete checkpoint is {found[-1]}; continue with: {resume_command()}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training; the message says where the run stands and how to continue."""
+
+
+# ---------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -478,37 +621,82 @@ class MetricsLog:
 def train(cfg: Config) -> dict[str, Any]:
     """Train per cfg; returns {"checkpoint", "val_loss", "steps", "tokens", "rank"} (rank: this process's).
 
-    Everything is checked (config, data, checkpoints) before the run folder changes; `--overwrite`
-    sets the old run aside and deletes it only once the new run has written a checkpoint.
+    The settings, the data and the batch arithmetic are checked before Fabric starts any process;
+    then rank 0 locks the run folder (one trainer per folder) and the checkpoints are checked before
+    the folder changes; `--overwrite` sets the old run aside and deletes it only once the new run has
+    written a checkpoint. Rank 0 reports a UserError or an interruption; other ranks exit quietly.
     """
-    fabric = make_fabric(cfg.train)
-    fabric.launch()
+    rank = int(os.environ.get("RANK", "0") or 0)  # an external launcher's (torchrun), until Fabric's
+    try:
+        fabric = make_fabric(cfg.train)
+        rank = fabric.global_rank
+        with StopSignals(cfg.train.checkpoint_on_signal, fabric) as signals:
+            return launch_and_train(cfg, fabric, signals)
+    except (UserError, KeyboardInterrupt) as e:
+        if rank != 0:
+            raise SystemExit(EXIT_BAD_INPUT if isinstance(e, UserError) else EXIT_INTERRUPTED) from None
+        if isinstance(e, (UserError, Interrupted)):
+            raise
+        cause = f"by {e}, " if str(e).startswith("SIG") else ""
+        raise Interrupted(f"{cause}before training started") from None
+
+
+def launch_and_train(cfg: Config, fabric, signals: StopSignals) -> dict[str, Any]:
+    check_run_flags(cfg.train)
     source = sft_source(cfg) if cfg.train.objective == "sft" else pretrain_source(cfg)
     cfg = resolve_model(cfg, source)
     accum = accumulation(cfg.train, fabric.world_size)
+    lock, before_launch = RunLock(Path(cfg.train.out_dir)), starts_the_processes(fabric)
+    try:
+        if before_launch and fabric.global_rank == 0:
+            lock.acquire()
+        fabric.launch()  # only now: every check above fails in the launching process alone
+        if not before_launch:
+            on_rank_zero(fabric, lock.acquire)  # before anything in the folder changes
+        return train_in_run_dir(cfg, fabric, source, accum, signals)
+    finally:
+        lock.release()
+
+
+def starts_the_processes(fabric) -> bool:
+    """Whether global rank 0 is the only process or starts the others (Fabric's own launcher): then it
+    locks the run folder before they start. Under torchrun or SLURM every process exists already, and
+    rank 0 locks once they have met, so that all stop if it cannot."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    environment = getattr(fabric.strategy, "cluster_environment", None)
+    return environment is None or isinstance(environment, LightningEnvironment)
+
+
+def train_in_run_dir(cfg: Config, fabric, source: Source, accum: int, signals: StopSignals) -> dict[str, Any]:
     run = Path(cfg.train.out_dir)
     if fabric.global_rank == 0:
         settle_previous_run(run)
     fabric.barrier()
     resume_from = claim_run_dir(cfg, source)
-    state = {"step": 0, "tokens": 0}
-    if resume_from:
-        trainer_state = ckpt.load_trainer_state(resume_from)
-        state = {"step": trainer_state["step"], "tokens": trainer_state["tokens"]}
-        finished = finished_result(cfg, resume_from, **state)
-        if finished:
-            fabric.print(f"{run} already finished at {resume_from.name}; nothing to do "
-                         f"(raise train.max_steps to train further)")
-            return {**finished, "rank": fabric.global_rank}
-    model, optimizer = build(cfg, fabric, resume_from)
-    if resume_from:
-        restore(fabric, model, optimizer, resume_from, trainer_state)
-        fabric.print(f"resuming {run} from {resume_from.name}")
-    if fabric.global_rank == 0 and cfg.train.overwrite and not resume_from and run_files(run):
-        set_aside_run(run)
-    fabric.barrier()
+    state, loop = {"step": 0, "tokens": 0}, None
     try:
-        return Loop(cfg, fabric, model, optimizer, source, accum, state, resume_from).run()
+        if resume_from:
+            trainer_state = ckpt.load_trainer_state(resume_from)
+            state = {"step": trainer_state["step"], "tokens": trainer_state["tokens"]}
+            finished = finished_result(cfg, resume_from, **state)
+            if finished:
+                fabric.print(f"{run} already finished at {resume_from.name}; nothing to do "
+                             f"(raise train.max_steps to train further)")
+                return {**finished, "rank": fabric.global_rank}
+        model, optimizer = build(cfg, fabric, resume_from)
+        if resume_from:
+            restore(fabric, model, optimizer, resume_from, trainer_state)
+            fabric.print(f"resuming {run} from {resume_from.name}")
+        if fabric.global_rank == 0 and cfg.train.overwrite and not resume_from and run_files(run):
+            set_aside_run(run)
+        fabric.barrier()
+        loop = Loop(cfg, fabric, model, optimizer, source, accum, state, resume_from, signals)
+        return loop.run()
+    except KeyboardInterrupt as e:
+        step = loop.state["step"] if loop else state["step"]
+        wrote = loop is not None and loop.saved_step is not None
+        raise Interrupted(stopped_message(cfg, step, wrote, str(e))) from None
     finally:
         if fabric.global_rank == 0:
             settle_previous_run(run)
@@ -516,13 +704,14 @@ def train(cfg: Config) -> dict[str, Any]:
 
 class Loop:
     def __init__(self, cfg: Config, fabric, model, optimizer, source: Source, accum: int,
-                 state: dict[str, int], resume_from: Path | None) -> None:
+                 state: dict[str, int], resume_from: Path | None, signals: StopSignals) -> None:
         self.cfg, self.fabric, self.model, self.optimizer = cfg, fabric, model, optimizer
-        self.source, self.accum, self.state = source, accum, state
+        self.source, self.accum, self.state, self.signals = source, accum, state, signals
         self.steps = cfg.steps()
         self.run_dir = Path(cfg.train.out_dir)
         self.log = MetricsLog(self.run_dir, state["step"], cfg.train.loggers, fabric.global_rank == 0)
         self.last_checkpoint = resume_from
+        self.saved_step: int | None = None  # the last checkpoint this run wrote
         self.val_loss = float("nan")
         if fabric.global_rank == 0:
             n = count_params(model.module)
@@ -592,6 +781,8 @@ class Loop:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             self.periodic(step + 1, loss, tokens_per_step / elapsed)
+            if self.stop_requested():
+                self.stop_at_signal(step + 1)
         bar.close()  # periodic() validated and saved the last step
         return {"checkpoint": self.last_checkpoint, "val_loss": self.val_loss, "steps": self.steps,
                 "tokens": self.state["tokens"], "rank": self.fabric.global_rank}
@@ -608,6 +799,21 @@ class Loop:
             self.validation(step)
         if step % train_cfg.save_every == 0 or step == self.steps:
             self.save(step)
+
+    def stop_requested(self) -> bool:
+        """With train.checkpoint_on_signal, whether any rank received a stop signal (all ranks agree)."""
+        if not self.cfg.train.checkpoint_on_signal:
+            return False
+        received = torch.tensor(float(self.signals.received is not None), device=self.fabric.device)
+        return float(self.fabric.all_reduce(received, reduce_op="sum")) > 0
+
+    def stop_at_signal(self, step: int) -> None:
+        """A checkpoint at this step boundary (unless periodic() just wrote it), then stop; it is not
+        validated, so a resumed run logs exactly what an uninterrupted one does."""
+        if self.saved_step != step:
+            self.val_loss = float("nan")
+            self.save(step)
+        raise KeyboardInterrupt(self.signals.received or "a stop signal on another rank")
 
     def validation(self, step: int) -> None:
         self.model.eval()
@@ -627,7 +833,7 @@ class Loop:
         tmp = on_rank_zero(self.fabric, lambda: ckpt.start_checkpoint(run, step))
         trainer_state: dict[str, Any] = {"step": step, "tokens": self.state["tokens"]}
         if train_cfg.strategy == "fsdp":
-            self.fabric.save(tmp / ckpt.SHARDED, {"model": self.model, "optimizer": self.optimizer})
+            self.save_shards(tmp)
         else:
             trainer_state["optimizer"] = self.optimizer.state_dict()
         weights = full_weights(self.model.module)
@@ -641,3 +847,16 @@ class Loop:
             return final
 
         self.last_checkpoint = on_rank_zero(self.fabric, finish)
+        self.saved_step = step
+
+    def save_shards(self, tmp: Path) -> None:
+        """FSDP's sharded state, every rank its shard; a full disk fails on every rank alike."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            self.fabric.save(tmp / ckpt.SHARDED, {"model": self.model, "optimizer": self.optimizer})
+        except (OSError, RuntimeError, CheckpointException) as e:
+            full = ckpt.disk_full_error(tmp, e)
+            if full is None:
+                raise
+            raise full from None
