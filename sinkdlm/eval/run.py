@@ -9,7 +9,6 @@ Under torchrun every rank evaluates its share of the documents and rank 0 alone 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import os
@@ -26,7 +25,6 @@ from sinkdlm.eval.likelihood import Estimator, Settings
 from sinkdlm.files import atomic_write
 from sinkdlm.intervals import format_share
 from sinkdlm.optional import require
-from sinkdlm.sample import SampleConfig
 from sinkdlm.settings import check_choices, setting
 
 RESULTS_JSON = "results.json"
@@ -39,7 +37,6 @@ TYPO_CUTOFF = 0.8  # difflib similarity above which an unknown task name is take
 PERPLEXITY_BOOTSTRAP = 1000  # lm-eval bootstraps the perplexity's stderr; its default 100k is slow
 # the sampler's settings, which model_args (and `sinkdlm eval --sampling`) may give; declared here, where
 # both the model class and the command read them without importing lm-eval
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 SHARED_FIELDS = ("guidance", "seed")  # one value serves scoring and sampling (own options in `sinkdlm eval`)
 # answer options of the multiple-choice tasks (lm-eval's task definitions): a guess scores 1/options. ARC's
 # count is nominal (a few questions have 3 or 5). Tasks not named (LAMBADA, GSM8K, ...) get no chance level.

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from sinkdlm.checkpoint import NEEDED_CLASS, check_state_shapes, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, SMDM_SIZES, Config, ModelConfig
-from sinkdlm.convert import sink_kind, sink_vectors
 from sinkdlm.errors import UserError
+from sinkdlm.importers.added_rows import sink_kind, sink_vectors
 from sinkdlm.importers.folder import first_line
 
 SUFFIXES = (".pth", ".pt", ".safetensors")  # a single file: Fabric's checkpoint or a state dict
@@ -43,11 +43,11 @@ BOS = "<s>"  # Llama-2's, for --sink-init bos
 ROPE_BASE = 10000.0  # lit_gpt's build_rope_cache default; SMDM's configs never change it
 NORM_EPS = 1e-5  # every Diff_LLaMA config
 WRAPPER_PREFIXES = ("_forward_module.", "_orig_mod.", "module.")  # Fabric / torch.compile / DDP wrappers
-LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+SMDM_LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 # the gate of the paper's gated-attention baseline: its name in the fork is not public (docs/import-smdm.md)
 GATE_NAMES = ("attn.gate.weight", "attn.gate_proj.weight", "attn.g_proj.weight")
 # lit_gpt name (after `transformer.h.{i}.`) -> DLM name (after `blocks.{i}.`); attn.attn and w12 are split
-LAYER_NAMES = {
+SMDM_LAYER_NAMES = {
     "norm_1.weight": "norm_attn.weight", "norm_2.weight": "norm_mlp.weight",
     "attn.proj.weight": "attn.proj.weight",
     "mlp.swiglu.w1.weight": "mlp.w_gate.weight", "mlp.swiglu.w2.weight": "mlp.w_up.weight",
@@ -169,7 +169,7 @@ def _layer(state: dict[str, Tensor], i: int) -> dict[str, Tensor]:
 
 
 def _layer_count(state: dict[str, Tensor]) -> int:
-    found = {int(m.group(1)) for m in map(LAYER_KEY.fullmatch, state) if m}
+    found = {int(m.group(1)) for m in map(SMDM_LAYER_KEY.fullmatch, state) if m}
     if not found or found != set(range(len(found))):
         raise UserError(f"the checkpoint's layers are {sorted(found)[:5]}..., not 0..n-1; it is incomplete")
     return len(found)
@@ -218,7 +218,7 @@ def convert_state(state: dict[str, Tensor], cfg: ModelConfig, layout: Layout) ->
     for i in range(cfg.n_layer):
         out.update(_convert_layer(_layer(state, i), i, cfg, layout))
     known = {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"}
-    unused = [k for k in state if k not in known and not LAYER_KEY.fullmatch(k)]
+    unused = [k for k in state if k not in known and not SMDM_LAYER_KEY.fullmatch(k)]
     if unused:
         raise UserError(f"weights {unused[:3]} have no place in sinkdlm's model; this is not a plain SMDM "
                         f"TransEncoder checkpoint")
@@ -237,8 +237,8 @@ def _convert_layer(layer: dict[str, Tensor], i: int, cfg: ModelConfig, layout: L
             out.update({pre + "mlp.w_gate.weight": gate.clone(), pre + "mlp.w_up.weight": up.clone()})
         elif name == layout.gate_name:
             out[pre + "attn.gate.weight"] = value.clone()
-        elif name in LAYER_NAMES:
-            out[pre + LAYER_NAMES[name]] = value.clone()
+        elif name in SMDM_LAYER_NAMES:
+            out[pre + SMDM_LAYER_NAMES[name]] = value.clone()
         else:
             raise UserError(f"transformer.h.{i}.{name} has no place in sinkdlm's model (biases, LayerNorm and "
                             f"other MLPs are not SMDM's); it cannot be imported")
