@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Stats, cpu_model, load_average, markdown_table, paired_ratio
-from sinkdlm.data.demo import demo_corpus_texts
+from sinkdlm.data.shakespeare import demo_corpus_texts
 from sinkdlm.data.tokenizer import train_bpe
 
 VOCAB = 8192

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from sinkdlm.config import Config, ModelConfig, config_from_dict, save_config, with_run_data_paths, yaml_problem
 from sinkdlm.errors import UserError
 from sinkdlm.files import META_FILE as META, TOKENIZER_FILE as TOKENIZER, use_umask
-from sinkdlm.hf_format import config_sections, dlm_weights, is_export_config
+from sinkdlm.interop.hf_format import config_sections, dlm_weights, is_export_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"

@@ -427,7 +427,7 @@ def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig
     SMDM decodes stage 1, drops the EOS padding and re-tokenizes prompt + reasoning as the stage-2
     prompt, whose completion is "#### answer" (its SFT data trains exactly these two tasks). Here the
     stage-1 tokens up to the first EOS are appended directly: sinkdlm's SFT data builds the stage-2
-    prompt as the stage-1 prompt's tokens + the response's tokens (sinkdlm.sft.gsm8k_examples), so
+    prompt as the stage-1 prompt's tokens + the response's tokens (sinkdlm.data.sft.gsm8k_examples), so
     appending is exactly what the model was trained on, while a decode/re-encode round trip can merge
     tokens across the boundary. Returns stage-1 + stage-2 tokens per sequence. indices: as in generate.
     """

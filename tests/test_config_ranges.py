@@ -21,7 +21,7 @@ from sinkdlm.eval.likelihood import Settings
 from sinkdlm.eval.run import EvalOptions
 from sinkdlm.sample import SampleConfig
 from sinkdlm.settings import check_choices, field_types, range_of, setting, without_none
-from sinkdlm.study import StudySettings
+from sinkdlm.experiments.study import StudySettings
 
 SETTINGS_CLASSES = [ModelConfig, DataConfig, OptimConfig, TrainConfig, SampleConfig, AnalysisSettings, Settings,
                     EvalOptions, StudySettings]

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from sinkdlm import diffusion  # noqa: E402
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
-from sinkdlm.convert import convert_hf, model_config  # noqa: E402
+from sinkdlm.interop.convert import convert_hf, model_config  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
 from sinkdlm.model import DLM  # noqa: E402
 
@@ -179,7 +179,7 @@ def test_gguf_without_the_gguf_package(tmp_path, capsys, monkeypatch):
 
 
 def test_known_gguf_checks_its_loaders_before_downloading(tmp_path, capsys, monkeypatch):
-    import sinkdlm.convert as converter
+    import sinkdlm.interop.convert as converter
 
     monkeypatch.setitem(sys.modules, "accelerate", None)
     monkeypatch.setattr(converter, "fetch_known_gguf", lambda *a: pytest.fail("downloaded before checking accelerate"))
@@ -206,7 +206,7 @@ def test_not_a_model_folder(tmp_path, capsys):
 def test_a_folder_of_pickled_weights_only_is_refused_without_unpickling(tmp_path, capsys, monkeypatch):
     """A pytorch_model.bin is a pickle: refused in one line, and torch.load is never called (also when
     the folder check is bypassed: transformers is asked for safetensors only)."""
-    import sinkdlm.convert as converter
+    import sinkdlm.interop.convert as converter
 
     hf = hf_model("llama", tie=True)
     folder = save_hf(tmp_path, hf)
@@ -215,7 +215,7 @@ def test_a_folder_of_pickled_weights_only_is_refused_without_unpickling(tmp_path
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickled weights file was loaded"))
     expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")],
                      "pickled weights (pytorch_model.bin")
-    monkeypatch.setattr(converter.folder, "weight_files", lambda path: [])
+    monkeypatch.setattr(converter.hf_folder, "weight_files", lambda path: [])
     expect_cli_error(capsys, ["convert", "--from", str(folder), "--out", str(tmp_path / "o")], "could not load")
     assert not (tmp_path / "o").exists()
 
@@ -237,14 +237,14 @@ def test_a_causal_lm_records_2048_unless_asked_capped_at_its_own(block_size, exp
 
 def adapt_args(*argv):
     from sinkdlm.cli import parse_args
-    from sinkdlm.recipes import adapt_config, shortcuts_of
+    from sinkdlm.training.recipes import adapt_config, shortcuts_of
 
     args = parse_args(["adapt", *argv])
     return adapt_config(args.init_from, args.config, args.overrides, **shortcuts_of(args))
 
 
 def test_adapt_takes_the_model_from_the_checkpoint(tmp_path):
-    from sinkdlm.convert import save_converted
+    from sinkdlm.interop.convert import save_converted
 
     weights, cfg = convert_hf(hf_model("qwen2", tie=True), sink_tokens=1)
     ckpt = save_converted(tmp_path / "dlm", weights, cfg, hf_tokenizer(), "test")

@@ -221,7 +221,7 @@ def test_cli_prepares(corpus_dir, tmp_path):
 
 @needs_network
 def test_demo_corpus_and_gpt2(tmp_path, monkeypatch):
-    from sinkdlm.data.demo import demo_corpus_texts
+    from sinkdlm.data.shakespeare import demo_corpus_texts
 
     monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))
     texts = demo_corpus_texts()

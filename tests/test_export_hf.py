@@ -20,12 +20,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from sinkdlm import export as export_module  # noqa: E402
+from sinkdlm.interop import export as export_module  # noqa: E402
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer, save_checkpoint  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.config import Config, ModelConfig  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
-from sinkdlm.export import IMPORT_REWRITES, MASK_TOKEN, TMP_PREFIX, TRASH_PREFIX, export, shipped_source  # noqa: E402
+from sinkdlm.interop.export import IMPORT_REWRITES, MASK_TOKEN, TMP_PREFIX, TRASH_PREFIX, export, shipped_source  # noqa: E402
 from sinkdlm.model import DLM  # noqa: E402
 from tests.conftest import tiny  # noqa: E402
 
@@ -152,7 +152,7 @@ def test_every_variant_loads_in_transformers_without_sinkdlm(tmp_path):
 
 def test_shipped_model_code_is_sinkdlms_own(tmp_path):
     folder = export(random_checkpoint(tmp_path, "sink", sink_tokens=1), tmp_path / "hf")
-    root = Path(export_module.__file__).parent
+    root = export_module.PACKAGE
     for module, shipped in (("model", "sinkdlm_model.py"), ("attention", "sinkdlm_attention.py")):
         source, text = (root / f"{module}.py").read_text(), (folder / shipped).read_text()
         changed = [(a, b) for a, b in zip(source.splitlines(), text.splitlines()) if a != b]
@@ -160,7 +160,7 @@ def test_shipped_model_code_is_sinkdlms_own(tmp_path):
         assert all(IMPORT_REWRITES.get(a) == b for a, b in changed)  # only the sinkdlm imports differ
         assert not re.search(r"^\s*(from|import)\s+sinkdlm\b", text, re.MULTILINE)
     for name in ("configuration_sinkdlm.py", "modeling_sinkdlm.py"):
-        assert (folder / name).read_text() == (root / "hf_code" / name).read_text()
+        assert (folder / name).read_text() == (export_module.WRAPPER_CODE / name).read_text()
 
 
 def test_a_new_sinkdlm_import_in_the_model_is_caught(tmp_path, monkeypatch):
@@ -176,13 +176,13 @@ def test_a_new_sinkdlm_import_in_the_model_is_caught(tmp_path, monkeypatch):
 def test_shipped_config_agrees_with_model_config_on_what_dlm_reads(tmp_path, name):
     """Every `cfg.<name>` model.py reads has the same value on the shipped SinkDLMConfig."""
     spec = importlib.util.spec_from_file_location(
-        "configuration_sinkdlm", Path(export_module.__file__).parent / "hf_code" / "configuration_sinkdlm.py")
+        "configuration_sinkdlm", export_module.WRAPPER_CODE / "configuration_sinkdlm.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     folder = export(random_checkpoint(tmp_path, name, **VARIANTS[name]), tmp_path / "hf")
     hf = module.SinkDLMConfig(**json.loads((folder / "config.json").read_text()))
     ours = load_config_of(folder).model
-    read = set(re.findall(r"cfg\.(\w+)", (Path(export_module.__file__).parent / "model.py").read_text()))
+    read = set(re.findall(r"cfg\.(\w+)", (export_module.PACKAGE / "model.py").read_text()))
     assert {"groups", "hd", "require_vocab", "mask_id", "sink_tokens"} <= read
     for attr in sorted(read):
         a, b = getattr(hf, attr), getattr(ours, attr)

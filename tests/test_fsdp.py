@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm import parallelize
+from sinkdlm.training import parallelize
 from sinkdlm.config import FSDP_PRECISIONS, TrainConfig
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
-from sinkdlm.train import full_weights, on_rank_zero, train
+from sinkdlm.training.trainer import full_weights, on_rank_zero, train
 from tests.conftest import tiny, tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_a_failure_on_rank_zero_stops_every_rank():
 KILL_AT = 5  # the killed run dies after this step: past the step-3 checkpoint, before step 6's
 KILLING_DRIVER = f"""
 import os, signal, sys
-from sinkdlm import train as trainer
+from sinkdlm.training import trainer
 from sinkdlm.cli import main
 
 periodic = trainer.Loop.periodic

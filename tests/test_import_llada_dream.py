@@ -315,8 +315,8 @@ def test_llada_import_keeps_names_ids_and_the_tokenizer(tmp_path):
 def test_a_hub_name_is_fetched_as_a_snapshot_of_config_safetensors_and_tokenizer(tmp_path, monkeypatch):
     """`--from GSAI-ML/LLaDA-8B-Base`: its config.json decides the importer, then only the files it needs
     (never *.py or *.bin) are downloaded; here the Hub is stood in for by a local folder."""
-    from sinkdlm import convert
-    from sinkdlm.importers import folder as hub
+    from sinkdlm.interop import convert
+    from sinkdlm.interop import hf_folder as hub
 
     snapshot, _, _ = llada_folder(tmp_path)
     fetched = []

@@ -4,7 +4,7 @@ import json
 import shlex
 
 from sinkdlm.cli import main
-from sinkdlm.demo import NEXT_STEPS
+from sinkdlm.experiments.demo import NEXT_STEPS
 from tests.conftest import tiny_train_config
 from tests.test_readme import after_the_demo
 
@@ -38,7 +38,7 @@ def test_the_demos_generate_command_writes_more_than_whitespace(tiny_data, tmp_p
     """The printed generate settings (random remasking, temperature 0.7) give text; the default decoding
     gives the demo model only newlines and full stops (docs/demo-outputs.md)."""
     run = tmp_path / "demo"
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     train(tiny_train_config(tiny_data, run, steps=3))
     (argv,) = printed(NEXT_STEPS[0], str(run))
@@ -52,7 +52,7 @@ def test_the_demos_generate_command_writes_more_than_whitespace(tiny_data, tmp_p
 def test_sft_ends_with_readmes_next_commands(tiny_data, tmp_path, monkeypatch, capsys):
     """`sinkdlm sft` on the synthetic set ends by naming eval-gsm8k --data synthetic and a generate with the
     SFT prompt template, both README lines (for README's run folder)."""
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_train_config(tiny_data, "runs/demo", steps=2)

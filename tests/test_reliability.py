@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.cli import main
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
-from sinkdlm.train import train
+from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 
 
@@ -126,7 +126,7 @@ def test_overwrite_with_a_bad_config_keeps_the_old_run(tiny_data, tmp_path):
 
 
 def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(tiny_data, tmp_path, monkeypatch):
-    import sinkdlm.train as trainer
+    import sinkdlm.training.trainer as trainer
 
     run = tmp_path / "run"
     train(config(tiny_data, run))
@@ -147,7 +147,7 @@ def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(t
 
 
 def test_overwrite_killed_before_its_first_checkpoint_is_undone_at_the_next_start(tiny_data, tmp_path):
-    from sinkdlm.train import set_aside_run
+    from sinkdlm.training.trainer import set_aside_run
 
     run = tmp_path / "run"
     train(config(tiny_data, run))

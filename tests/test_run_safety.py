@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm import train as trainer
+from sinkdlm.training import trainer
 from sinkdlm.cli import main
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
-from sinkdlm.train import train
+from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 PAUSING_DRIVER = f"""
 import sys
-from sinkdlm import train as trainer
+from sinkdlm.training import trainer
 from sinkdlm.cli import main
 
 periodic = trainer.Loop.periodic
@@ -193,7 +193,7 @@ def test_another_write_error_is_not_called_a_full_disk(tiny_data, tmp_path, monk
 
 SIGNALLING_DRIVER = f"""
 import os, signal, sys
-from sinkdlm import train as trainer
+from sinkdlm.training import trainer
 from sinkdlm.cli import main
 
 periodic = trainer.Loop.periodic

@@ -8,7 +8,7 @@ from sinkdlm import checkpoint as ckpt
 from sinkdlm.cli import main
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
-from sinkdlm.train import train
+from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 
 FAST = ["train.max_steps=1", "train.global_batch=2", "train.micro_batch=2", "train.progress=false",

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from sinkdlm.diffusion import draw_uniforms, elbo_loss, mask_tokens, sft_weights
 from sinkdlm.errors import UserError
-from sinkdlm.sft import (SFTData, arithmetic_problems, arithmetic_split, parse_gsm8k_line, sft_indices,
+from sinkdlm.data.sft import (SFTData, arithmetic_problems, arithmetic_split, parse_gsm8k_line, sft_indices,
                          synthetic_gsm8k, synthetic_gsm8k_test, write_synthetic_gsm8k)
 
 EOS = 0
@@ -128,7 +128,7 @@ def test_sft_command_trains_from_a_checkpoint_with_held_out_validation(tiny_data
     import sys
     from pathlib import Path
 
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
     from tests.conftest import tiny_train_config
 
     cfg = tiny_train_config(tiny_data, tmp_path / "base", steps=1)

@@ -14,8 +14,8 @@ from sinkdlm.cli import main
 from sinkdlm.config import config_from_dict
 from sinkdlm.data.prepare import prepare
 from sinkdlm.eval.gsm8k import gold_answer
-from sinkdlm.sft import FIELD_SEP, ANSWER_PREFIX, synthetic_gsm8k, synthetic_gsm8k_test
-from sinkdlm.train import train
+from sinkdlm.data.sft import FIELD_SEP, ANSWER_PREFIX, synthetic_gsm8k, synthetic_gsm8k_test
+from sinkdlm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_STEPS = 1000  # 27% held-out accuracy with the model below (measured, ~30 s); 600 steps: 17%

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm import train as trainer
+from sinkdlm.training import trainer
 from sinkdlm.cli import main
 from tests.test_sft_learns import ROOT, base_checkpoint
 

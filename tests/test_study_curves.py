@@ -2,7 +2,7 @@
 
 import pytest
 
-from sinkdlm.study_report import _smooth
+from sinkdlm.experiments.study_report import _smooth
 
 STEP_AT = 50
 POINTS = 200

@@ -13,7 +13,7 @@ import torch
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.config import Config, config_from_dict, load_config, model_preset
 from sinkdlm.errors import UserError
-from sinkdlm.train import lr_at, train
+from sinkdlm.training.trainer import lr_at, train
 from tests.conftest import tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_intact(tiny_data, tmp_
 
 
 def test_nan_loss_stops_and_names_the_step(tiny_data, tmp_path, monkeypatch):
-    import sinkdlm.train as trainer
+    import sinkdlm.training.trainer as trainer
 
     real = trainer.diffusion_loss
     monkeypatch.setattr(trainer, "diffusion_loss", lambda m, ids, *a: real(m, ids, *a) * (
@@ -184,7 +184,7 @@ def test_every_shipped_config_loads_and_round_trips():
 
 
 def test_demo_yaml_mirrors_the_demo_command():
-    from sinkdlm.demo import demo_config
+    from sinkdlm.experiments.demo import demo_config
 
     assert load_config(ROOT / "configs" / "demo.yaml") == demo_config()
 
@@ -283,7 +283,7 @@ def test_tensorboard_logger_writes_events(tiny_data, tmp_path):
 
 
 def test_a_missing_logger_package_is_named_with_its_install(tiny_data, tmp_path, capsys, monkeypatch):
-    import sinkdlm.train as trainer
+    import sinkdlm.training.trainer as trainer
 
     real = trainer.make_logger
 
@@ -302,7 +302,7 @@ def test_a_missing_logger_package_is_named_with_its_install(tiny_data, tmp_path,
 
 def test_loggers_are_checked_against_the_declared_names():
     from sinkdlm.config import LOGGERS
-    from sinkdlm.train import LOGGER_DIRS, LOGGER_INSTALL
+    from sinkdlm.training.trainer import LOGGER_DIRS, LOGGER_INSTALL
 
     assert set(LOGGER_DIRS) == set(LOGGERS) and set(LOGGER_INSTALL) < set(LOGGERS)
     with pytest.raises(UserError, match="train.loggers has \\['tensorbord'\\]; choose from"):

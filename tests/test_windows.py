@@ -9,7 +9,7 @@ from sinkdlm import checkpoint as ckpt
 from sinkdlm.config import WINDOW_ORDERS, config_from_dict
 from sinkdlm.data.shards import epoch_window_starts, permute, sample_windows, window_sampler
 from sinkdlm.errors import UserError
-from sinkdlm.train import train
+from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 from tests.test_train import losses
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import add_recipe_arguments, adapt_config, shortcuts_of, report_training
+from sinkdlm.training.recipes import add_recipe_arguments, adapt_config, shortcuts_of, report_training
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     cfg = adapt_config(args.init_from, args.config, args.overrides, **shortcuts_of(args))
     report_training(train(cfg))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sinkdlm.config import describe_keys
-from sinkdlm.recipes import add_recipe_arguments, recipe_config, shortcuts_of
+from sinkdlm.training.recipes import add_recipe_arguments, recipe_config, shortcuts_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

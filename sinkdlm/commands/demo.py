@@ -1,4 +1,4 @@
-"""`sinkdlm demo`: the default job, end to end on a laptop CPU (sinkdlm.demo).
+"""`sinkdlm demo`: the default job, end to end on a laptop CPU (sinkdlm.experiments.demo).
 
 Running it again continues (or just re-reports) the same run; --fresh starts over.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.demo import DEMO, ending, run_demo
-from sinkdlm.recipes import add_overrides_argument, training_summary
+from sinkdlm.experiments.demo import DEMO, ending, run_demo
+from sinkdlm.training.recipes import add_overrides_argument, training_summary
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

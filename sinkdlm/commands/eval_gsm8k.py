@@ -7,7 +7,7 @@ inside the checkpoint folder (gsm8k/, gsm8k-synthetic/, gsm8k-<file name>/), and
 replaced only with --overwrite. `--preset paper` is the paper's decoding (length 256 counting the
 prompt, 256 steps, temperature 0.1, guidance 0.1, two stages) with strict-match as headline; sampling
 options given explicitly override the stage-1 settings of the preset. `--data synthetic` scores the
-held-out problems of the synthetic arithmetic SFT set (NOT GSM8K; sinkdlm.sft), by default with the
+held-out problems of the synthetic arithmetic SFT set (NOT GSM8K; sinkdlm.data.sft), by default with the
 `synthetic` preset (threshold + KV cache; `--exact` for the reference decoding): a check that SFT,
 the template and decoding work, offline. Before decoding it says how many problems and batches it
 will run and what full decoding costs.

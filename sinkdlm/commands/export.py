@@ -1,11 +1,11 @@
-"""`sinkdlm export --checkpoint DIR --out FOLDER`: a folder transformers loads (sinkdlm.export)."""
+"""`sinkdlm export --checkpoint DIR --out FOLDER`: a folder transformers loads (sinkdlm.interop.export)."""
 
 from __future__ import annotations
 
 import argparse
 
 from sinkdlm.checkpoint import resolve
-from sinkdlm.export import export
+from sinkdlm.interop.export import export
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

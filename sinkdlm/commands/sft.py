@@ -1,7 +1,7 @@
 """`sinkdlm sft --config configs/sft_demo.yaml --init-from CKPT [--data train.txt|x.jsonl] [section.key=value ...]`.
 
 Supervised fine-tuning is the ordinary trainer with train.objective=sft, train.init_from and
-data.sft_path (sinkdlm.sft). The architecture is the checkpoint's. Without a data file the run trains
+data.sft_path (sinkdlm.data.sft). The architecture is the checkpoint's. Without a data file the run trains
 on a SYNTHETIC arithmetic set in GSM8K's train.txt format, written into the run folder: real GSM8K
 train data cannot be fetched offline, so give `--data` for a real run.
 """
@@ -12,13 +12,13 @@ import argparse
 
 from pathlib import Path
 
-from sinkdlm.recipes import SYNTHETIC_SFT_FILE, add_recipe_arguments, sft_config, shortcuts_of, report_training
+from sinkdlm.training.recipes import SYNTHETIC_SFT_FILE, add_recipe_arguments, sft_config, shortcuts_of, report_training
 
 SHORTCUTS = ("out", "resume", "overwrite")  # --data is the SFT data here, not a prepared corpus
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from sinkdlm.sft import template_help
+    from sinkdlm.data.sft import template_help
 
     parser.epilog = template_help("runs/demo-sft")
     parser.add_argument("--init-from", required=True, help="pretrained checkpoint, or a run folder (its latest)")
@@ -28,8 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkdlm.sft import next_steps
-    from sinkdlm.train import train
+    from sinkdlm.data.sft import next_steps
+    from sinkdlm.training.trainer import train
 
     cfg = sft_config(args.init_from, args.config, args.overrides, args.data,
                      **shortcuts_of(args, SHORTCUTS))

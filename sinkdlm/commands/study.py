@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkdlm import study
-from sinkdlm.recipes import add_overrides_argument
+from sinkdlm.experiments import study
+from sinkdlm.training.recipes import add_overrides_argument
 from sinkdlm.settings import comma_ints
 
 

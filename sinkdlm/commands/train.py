@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.recipes import add_recipe_arguments, recipe_config, shortcuts_of, report_training
+from sinkdlm.training.recipes import add_recipe_arguments, recipe_config, shortcuts_of, report_training
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     report_training(train(recipe_config(args.config, args.overrides, **shortcuts_of(args))))
     return 0

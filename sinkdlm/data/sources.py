@@ -79,7 +79,7 @@ def documents(source: str, text_field: str = "text", record_filter: RecordFilter
     record_filter = record_filter or RecordFilter()
     if source == "demo":
         _require_records(not record_filter, source)
-        from sinkdlm.data.demo import demo_corpus_texts
+        from sinkdlm.data.shakespeare import demo_corpus_texts
 
         return lambda skip=0: _kept(_counted(demo_corpus_texts(), skip))
     if source == "boolq":
@@ -99,7 +99,7 @@ def documents(source: str, text_field: str = "text", record_filter: RecordFilter
 def describe(source: str) -> str:
     """How meta.json names the source: the demo's provenance, the HF name, or an absolute path."""
     if source == "demo":
-        from sinkdlm.data.demo import DESCRIPTION
+        from sinkdlm.data.shakespeare import DESCRIPTION
 
         return DESCRIPTION
     if source == "boolq":

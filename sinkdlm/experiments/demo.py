@@ -43,7 +43,7 @@ def demo_config() -> Config:
 
 def run_demo(out: str, data: str, steps: int, fresh: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Prepare the corpus at `data` (once), then train (or continue, or re-report) the run at `out`."""
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     prepared = prepared_demo_data(data)
     settings = [f"data.path={prepared}", f"train.out_dir={out}", f"train.max_steps={steps}",

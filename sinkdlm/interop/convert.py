@@ -1,5 +1,5 @@
 """Import a causal LM (Llama/Qwen2 family, through transformers) or a published diffusion LM (LLaDA,
-Dream: read from its folder without its code, see sinkdlm.importers) as a sinkdlm checkpoint.
+Dream: read from its folder without its code, see sinkdlm.interop) as a sinkdlm checkpoint.
 
 The weights map one to one onto `sinkdlm.model.DLM` (same RMSNorm, SwiGLU, rotate-halves RoPE,
 1/sqrt(head_dim) attention scale, grouped-query heads repeated in the same order). Two things are
@@ -26,11 +26,11 @@ from sinkdlm.checkpoint import check_state_shapes, list_checkpoints, save_checkp
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
-from sinkdlm.export import import_export, is_export
-from sinkdlm.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
-from sinkdlm.importers import dream, folder, llada
-from sinkdlm.importers.added_rows import MASK_INIT, add_mask_and_sinks, sink_kind
-from sinkdlm.importers.smdm import SUFFIXES, convert_smdm, is_smdm_file
+from sinkdlm.interop.export import import_export, is_export
+from sinkdlm.interop.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
+from sinkdlm.interop import dream, hf_folder, llada
+from sinkdlm.interop.added_rows import MASK_INIT, add_mask_and_sinks, sink_kind
+from sinkdlm.interop.smdm import SUFFIXES, convert_smdm, is_smdm_file
 from sinkdlm.optional import require
 
 SUPPORTED = ("llama", "qwen2")  # model_type values whose layout DLM reproduces exactly (through transformers)
@@ -65,7 +65,7 @@ def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model folder, a Hub name or a .gguf file")
     elif path.is_dir():
-        folder.weight_files(path)  # refuses a folder of pickled weights only (pytorch_model.bin) in one line
+        hf_folder.weight_files(path)  # refuses a folder of pickled weights only (pytorch_model.bin) in one line
     transformers = require_loaders(gguf=gguf_file is not None)
     if not path.exists():
         require_hub(f"model {str(source)!r} (not a local path)")
@@ -79,7 +79,7 @@ def load_hf(source: str | Path, gguf_file: str | None = None, dtype: torch.dtype
             **weights_format, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), **extra)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"could not load {source} with transformers ({folder.first_line(e)}); pass a local "
+        raise UserError(f"could not load {source} with transformers ({hf_folder.first_line(e)}); pass a local "
                         f"folder with config.json + *.safetensors, a .gguf file, or a reachable Hub name") from None
     _refuse_mismatched(source, model, info.get("mismatched_keys") or [])
     missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head.") or not _tied(model.config)]
@@ -139,13 +139,13 @@ def model_config(hf_config: Any, sink_tokens: int = 0, sink_init: str = "mean",
         raise unsupported_model_type(kind)
     _refuse_unsupported(hf_config, kind)
     rope = {key: getattr(hf_config, key, None) for key in ("rope_theta", "rope_scaling", "rope_parameters")}
-    rope_base = folder.plain_rope_theta(rope, DEFAULT_ROPE_THETA, "config.json")
+    rope_base = hf_folder.plain_rope_theta(rope, DEFAULT_ROPE_THETA, "config.json")
     n_head = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_head
     return ModelConfig(
         name=str(getattr(hf_config, "_name_or_path", "") or kind).rstrip("/").split("/")[-1] or kind,
         vocab_size=hf_config.vocab_size,
-        block_size=folder.context_length(block_size, getattr(hf_config, "max_position_embeddings", block_size)),
+        block_size=hf_folder.context_length(block_size, getattr(hf_config, "max_position_embeddings", block_size)),
         n_layer=hf_config.num_hidden_layers, n_head=n_head, n_embd=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
         n_query_groups=getattr(hf_config, "num_key_value_heads", None) or n_head,
@@ -237,7 +237,7 @@ class Native:
 
     model_config: Callable[[dict[str, Any], str, int | None], ModelConfig]  # (config.json, name, block_size)
     dlm_name: Callable[[str, ModelConfig], str | None]
-    tokenizer_class: str | None = None  # for a folder without tokenizer.json (see folder.read_tokenizer)
+    tokenizer_class: str | None = None  # for a folder without tokenizer.json (see hf_folder.read_tokenizer)
 
 
 # model_type (lower case) -> importer; Dream's weights carry Qwen2's names
@@ -250,7 +250,7 @@ def native_folder(source: str) -> Path | None:
     the transformers path). A local folder whose model_type no importer knows is refused here."""
     path = Path(source).expanduser()
     if path.is_dir():
-        kind = folder.model_type(path)  # None without config.json: load_hf words that error
+        kind = hf_folder.model_type(path)  # None without config.json: load_hf words that error
         if kind in NATIVE:
             return path
         if kind is not None and kind not in SUPPORTED:
@@ -260,20 +260,20 @@ def native_folder(source: str) -> Path | None:
         return None
     require_loaders(gguf=False)  # every Hub model needs transformers (a native one for its tokenizer)
     require_hub(f"model {source!r} (not a local path)")
-    return folder.hub_snapshot(source) if folder.hub_model_type(source) in NATIVE else None
+    return hf_folder.hub_snapshot(source) if hf_folder.hub_model_type(source) in NATIVE else None
 
 
 def import_native(path: Path, name: str, sink_tokens: int = 0, sink_init: str = "mean",
                   sink_position: str = "front", block_size: int | None = None
                   ) -> tuple[dict[str, Tensor], ModelConfig, Any, int | None]:
     """(DLM weights, ModelConfig named `name`, tokenizer, EOS id) of a NATIVE model folder."""
-    raw = folder.read_config(path)
+    raw = hf_folder.read_config(path)
     importer = NATIVE[str(raw.get("model_type")).lower()]
     cfg = dataclasses.replace(importer.model_config(raw, name, block_size), sink_tokens=sink_tokens,
                               sink_position=sink_position, sink_init=sink_kind(sink_init))
-    tokenizer = folder.read_tokenizer(path, importer.tokenizer_class)
+    tokenizer = hf_folder.read_tokenizer(path, importer.tokenizer_class)
     n_real = check_tokenizer(tokenizer, cfg.require_vocab())
-    weights = folder.read_weights(path, lambda key: importer.dlm_name(key, cfg))
+    weights = hf_folder.read_weights(path, lambda key: importer.dlm_name(key, cfg))
     weights = add_mask_and_sinks(weights, cfg, sink_init, n_real, raw.get("bos_token_id"))
     check_state_shapes(weights, cfg, f"the weights of {path} do not match its config.json",
                        "a damaged or mixed download: fetch the model again")
@@ -308,7 +308,7 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
             cache_dir: str | Path | None = None, tokenizer: str | None = None,
             n_head: int | None = None) -> tuple[Path, float]:
     """`sinkdlm convert`: any supported source -> checkpoint. Returns (checkpoint, seconds taken).
-    tokenizer and n_head serve SMDM files (sinkdlm.importers.smdm), which carry neither. block_size
+    tokenizer and n_head serve SMDM files (sinkdlm.interop.smdm), which carry neither. block_size
     None: the model's own context for a diffusion LM (LLaDA, Dream, SMDM), AR_BLOCK_SIZE for a causal LM."""
     start = time.perf_counter()
     smdm_only = [flag for flag, value in (("--tokenizer", tokenizer), ("--n-head", n_head)) if value is not None]

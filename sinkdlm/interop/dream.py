@@ -18,7 +18,7 @@ from typing import Any
 
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
-from sinkdlm.importers.folder import context_length, note, plain_rope_theta
+from sinkdlm.interop.hf_folder import context_length, note, plain_rope_theta
 
 MODEL_TYPE = "dream"
 TOKENIZER_CLASS = "Qwen2TokenizerFast"  # what Dream's DreamTokenizer is, without its remote code

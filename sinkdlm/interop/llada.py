@@ -21,7 +21,7 @@ from typing import Any
 
 from sinkdlm.config import ModelConfig
 from sinkdlm.errors import UserError
-from sinkdlm.importers.folder import context_length, note
+from sinkdlm.interop.hf_folder import context_length, note
 
 MODEL_TYPE = "llada"
 # configuration_llada.ModelConfig's defaults, for keys a config.json leaves out

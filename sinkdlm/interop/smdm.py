@@ -33,8 +33,8 @@ from torch import Tensor
 from sinkdlm.checkpoint import NEEDED_CLASS, check_state_shapes, save_checkpoint
 from sinkdlm.config import SMDM_SEQ_LEN, SMDM_SIZES, Config, ModelConfig
 from sinkdlm.errors import UserError
-from sinkdlm.importers.added_rows import sink_kind, sink_vectors
-from sinkdlm.importers.folder import first_line
+from sinkdlm.interop.added_rows import sink_kind, sink_vectors
+from sinkdlm.interop.hf_folder import first_line
 
 SUFFIXES = (".pth", ".pt", ".safetensors")  # a single file: Fabric's checkpoint or a state dict
 # the tokenizer every SMDM script loads (the Llama-2 SentencePiece vocabulary of 32,000 tokens)

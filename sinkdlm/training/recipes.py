@@ -110,7 +110,7 @@ def sft_config(init_from: str | Path, recipe: str | Path | None, overrides: list
 
 
 def write_synthetic_sft_data(run_dir: Path, seed: int) -> Path:
-    from sinkdlm.sft import write_synthetic_gsm8k
+    from sinkdlm.data.sft import write_synthetic_gsm8k
 
     path = write_synthetic_gsm8k(run_dir / SYNTHETIC_SFT_FILE, SYNTHETIC_SFT_LINES, seed)
     print(f"*** no --data given: training on {SYNTHETIC_SFT_LINES} SYNTHETIC arithmetic problems in GSM8K "

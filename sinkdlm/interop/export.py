@@ -3,7 +3,7 @@
 `AutoModel.from_pretrained(folder, trust_remote_code=True)` needs only torch and transformers: the
 folder ships sinkdlm's own model.py and attention.py (as sinkdlm_model.py / sinkdlm_attention.py,
 their sinkdlm imports made relative: the one forward, never a second copy) beside a thin
-PreTrainedModel wrapper and a PretrainedConfig (sinkdlm/hf_code/). It also holds model.safetensors
+PreTrainedModel wrapper and a PretrainedConfig (sinkdlm/interop/hf_code/). It also holds model.safetensors
 (the weights, bit-identical, under the wrapper's `model.` prefix), config.json (see hf_format),
 tokenizer.json + tokenizer_config.json for AutoTokenizer (the mask token added at the mask id),
 meta.json and a README.md model card. `sinkdlm.checkpoint.load_model` loads the folder too, and
@@ -31,13 +31,13 @@ from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
-from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, LLAMA_LAYER_NAMES, MODELING_FILE_CODE, hf_config, hf_weights
+from sinkdlm.interop.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, LLAMA_LAYER_NAMES, MODELING_FILE_CODE, hf_config, hf_weights
 from sinkdlm.optional import require
 
 CARD = "README.md"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-PACKAGE = Path(__file__).parent
-WRAPPER_CODE = PACKAGE / "hf_code"  # configuration_sinkdlm.py and modeling_sinkdlm.py, shipped as they are
+PACKAGE = Path(__file__).parents[1]  # sinkdlm/, whose model.py and attention.py are shipped
+WRAPPER_CODE = Path(__file__).parent / "hf_code"  # configuration_sinkdlm.py and modeling_sinkdlm.py, shipped as they are
 # sinkdlm module -> the file it is shipped as
 SHIPPED_MODULES = {"model": "sinkdlm_model", "attention": "sinkdlm_attention"}
 # whole import lines of the shipped modules -> their form inside the exported folder
@@ -157,7 +157,7 @@ def shipped_source(module: str) -> str:
     left = SINKDLM_IMPORT.search(text)
     if left:  # a developer error: the export would need all of sinkdlm
         raise RuntimeError(f"sinkdlm/{module}.py has `{left.group(0).strip()}`, which an exported folder cannot "
-                           f"satisfy; give it a relative form in sinkdlm.export.IMPORT_REWRITES")
+                           f"satisfy; give it a relative form in sinkdlm.interop.export.IMPORT_REWRITES")
     return text
 
 

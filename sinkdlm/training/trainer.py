@@ -34,7 +34,7 @@ from sinkdlm.errors import EXIT_BAD_INPUT, UserError
 from sinkdlm.files import METRICS_LOG as METRICS  # the canonical log; train.loggers' are extra views
 from sinkdlm.model import DLM, count_params
 from sinkdlm.optional import install_hint
-from sinkdlm.parallelize import apply_block_options, parallelize
+from sinkdlm.training.parallelize import apply_block_options, parallelize
 
 LOGGER_DIRS = {"csv": "csv", "tensorboard": "tb", "wandb": "wandb"}  # each logger's folder in the run
 # wandb is no extra of ours: it is installed on its own
@@ -82,7 +82,7 @@ def pretrain_source(cfg: Config) -> Source:
 
 
 def sft_source(cfg: Config) -> Source:
-    from sinkdlm.sft import SFTData, sft_indices
+    from sinkdlm.data.sft import SFTData, sft_indices
 
     if not cfg.train.init_from:
         raise UserError("SFT needs train.init_from=<pretrained checkpoint> (its tokenizer defines the data)")

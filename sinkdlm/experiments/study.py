@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sinkdlm import study_report as report
+from sinkdlm.experiments import study_report as report
 from sinkdlm.config import (Config, ModelConfig, config_from_dict, gate_matched_intermediate_size, gate_params,
                             load_config)
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
 from sinkdlm.optional import available, install_hint, require
 from sinkdlm.settings import check_choices, setting
-from sinkdlm.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
+from sinkdlm.experiments.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 
 # variant name -> model overrides (each a field of the one model; see README), or a function of the
 # plain model giving them (the parameter-matched gate narrows the MLP by what the gate adds)
@@ -91,7 +91,7 @@ def base_config(preset: str) -> Config:
     """`demo` = the demo recipe on Shakespeare; `cpu` = CPU_RECIPE on BoolQ passages; an SMDM size =
     the paper's 472M recipe at that size."""
     if preset == "demo":
-        from sinkdlm.demo import demo_config
+        from sinkdlm.experiments.demo import demo_config
 
         return demo_config()
     if preset == "cpu":
@@ -153,10 +153,10 @@ def study_data(preset: str, base: Config, data: str | None) -> list[str]:
     if preset not in PRESET_DATA:
         return []  # an SMDM size: the recipe's data.path, or data.path=... among the overrides
     if preset == "demo":
-        from sinkdlm.demo import prepared_demo_data
+        from sinkdlm.experiments.demo import prepared_demo_data
 
         return [f"data.path={prepared_demo_data(base.data.path)}"]
-    from sinkdlm.demo import DEMO_VOCAB
+    from sinkdlm.experiments.demo import DEMO_VOCAB
     from sinkdlm.data.prepare import prepare
 
     source, tokenizer, path = PRESET_DATA[preset][0], f"bpe:{DEMO_VOCAB}", Path(base.data.path)
@@ -189,7 +189,7 @@ def run_info(cfg: Config) -> dict[str, Any]:
 def train_runs(base: Config, variants: list[str], seeds: list[int], out: Path,
                overrides: list[str]) -> list[Run]:
     """Train (or resume, or skip when finished) every (variant, seed) run."""
-    from sinkdlm.train import train
+    from sinkdlm.training.trainer import train
 
     runs = []
     for variant in variants:
