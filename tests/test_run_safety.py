@@ -179,6 +179,19 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_is_exact(tiny_da
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+def test_a_full_disk_is_recognised_through_sharded_saves_and_chained_errors():
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+        sharded = CheckpointException("save", {1: _wrap_exception(e)})  # what FSDP's save raises
+    chained = RuntimeError("writing failed")
+    chained.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert ckpt.is_disk_full(sharded) and ckpt.is_disk_full(chained)
+    assert not ckpt.is_disk_full(OSError(errno.EIO, "Input/output error"))
+
+
 def test_another_write_error_is_not_called_a_full_disk(tiny_data, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
@@ -256,6 +269,27 @@ def test_sigterm_with_checkpoint_on_signal_checkpoints_where_it_stopped(tiny_dat
     assert main(continue_command(done.stderr)) == 0
     assert records(run) == records(straight)  # the signal's checkpoint logs nothing of its own
     assert same_weights(ckpt.resolve(run), ckpt.resolve(straight))
+
+
+RANK_ZERO_SIGNALLING_DRIVER = SIGNALLING_DRIVER.replace("if step ==", "if self.fabric.global_rank == 0 and step ==")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_both_ranks_at_one_checkpoint(tiny_data, tmp_path, straight):
+    """Kubernetes signals only the container's first process: the ranks agree to stop at the same step
+    boundary (rank 0 also passes SIGTERM on), both write its checkpoint, and the message is printed once."""
+    script, run = tmp_path / "rank0_term.py", tmp_path / "run"
+    script.write_text(RANK_ZERO_SIGNALLING_DRIVER.replace("SIG{}", "SIGTERM"))
+    done = run_cli(cli_args(tiny_data, run, "train.checkpoint_on_signal=true", devices=2, strategy="ddp"), script)
+    assert done.returncode == 130, done.stderr[-2000:]
+    interrupted = [line for line in done.stderr.splitlines() if ": interrupted" in line]
+    assert len(interrupted) == 1 and f"by SIGTERM at step {STOP_AT}" in interrupted[0], done.stderr[-2000:]
+    assert names(run) == ["step-00000003", "step-00000004"]
+    # continued by 1 process (2 would re-run pytest): the same samples, the float order aside
+    assert main([*continue_command(done.stderr), "train.devices=1", "train.strategy=auto"]) == 0
+    for key in ("loss", "val_loss"):
+        got, want = ([r[key] for r in records(x) if key in r] for x in (run, straight))
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def send_at_stop_step(monkeypatch, *signums: int) -> None:

@@ -45,6 +45,8 @@ LOCK_FILE = ".trainer.lock"  # flock'ed by the trainer that owns the run folder;
 LOCK_HOLDER_BYTES = 200  # enough for the "pid N on HOST" line the holder writes
 TRAINING_COMMANDS = ("train", "sft", "adapt")  # the commands a stopped run is continued with (plus --resume)
 EXIT_INTERRUPTED = 130  # what the CLI returns for Ctrl-C (128 + SIGINT)
+LAUNCHER_EXIT_WAIT_S = 10.0  # how long a process Fabric started lets rank 0 exit first (see train)
+PARENT_POLL_S = 0.1
 MONITOR_WINDOWS = 2  # validation windows the sink monitor looks at
 MONITOR_T = 0.5  # their masking level
 # what a resumed run must share with the saved one to continue the same trajectory (max_steps may grow)
@@ -627,13 +629,16 @@ def train(cfg: Config) -> dict[str, Any]:
     written a checkpoint. Rank 0 reports a UserError or an interruption; other ranks exit quietly.
     """
     rank = int(os.environ.get("RANK", "0") or 0)  # an external launcher's (torchrun), until Fabric's
+    started_by_rank_zero = False
     try:
         fabric = make_fabric(cfg.train)
-        rank = fabric.global_rank
+        rank, started_by_rank_zero = fabric.global_rank, starts_the_processes(fabric)
         with StopSignals(cfg.train.checkpoint_on_signal, fabric) as signals:
             return launch_and_train(cfg, fabric, signals)
     except (UserError, KeyboardInterrupt) as e:
         if rank != 0:
+            if started_by_rank_zero:
+                wait_for_parent_exit(LAUNCHER_EXIT_WAIT_S)
             raise SystemExit(EXIT_BAD_INPUT if isinstance(e, UserError) else EXIT_INTERRUPTED) from None
         if isinstance(e, (UserError, Interrupted)):
             raise
@@ -656,6 +661,14 @@ def launch_and_train(cfg: Config, fabric, signals: StopSignals) -> dict[str, Any
         return train_in_run_dir(cfg, fabric, source, accum, signals)
     finally:
         lock.release()
+
+
+def wait_for_parent_exit(timeout_s: float) -> None:
+    """Fabric's launcher SIGKILLs rank 0 as soon as a process it started exits non-zero, maybe before
+    rank 0 has said why (or exited with its own code): let it go first, unless it is stuck."""
+    parent, deadline = os.getppid(), time.monotonic() + timeout_s
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(PARENT_POLL_S)
 
 
 def starts_the_processes(fabric) -> bool:
