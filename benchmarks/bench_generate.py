@@ -85,9 +85,9 @@ def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
 
 def synthetic_problems(checkpoint: str, n: int, device: str):
     """(model, eos id, prompts, gold answers, tokenizer) for n held-out synthetic GSM8K-format problems."""
-    from sinkdlm.sample import load_for_sampling
-    from sinkdlm.eval.gsm8k import gold_answer
     from sinkdlm.data.sft import gsm8k_prompt, synthetic_gsm8k_test
+    from sinkdlm.eval.gsm8k import gold_answer
+    from sinkdlm.sample import load_for_sampling
 
     model, tok, eos = load_for_sampling(checkpoint, device)
     rows = synthetic_gsm8k_test(n)

@@ -11,8 +11,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class Stats:
     n: int
 
     @classmethod
-    def of(cls, samples: list[float]) -> "Stats":
+    def of(cls, samples: list[float]) -> Stats:
         s = sorted(samples)
         q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else (s[0],) * 3
         return cls(statistics.median(s), q1, q3, s[0], s[-1], len(s))

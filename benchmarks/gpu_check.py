@@ -24,13 +24,14 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from benchmarks import bench_generate, bench_train, common
-from sinkdlm.config import Config, ModelConfig, SMDM_VOCAB, TrainConfig, model_preset
+from sinkdlm.config import SMDM_VOCAB, Config, ModelConfig, TrainConfig, model_preset
 from sinkdlm.model import DLM
 from sinkdlm.sample import SampleConfig
 

@@ -29,7 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from sinkdlm.config import Config, ModelConfig, config_from_dict, save_config, with_run_data_paths, yaml_problem
 from sinkdlm.errors import UserError
-from sinkdlm.files import META_FILE as META, TOKENIZER_FILE as TOKENIZER, use_umask
+from sinkdlm.files import META_FILE as META
+from sinkdlm.files import TOKENIZER_FILE as TOKENIZER
+from sinkdlm.files import use_umask
 from sinkdlm.interop.hf_format import config_sections, dlm_weights, is_export_config
 
 WEIGHTS = "model.safetensors"

@@ -20,8 +20,17 @@ import yaml
 
 from sinkdlm.diffusion import NOISE_FLOOR, TMode
 from sinkdlm.errors import UserError
-from sinkdlm.settings import (HELP, Range, check_allowed, check_choices, field_types, range_of, setting, type_name,
-                              without_none)
+from sinkdlm.settings import (
+    HELP,
+    Range,
+    check_allowed,
+    check_choices,
+    field_types,
+    range_of,
+    setting,
+    type_name,
+    without_none,
+)
 
 SMDM_SEQ_LEN = 2048  # the sequence length SMDM's FLOPs budgets assume
 FLOPS_UNIT = 1e18  # `--flops F` means F x 1e18 training FLOPs

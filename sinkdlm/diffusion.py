@@ -7,7 +7,8 @@ sample sees the same noise whatever the world size, micro-batch or resume point.
 from __future__ import annotations
 
 import typing
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch

@@ -30,9 +30,10 @@ benchmarks/bench_generate.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -110,7 +111,7 @@ class SampleConfig:
     def n_blocks(self) -> int:
         return self.gen_length // (self.block_length or self.gen_length)
 
-    def replace(self, **changes) -> "SampleConfig":
+    def replace(self, **changes) -> SampleConfig:
         return dataclasses.replace(self, **changes)
 
 

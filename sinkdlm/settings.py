@@ -18,8 +18,8 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sinkdlm.errors import UserError
 

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from sinkdlm.analysis import stats
-from sinkdlm.analysis.interventions import (TopKSinkMasker, hide_keys, model_without_sink, token_agreement,
-                                            top_content_keys)
+from sinkdlm.analysis.interventions import (
+    TopKSinkMasker,
+    hide_keys,
+    model_without_sink,
+    token_agreement,
+    top_content_keys,
+)
 from sinkdlm.analysis.record import Recorder, RecordSettings, record_masked, record_trajectory
 from sinkdlm.model import DLM, apply_rope, rope_cache
 from sinkdlm.sample import SampleConfig, generate
@@ -255,8 +260,7 @@ def test_analyze_masked_mode_and_summary_of_a_plain_model(tiny_data, tmp_path):
 def test_analyze_in_bfloat16_loads_every_model_in_it_and_agrees_with_float32(tiny_data, tmp_path, monkeypatch):
     """--dtype bfloat16 (for an 8B import on a GPU): the model and the intervention variants run in
     bf16, and masked-mode sink statistics stay within bf16's rounding of the float32 ones."""
-    from sinkdlm.analysis import AnalysisSettings, analyze_checkpoint
-    from sinkdlm.analysis import interventions
+    from sinkdlm.analysis import AnalysisSettings, analyze_checkpoint, interventions
 
     tiny_checkpoint(tiny_data, tmp_path, sink_tokens=1)
     built = []

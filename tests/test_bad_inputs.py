@@ -105,7 +105,7 @@ def test_a_damaged_tokenizer_of_prepared_data_is_named(tiny_data, tmp_path):
     packed = PackedData(data)
     (data / packed.meta["tokenizer_file"]).write_text("{")
     with pytest.raises(UserError, match=r"tokenizer file .* is not a readable tokenizer .*; prepare the data again"):
-        packed.tokenizer
+        _ = packed.tokenizer
 
 
 # ---- output paths ------------------------------------------------------------------------------------

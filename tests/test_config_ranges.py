@@ -14,14 +14,22 @@ import yaml
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis.pipeline import AnalysisSettings
 from sinkdlm.cli import main
-from sinkdlm.config import (Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config, save_config,
-                            with_run_data_paths)
+from sinkdlm.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+    with_run_data_paths,
+)
 from sinkdlm.errors import UserError
 from sinkdlm.eval.likelihood import Settings
 from sinkdlm.eval.run import EvalOptions
+from sinkdlm.experiments.study import StudySettings
 from sinkdlm.sample import SampleConfig
 from sinkdlm.settings import check_choices, field_types, range_of, setting, without_none
-from sinkdlm.experiments.study import StudySettings
 
 SETTINGS_CLASSES = [ModelConfig, DataConfig, OptimConfig, TrainConfig, SampleConfig, AnalysisSettings, Settings,
                     EvalOptions, StudySettings]

@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from sinkdlm import diffusion  # noqa: E402
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
-from sinkdlm.interop.convert import convert_hf, model_config  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
+from sinkdlm.interop.convert import convert_hf, model_config  # noqa: E402
 from sinkdlm.model import DLM  # noqa: E402
 
 VOCAB = 100

@@ -20,11 +20,11 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from sinkdlm.interop import export as export_module  # noqa: E402
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer, save_checkpoint  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.config import Config, ModelConfig  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
+from sinkdlm.interop import export as export_module  # noqa: E402
 from sinkdlm.interop.export import IMPORT_REWRITES, MASK_TOKEN, TMP_PREFIX, TRASH_PREFIX, export, shipped_source  # noqa: E402
 from sinkdlm.model import DLM  # noqa: E402
 from tests.conftest import tiny  # noqa: E402

@@ -13,9 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from sinkdlm.checkpoint import load_config_of, load_meta, load_model
 from sinkdlm.cli import main
-from sinkdlm.interop.convert import convert
-from sinkdlm.errors import UserError
 from sinkdlm.config import SMDM_SEQ_LEN
+from sinkdlm.errors import UserError
+from sinkdlm.interop.convert import convert
 from sinkdlm.interop.smdm import GATE_NAMES, infer_config, load_state
 
 VOCAB = 40  # the head's rows; the embedding has VOCAB + 1 (mask) [+ 1 (sink)]

@@ -5,8 +5,6 @@ inside functions included: a lazy import still ties two modules together."""
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sinkdlm"
 SHIPPED = {"sinkdlm.hf_code"}  # copied into exported folders, run without sinkdlm: imports nothing of it

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from sinkdlm.eval.likelihood import (ForwardStats, Settings, chain_rows, exact_elbo, mask_weight, rolling_pairs,
-                                     run_rows, score_groups, score_pairs)
+from sinkdlm.eval.likelihood import (
+    ForwardStats,
+    Settings,
+    chain_rows,
+    exact_elbo,
+    mask_weight,
+    rolling_pairs,
+    run_rows,
+    score_groups,
+    score_pairs,
+)
 from sinkdlm.model import DLM
 from tests.conftest import tiny
 

@@ -221,6 +221,7 @@ def test_lm_evals_own_command_line_runs_the_sinkdlm_model(tmp_path):
     is lm-eval's CLI with the model registered; the offline tasks come in through lm-eval's --include_path."""
     import subprocess
     import sys
+
     import tomllib
 
     cache = tmp_path / "cache"

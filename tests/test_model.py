@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from sinkdlm.config import SMDM_SIZES, model_preset
 from sinkdlm import attention
+from sinkdlm.config import SMDM_SIZES, model_preset
 from sinkdlm.model import DLM, KVCache, count_params
 from tests.conftest import tiny
 

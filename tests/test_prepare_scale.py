@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sinkdlm.data import PackedData, sample_windows
 from sinkdlm.commands import prepare as prepare_command
+from sinkdlm.data import PackedData, sample_windows
 from sinkdlm.data import prepare as prep
 from sinkdlm.data.shards import ShardWriter
 from sinkdlm.data.sources import RecordFilter, documents

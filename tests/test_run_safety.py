@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm.training import trainer
 from sinkdlm.cli import main
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
+from sinkdlm.training import trainer
 from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 
@@ -71,7 +71,7 @@ def same_weights(a: Path, b: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 # one trainer per run folder
 
-PAUSING_DRIVER = f"""
+PAUSING_DRIVER = """
 import sys
 from sinkdlm.training import trainer
 from sinkdlm.cli import main

@@ -45,7 +45,7 @@ def memorised() -> DLM:
     model = DLM(tiny(sink_tokens=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     x = torch.tensor([PATTERN] * 16)
-    for step in range(TRAIN_STEPS):
+    for _ in range(TRAIN_STEPS):
         p = noise_level(torch.rand(16, dtype=torch.float64), 1e-3)
         noisy, masked = mask_tokens(x, p, torch.rand(x.shape, dtype=torch.float64), MASK)
         loss = elbo_loss(model(noisy), x, masked, p, pretrain_weights(x))

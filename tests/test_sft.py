@@ -5,10 +5,18 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from sinkdlm.data.sft import (
+    SFTData,
+    arithmetic_problems,
+    arithmetic_split,
+    parse_gsm8k_line,
+    sft_indices,
+    synthetic_gsm8k,
+    synthetic_gsm8k_test,
+    write_synthetic_gsm8k,
+)
 from sinkdlm.diffusion import draw_uniforms, elbo_loss, mask_tokens, sft_weights
 from sinkdlm.errors import UserError
-from sinkdlm.data.sft import (SFTData, arithmetic_problems, arithmetic_split, parse_gsm8k_line, sft_indices,
-                         synthetic_gsm8k, synthetic_gsm8k_test, write_synthetic_gsm8k)
 
 EOS = 0
 

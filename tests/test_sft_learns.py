@@ -13,8 +13,8 @@ import pytest
 from sinkdlm.cli import main
 from sinkdlm.config import config_from_dict
 from sinkdlm.data.prepare import prepare
+from sinkdlm.data.sft import ANSWER_PREFIX, FIELD_SEP, synthetic_gsm8k, synthetic_gsm8k_test
 from sinkdlm.eval.gsm8k import gold_answer
-from sinkdlm.data.sft import FIELD_SEP, ANSWER_PREFIX, synthetic_gsm8k, synthetic_gsm8k_test
 from sinkdlm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm.training import trainer
 from sinkdlm.cli import main
+from sinkdlm.training import trainer
 from tests.test_sft_learns import ROOT, base_checkpoint
 
 STEPS, STOP_AFTER = 6, 4

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from sinkdlm.analysis import nulls
-from sinkdlm.analysis import stats
+from sinkdlm.analysis import nulls, stats
 
 MASK = 9
 

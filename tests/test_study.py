@@ -190,9 +190,9 @@ def test_a_study_keeps_enough_checkpoints_and_trains_every_variant_the_same_step
 
 @pytest.mark.slow
 def test_a_stopped_study_resumes_the_interrupted_run_and_redoes_nothing_finished(tiny_data, tmp_path, monkeypatch):
-    from sinkdlm.training import trainer
     from sinkdlm.analysis import training
     from sinkdlm.checkpoint import list_checkpoints
+    from sinkdlm.training import trainer
 
     out = tmp_path / "study"
     settings = study.StudySettings(

@@ -11,8 +11,8 @@ text, the ELBO (same masks for every variant, so the differences are paired).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +21,6 @@ from sinkdlm import checkpoint as ckpt
 from sinkdlm import diffusion
 from sinkdlm.analysis.record import Recorder, RecordSettings
 from sinkdlm.model import DLM
-
 
 
 def model_without_sink(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DLM:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,8 +21,15 @@ from torch import Tensor
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis import nulls
 from sinkdlm.analysis.record import RecordSettings, record_masked, record_trajectory
-from sinkdlm.analysis.stats import (DEFAULT_EPS, DEFAULT_STD_K, Rule, Trajectory, moving_sink_summary, to_py,
-                                    trajectory_metrics)
+from sinkdlm.analysis.stats import (
+    DEFAULT_EPS,
+    DEFAULT_STD_K,
+    Rule,
+    Trajectory,
+    moving_sink_summary,
+    to_py,
+    trajectory_metrics,
+)
 from sinkdlm.errors import UserError
 from sinkdlm.settings import check_choices, setting
 

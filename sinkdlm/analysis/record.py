@@ -10,8 +10,8 @@ one step: the sampler runs one forward per denoising step (no guidance, no appro
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class Recorder:
         self.steps: list[_Step] = []
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["Recorder"]:
+    def attached(self) -> Iterator[Recorder]:
         handle = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         try:
             yield self

@@ -9,9 +9,9 @@ real queries i (2510.15731); it sums to the number of queries over j.
 
 from __future__ import annotations
 
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
-import typing
 from typing import Any, Literal
 
 import torch

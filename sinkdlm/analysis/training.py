@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis.pipeline import AnalysisSettings, analyze_checkpoint
@@ -163,9 +164,9 @@ def training_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """The CURVES panels against training step, tokens on the top axis, one line per variant."""
-    from sinkdlm.analysis.plots import plt, save  # first: it says in one line when matplotlib is missing
+    from sinkdlm.analysis.plots import plt, save  # says in one line when matplotlib is missing
 
-    from matplotlib.lines import Line2D
+    Line2D = plt.Line2D
 
     ncols = 3
     fig, axes = plt.subplots(-(-len(CURVES) // ncols), ncols, figsize=(5.0 * ncols, 8.0), squeeze=False,

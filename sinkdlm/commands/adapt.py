@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.training.recipes import add_recipe_arguments, adapt_config, shortcuts_of, report_training
+from sinkdlm.training.recipes import adapt_config, add_recipe_arguments, report_training, shortcuts_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.data.prepare import DEFAULT_SEED, DEFAULT_TOKENIZER, DEFAULT_VAL_FRACTION, default_workers, prepare, summary
+from sinkdlm.data.prepare import (
+    DEFAULT_SEED,
+    DEFAULT_TOKENIZER,
+    DEFAULT_VAL_FRACTION,
+    default_workers,
+    prepare,
+    summary,
+)
 from sinkdlm.data.shards import DEFAULT_SHARD_TOKENS, PackedData
 
 

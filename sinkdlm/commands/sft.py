@@ -9,10 +9,9 @@ train data cannot be fetched offline, so give `--data` for a real run.
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
-from sinkdlm.training.recipes import SYNTHETIC_SFT_FILE, add_recipe_arguments, sft_config, shortcuts_of, report_training
+from sinkdlm.training.recipes import SYNTHETIC_SFT_FILE, add_recipe_arguments, report_training, sft_config, shortcuts_of
 
 SHORTCUTS = ("out", "resume", "overwrite")  # --data is the SFT data here, not a prepared corpus
 

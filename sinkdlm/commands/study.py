@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from sinkdlm.experiments import study
-from sinkdlm.training.recipes import add_overrides_argument
 from sinkdlm.settings import comma_ints
+from sinkdlm.training.recipes import add_overrides_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

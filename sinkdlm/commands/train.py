@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sinkdlm.training.recipes import add_recipe_arguments, recipe_config, shortcuts_of, report_training
+from sinkdlm.training.recipes import add_recipe_arguments, recipe_config, report_training, shortcuts_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -38,8 +38,18 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from sinkdlm.data.shards import (DEFAULT_SHARD_TOKENS, FORMAT_VERSION, SHARD_SUFFIX, SPLITS, PackedData,
-                                 ShardWriter, StaleState, hash_ints, token_dtype, write_json_atomic)
+from sinkdlm.data.shards import (
+    DEFAULT_SHARD_TOKENS,
+    FORMAT_VERSION,
+    SHARD_SUFFIX,
+    SPLITS,
+    PackedData,
+    ShardWriter,
+    StaleState,
+    hash_ints,
+    token_dtype,
+    write_json_atomic,
+)
 from sinkdlm.data.sources import DocStream, RecordFilter, describe, documents
 from sinkdlm.data.tokenizer import DEFAULT_BPE_VOCAB, eos_id, load_tokenizer
 from sinkdlm.errors import UserError

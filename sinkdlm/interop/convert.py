@@ -16,8 +16,9 @@ import dataclasses
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,10 +27,10 @@ from sinkdlm.checkpoint import check_state_shapes, list_checkpoints, save_checkp
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
-from sinkdlm.interop.export import import_export, is_export
-from sinkdlm.interop.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.interop import dream, hf_folder, llada
 from sinkdlm.interop.added_rows import MASK_INIT, add_mask_and_sinks, sink_kind
+from sinkdlm.interop.export import import_export, is_export
+from sinkdlm.interop.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.interop.smdm import SUFFIXES, convert_smdm, is_smdm_file
 from sinkdlm.optional import require
 

@@ -26,12 +26,32 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
-from sinkdlm.checkpoint import (CONFIG_JSON, META, TMP_PREFIX, TOKENIZER, TRASH_PREFIX, WEIGHTS, check_state_shapes,
-                                load_config_of, load_meta, load_tokenizer, load_weights, resolve, save_checkpoint)
+from sinkdlm.checkpoint import (
+    CONFIG_JSON,
+    META,
+    TMP_PREFIX,
+    TOKENIZER,
+    TRASH_PREFIX,
+    WEIGHTS,
+    check_state_shapes,
+    load_config_of,
+    load_meta,
+    load_tokenizer,
+    load_weights,
+    resolve,
+    save_checkpoint,
+)
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
-from sinkdlm.interop.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, LLAMA_LAYER_NAMES, MODELING_FILE_CODE, hf_config, hf_weights
+from sinkdlm.interop.hf_format import (
+    CONFIG_FILE_CODE,
+    CONFIG_KEY,
+    LLAMA_LAYER_NAMES,
+    MODELING_FILE_CODE,
+    hf_config,
+    hf_weights,
+)
 from sinkdlm.optional import require
 
 CARD = "README.md"

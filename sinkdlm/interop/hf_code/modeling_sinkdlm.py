@@ -7,18 +7,17 @@ bidirectional; logits cover the real vocabulary (the mask token, id config.mask_
 predicted).
 """
 
-from typing import Optional
 
 import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_sinkdlm import SinkDLMConfig
-from .sinkdlm_model import DLM
 
 # transformers copies the files a remote module imports only when they are imported as
 # `from .name import ...`; sinkdlm_model imports sinkdlm_attention as a module, so it is named here.
 from .sinkdlm_attention import sdpa as _  # noqa: F401
+from .sinkdlm_model import DLM
 
 
 class SinkDLMForMaskedLM(PreTrainedModel):
@@ -36,8 +35,8 @@ class SinkDLMForMaskedLM(PreTrainedModel):
     def _init_weights(self, module: torch.nn.Module) -> None:
         """DLM initialises its own parameters when built; a loaded checkpoint replaces every one."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                return_dict: Optional[bool] = None) -> MaskedLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_dict: bool | None = None) -> MaskedLMOutput:
         logits = self.model(input_ids, attention_mask)
         if return_dict is False:
             return (logits,)
