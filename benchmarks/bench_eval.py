@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sinkdlm.checkpoint import save_checkpoint
 from sinkdlm.config import Config, model_preset
-from sinkdlm.eval import benchmarks
+from sinkdlm.eval import task_data
 from sinkdlm.eval.harness import DiffusionLM
 from sinkdlm.eval.likelihood import ForwardStats
 from sinkdlm.model import DLM
@@ -42,8 +42,8 @@ MODES = {
 
 
 def arc_docs(n: int) -> list[dict]:
-    benchmarks.materialise([TASK])
-    path = benchmarks.tasks_dir() / TASK / f"{TASK}.jsonl"
+    task_data.materialise([TASK])
+    path = task_data.tasks_dir() / TASK / f"{TASK}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()[:n]]
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
-from sinkdlm.settings import Parser
+from sinkdlm.fields import Parser
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

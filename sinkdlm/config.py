@@ -20,7 +20,7 @@ import yaml
 
 from sinkdlm.diffusion import NOISE_FLOOR, TMode
 from sinkdlm.errors import UserError
-from sinkdlm.settings import (
+from sinkdlm.fields import (
     HELP,
     Range,
     check_allowed,

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from sinkdlm import diffusion
 from sinkdlm.errors import UserError
+from sinkdlm.fields import check_choices, setting
 from sinkdlm.model import DLM, KVCache
-from sinkdlm.settings import check_choices, setting
 
 UNIFORM_FLOOR = 1e-300  # keeps -log(-log u) finite in float64
 SEED_RANGE = 2**53  # a float64 uniform's bits, turned into a generator seed

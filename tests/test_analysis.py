@@ -40,8 +40,8 @@ def test_column_sums_of_hand_made_attention_find_the_sink_by_every_rule():
 
 def test_eps_rule_is_additive_on_column_sums():
     colsum = torch.tensor([1.0, 1.0, 1.0, 4.0, 1.0])  # others' mean 1: 4 is not > 1 + 3
-    assert not stats.detect_eps(colsum, eps=3.0).any()
-    assert stats.detect_eps(colsum, eps=2.9).tolist() == [False, False, False, True, False]
+    assert not stats.detect_eps(colsum, margin=3.0).any()
+    assert stats.detect_eps(colsum, margin=2.9).tolist() == [False, False, False, True, False]
 
 
 def test_std_rule_uses_population_std_over_valid_keys():
@@ -246,10 +246,10 @@ def test_analyze_command_writes_metrics_figures_and_report(tiny_data, tmp_path):
 
 
 def test_analyze_masked_mode_and_summary_of_a_plain_model(tiny_data, tmp_path):
-    from sinkdlm.analysis import AnalysisSettings, analyze_checkpoint, moving_sink_summary
+    from sinkdlm.analysis import AnalysisConfig, analyze_checkpoint, moving_sink_summary
 
     tiny_checkpoint(tiny_data, tmp_path)
-    settings = AnalysisSettings(mode="masked", levels=(0.8, 0.5, 0.2), interventions=False, progress=False)
+    settings = AnalysisConfig(mode="masked", levels=(0.8, 0.5, 0.2), interventions=False, progress=False)
     metrics = analyze_checkpoint(tmp_path, texts=["the cat sat on a mat " * 20], settings=settings)
     summary = moving_sink_summary(metrics)
     assert metrics["sinks"]["steps"] == 3
@@ -260,14 +260,14 @@ def test_analyze_masked_mode_and_summary_of_a_plain_model(tiny_data, tmp_path):
 def test_analyze_in_bfloat16_loads_every_model_in_it_and_agrees_with_float32(tiny_data, tmp_path, monkeypatch):
     """--dtype bfloat16 (for an 8B import on a GPU): the model and the intervention variants run in
     bf16, and masked-mode sink statistics stay within bf16's rounding of the float32 ones."""
-    from sinkdlm.analysis import AnalysisSettings, analyze_checkpoint, interventions
+    from sinkdlm.analysis import AnalysisConfig, analyze_checkpoint, interventions
 
     tiny_checkpoint(tiny_data, tmp_path, sink_tokens=1)
     built = []
     for name in ("model_without_sink", "model_with_zero_sink_value"):
         original = getattr(interventions, name)
         monkeypatch.setattr(interventions, name, lambda *a, _f=original: built.append(_f(*a)) or built[-1])
-    results = {dtype: analyze_checkpoint(tmp_path, texts=["the cat sat on a mat " * 20], settings=AnalysisSettings(
+    results = {dtype: analyze_checkpoint(tmp_path, texts=["the cat sat on a mat " * 20], settings=AnalysisConfig(
         mode="masked", levels=(0.8, 0.2), elbo_samples=1, max_windows=1, top_k=(1,), progress=False, dtype=dtype))
         for dtype in ("float32", "bfloat16")}
     assert [next(m.parameters()).dtype for m in built] == [torch.float32] * 2 + [torch.bfloat16] * 2

@@ -10,7 +10,7 @@ import pytest
 
 from sinkdlm.cli import COMMANDS, build_parser, main
 from sinkdlm.errors import UserError
-from sinkdlm.settings import HelpFormatter, check_choices, choices_of, field_types
+from sinkdlm.fields import HelpFormatter, check_choices, choices_of, field_types
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,15 +122,15 @@ def test_no_single_letter_module_aliases():
 
 
 def test_analyze_and_eval_gsm8k_options_come_from_their_settings():
-    from sinkdlm.analysis import AnalysisSettings
+    from sinkdlm.analysis import AnalysisConfig
     from sinkdlm.cli import parse_args
     from sinkdlm.eval.gsm8k import GSM8K_PRESETS
 
     args = parse_args(["analyze", "--checkpoint", "c", "--out", "o", "--levels", "0.8,0.2", "--no-interventions",
                        "--rule", "top1"])
     _, parser = build_parser("analyze")
-    options = [a.dest for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(AnalysisSettings)}]
-    chosen = AnalysisSettings(**{name: getattr(args, name) for name in options})
+    options = [a.dest for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(AnalysisConfig)}]
+    chosen = AnalysisConfig(**{name: getattr(args, name) for name in options})
     assert (chosen.levels, chosen.interventions, chosen.rule, chosen.steps) == ([0.8, 0.2], False, "top1", 32)
 
     _, parser = build_parser("eval-gsm8k")

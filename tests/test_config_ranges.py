@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm.analysis.pipeline import AnalysisSettings
+from sinkdlm.analysis.pipeline import AnalysisConfig
 from sinkdlm.cli import main
 from sinkdlm.config import (
     Config,
@@ -25,14 +25,14 @@ from sinkdlm.config import (
     with_run_data_paths,
 )
 from sinkdlm.errors import UserError
-from sinkdlm.eval.likelihood import Settings
-from sinkdlm.eval.run import EvalOptions
-from sinkdlm.experiments.study import StudySettings
+from sinkdlm.eval.likelihood import LikelihoodConfig
+from sinkdlm.eval.run import EvalConfig
+from sinkdlm.experiments.study import StudyConfig
+from sinkdlm.fields import check_choices, field_types, range_of, setting, without_none
 from sinkdlm.sample import SampleConfig
-from sinkdlm.settings import check_choices, field_types, range_of, setting, without_none
 
-SETTINGS_CLASSES = [ModelConfig, DataConfig, OptimConfig, TrainConfig, SampleConfig, AnalysisSettings, Settings,
-                    EvalOptions, StudySettings]
+SETTINGS_CLASSES = [ModelConfig, DataConfig, OptimConfig, TrainConfig, SampleConfig, AnalysisConfig, LikelihoodConfig,
+                    EvalConfig, StudyConfig]
 
 
 def error_line(argv: list[str], capsys) -> str:
@@ -79,13 +79,13 @@ def test_the_same_check_holds_for_python_flags_and_yaml(tmp_path, capsys):
     with pytest.raises(UserError, match=r"sampling top_p=0 must be a finite number in \(0, 1\]"):
         SampleConfig(top_p=0)
     with pytest.raises(UserError, match=r"analysis levels=\[0.5, 2.0\] must each be a finite number in \(0, 1\]"):
-        AnalysisSettings(levels=(0.5, 2.0))
+        AnalysisConfig(levels=(0.5, 2.0))
     with pytest.raises(UserError, match="limit=0 must be >= 1"):
-        EvalOptions(limit=0)
+        EvalConfig(limit=0)
     with pytest.raises(UserError, match="study mc_num=0 must be >= 1"):
-        StudySettings(mc_num=0)
+        StudyConfig(mc_num=0)
     with pytest.raises(UserError, match="mc_num=0 must be >= 1"):
-        Settings(mc_num=0)
+        LikelihoodConfig(mc_num=0)
     assert "sampling steps=0 must be >= 1" in error_line(["generate", "--checkpoint", "c", "--steps", "0"], capsys)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  save_every: 0\n")

@@ -3,13 +3,13 @@
 import pytest
 
 from sinkdlm.errors import UserError
-from sinkdlm.eval.run import EvalOptions, check_task_names
+from sinkdlm.eval.run import EvalConfig, check_task_names
 
 
 @pytest.mark.parametrize("limit", [0, -3])
 def test_a_limit_below_one_is_refused(limit):
     with pytest.raises(UserError, match="must be >= 1"):
-        EvalOptions(limit=limit)
+        EvalConfig(limit=limit)
 
 
 def test_a_misspelt_offline_task_is_named_unknown_with_the_closest_and_the_offline_list():

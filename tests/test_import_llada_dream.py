@@ -445,11 +445,11 @@ def test_generate_runs_on_the_import(converted, tmp_path):
 
 def test_eval_runs_on_the_import_offline(converted, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from sinkdlm.eval import benchmarks
+    from sinkdlm.eval import task_data
     from tests.test_harness import write_task
 
     monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))
-    write_task(tmp_path / "cache" / benchmarks.TASKS_DIR / "arc_easy", name="arc_easy")  # the offline copy's place
+    write_task(tmp_path / "cache" / task_data.TASKS_DIR / "arc_easy", name="arc_easy")  # the offline copy's place
     assert main(["eval", "--checkpoint", str(converted), "--tasks", "arc_e", "--limit", "2", "--mc-num", "2",
                  "--output", str(tmp_path / "out")]) == 0
     assert "arc_easy" in json.loads((tmp_path / "out" / "results.json").read_text())["results"]

@@ -277,7 +277,7 @@ def test_generate_and_analyze_run_on_an_imported_sink_model(tmp_path, capsys):
 
 def test_eval_runs_on_an_imported_model_offline(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from sinkdlm.eval import benchmarks
+    from sinkdlm.eval import task_data
     from tests.test_harness import write_task
 
     source = save_smdm(smdm_state(sinks=1), tmp_path / "sink.pth", "fabric")
@@ -285,7 +285,7 @@ def test_eval_runs_on_an_imported_model_offline(tmp_path, monkeypatch):
     assert main(["convert", "--from", str(source), "--out", str(run), "--tokenizer", str(tokenizer_file(tmp_path)),
                  "--n-head", str(N_HEAD), "--block-size", "64"]) == 0
     monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path / "cache"))
-    write_task(tmp_path / "cache" / benchmarks.TASKS_DIR / "arc_easy", name="arc_easy")  # the offline copy's place
+    write_task(tmp_path / "cache" / task_data.TASKS_DIR / "arc_easy", name="arc_easy")  # the offline copy's place
     assert main(["eval", "--checkpoint", str(run), "--tasks", "arc_easy", "--limit", "2", "--mc-num", "2",
                  "--output", str(tmp_path / "out")]) == 0
     assert "arc_easy" in json.loads((tmp_path / "out" / "results.json").read_text())["results"]

@@ -8,7 +8,7 @@ import torch
 
 from sinkdlm.eval.likelihood import (
     ForwardStats,
-    Settings,
+    LikelihoodConfig,
     chain_rows,
     exact_elbo,
     mask_weight,
@@ -60,7 +60,7 @@ def test_exact_elbo_weights_integrate_to_the_true_likelihood_of_a_uniform_model(
 def test_mc_mean_converges_to_the_exact_elbo(variant, guidance):
     model = tiny_model(**variant)
     exact = exact_elbo(model, CONTEXT, CONTINUATION, guidance=guidance)
-    estimate = score_pairs(model, [(CONTEXT, CONTINUATION)], Settings(mc_num=16384, guidance=guidance))[0]
+    estimate = score_pairs(model, [(CONTEXT, CONTINUATION)], LikelihoodConfig(mc_num=16384, guidance=guidance))[0]
     # tolerance: 4 standard errors (the i.i.d. formula, conservative under stratification); ~0.1 nats here
     assert estimate.stderr < 0.05
     assert abs(estimate.loglik - exact) < 4 * estimate.stderr
@@ -71,7 +71,7 @@ def test_mc_mean_converges_to_the_exact_elbo_of_its_noise_floor(eps):
     """eps = 0 is the paper's evaluation setting; the estimate must target the ELBO of the eps it uses."""
     model, continuation = VisibilityModel(), [0, 1, 2, 3, 4]  # its ELBO depends on the floor
     exact = {e: exact_elbo(model, [], continuation, eps=e) for e in (0.0, 0.1)}
-    estimate = score_pairs(model, [([], continuation)], Settings(mc_num=16384, eps=eps))[0]
+    estimate = score_pairs(model, [([], continuation)], LikelihoodConfig(mc_num=16384, eps=eps))[0]
     assert abs(exact[0.0] - exact[0.1]) > 6 * estimate.stderr  # the check below tells the floors apart
     assert abs(estimate.loglik - exact[eps]) < 4 * estimate.stderr
 
@@ -83,13 +83,13 @@ def test_a_draw_that_masks_nothing_scores_zero_not_nan():
     plan = _PairPlan(rows=[-1, 0], p=np.array([0.0, 0.5]), greedy_row=0)  # t = 0 with eps = 0: no mask
     assert _combine(plan, results, "mc").loglik == pytest.approx(-1.0)  # mean of 0 and -1 / 0.5
     with pytest.raises(Exception, match="eps=1"):
-        Settings(eps=1.0)
+        LikelihoodConfig(eps=1.0)
 
 
 def test_chain_rule_equals_its_definition_with_padding_and_batching():
     model = tiny_model(sink_tokens=1)
     pairs = [([1, 2, 3], [4, 0, 2]), ([3], [1, 1]), ([0, 4, 4, 1, 2], [3])]
-    got = score_pairs(model, pairs, Settings(estimator="chain_rule", batch_size=4))
+    got = score_pairs(model, pairs, LikelihoodConfig(estimator="chain_rule", batch_size=4))
     for (context, continuation), estimate in zip(pairs, got):
         expected, greedy = 0.0, True
         for i in range(len(continuation)):  # mask the suffix from i, score token i, one sequence at a time
@@ -109,7 +109,7 @@ def test_guidance_combines_conditional_and_prompt_masked_logits():
     with torch.no_grad():
         cond, un = model(ids)[0, -1], model(un_ids)[0, -1]
     expected = (un + (w + 1) * (cond - un)).log_softmax(-1)[4]
-    got = score_pairs(model, [(CONTEXT, [4])], Settings(estimator="chain_rule", guidance=w))[0]
+    got = score_pairs(model, [(CONTEXT, [4])], LikelihoodConfig(estimator="chain_rule", guidance=w))[0]
     assert got.loglik == pytest.approx(float(expected), abs=1e-5)
 
 
@@ -139,7 +139,7 @@ def test_stratified_t_lowers_the_variance_of_the_estimate():
     model, continuation = VisibilityModel(), [i % VOCAB for i in range(8)]
     spread = {}
     for stratified in (True, False):
-        runs = [score_pairs(model, [([], continuation)], Settings(mc_num=16, seed=s, stratified=stratified))[0]
+        runs = [score_pairs(model, [([], continuation)], LikelihoodConfig(mc_num=16, seed=s, stratified=stratified))[0]
                 for s in range(256)]
         spread[stratified] = np.var([r.loglik for r in runs])
     assert spread[True] < 0.7 * spread[False]  # measured 0.43 with these seeds
@@ -148,8 +148,8 @@ def test_stratified_t_lowers_the_variance_of_the_estimate():
 def test_common_random_numbers_share_draws_within_a_question_only():
     model = tiny_model()
     group = [(CONTEXT, CONTINUATION), (CONTEXT, CONTINUATION)]
-    shared = score_groups(model, [group], Settings(mc_num=8, crn=True))[0]
-    independent = score_groups(model, [group], Settings(mc_num=8, crn=False))[0]
+    shared = score_groups(model, [group], LikelihoodConfig(mc_num=8, crn=True))[0]
+    independent = score_groups(model, [group], LikelihoodConfig(mc_num=8, crn=False))[0]
     assert shared[0].loglik == shared[1].loglik
     assert independent[0].loglik != independent[1].loglik
 
@@ -157,12 +157,12 @@ def test_common_random_numbers_share_draws_within_a_question_only():
 def test_same_seed_gives_identical_numbers_and_dedupe_changes_only_the_cost():
     model = tiny_model()
     pairs = [(CONTEXT, CONTINUATION), ([2], [1, 3])]
-    first = score_pairs(model, pairs, Settings(mc_num=32, seed=7))
-    assert first == score_pairs(model, pairs, Settings(mc_num=32, seed=7))
-    assert first != score_pairs(model, pairs, Settings(mc_num=32, seed=8))
+    first = score_pairs(model, pairs, LikelihoodConfig(mc_num=32, seed=7))
+    assert first == score_pairs(model, pairs, LikelihoodConfig(mc_num=32, seed=7))
+    assert first != score_pairs(model, pairs, LikelihoodConfig(mc_num=32, seed=8))
     cheap, full = ForwardStats(), ForwardStats()
-    deduped = score_pairs(model, pairs, Settings(mc_num=32, seed=7), stats=cheap)
-    every = score_pairs(model, pairs, Settings(mc_num=32, seed=7, dedupe=False, batch_size=1), stats=full)
+    deduped = score_pairs(model, pairs, LikelihoodConfig(mc_num=32, seed=7), stats=cheap)
+    every = score_pairs(model, pairs, LikelihoodConfig(mc_num=32, seed=7, dedupe=False, batch_size=1), stats=full)
     for a, b in zip(deduped, every):
         assert a.loglik == pytest.approx(b.loglik, abs=1e-5)
     assert cheap.tokens < full.tokens / 3

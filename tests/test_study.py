@@ -195,7 +195,7 @@ def test_a_stopped_study_resumes_the_interrupted_run_and_redoes_nothing_finished
     from sinkdlm.training import trainer
 
     out = tmp_path / "study"
-    settings = study.StudySettings(
+    settings = study.StudyConfig(
         preset="demo", variants=["plain", "sink"], seeds=[1], out=out, data=str(tiny_data), tasks="",
         analysis_texts=1, overrides=["model.preset=tiny", "data.seq_len=32", "data.val_windows=4",
                                      "train.global_batch=4", "train.micro_batch=4", "train.progress=false",

@@ -5,6 +5,6 @@ The pipeline that ties them together for one checkpoint lives in `pipeline`; its
 re-exported here.
 """
 
-from sinkdlm.analysis.pipeline import AnalysisSettings, analyze_checkpoint, moving_sink_summary, run_analysis
+from sinkdlm.analysis.pipeline import AnalysisConfig, analyze_checkpoint, moving_sink_summary, run_analysis
 
-__all__ = ["AnalysisSettings", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]
+__all__ = ["AnalysisConfig", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]

@@ -22,7 +22,7 @@ from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis import nulls
 from sinkdlm.analysis.record import RecordSettings, record_masked, record_trajectory
 from sinkdlm.analysis.stats import (
-    DEFAULT_EPS,
+    DEFAULT_MARGIN,
     DEFAULT_STD_K,
     Rule,
     Trajectory,
@@ -31,15 +31,15 @@ from sinkdlm.analysis.stats import (
     trajectory_metrics,
 )
 from sinkdlm.errors import UserError
-from sinkdlm.settings import check_choices, setting
+from sinkdlm.fields import check_choices, setting
 
 Dtype = Literal["float32", "bfloat16"]  # analyze --dtype: names of torch dtypes
 
-__all__ = ["AnalysisSettings", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]
+__all__ = ["AnalysisConfig", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]
 
 
 @dataclass
-class AnalysisSettings:
+class AnalysisConfig:
     """What `analyze` records and measures; `sinkdlm analyze` builds its options from these fields."""
 
     mode: Literal["trajectory", "masked"] = setting(
@@ -49,7 +49,7 @@ class AnalysisSettings:
     steps: int = setting(32, "trajectory: denoising steps", at_least=1)
     gen_length: int = setting(32, "trajectory: tokens to generate", at_least=1)
     temperature: float = setting(0.0, "trajectory: sampling temperature; 0 = greedy", at_least=0)
-    eps: float = setting(DEFAULT_EPS, "sink rule of 2510.15731 on column sums", at_least=0)
+    eps: float = setting(DEFAULT_MARGIN, "the eps rule's margin (2510.15731): a key is a sink when its column sum exceeds the others' mean by it", at_least=0)
     std_k: float = setting(DEFAULT_STD_K, "sink rule: column sum above mean + k * std", at_least=0)
     rule: Rule = setting("eps", "the detection rule behind the per-layer tables")
     layers: Sequence[int] | None = setting(None, "layers to record, e.g. 0,3", unset="all", at_least=0)
@@ -114,12 +114,12 @@ def held_out_windows(path: str | Path, cfg, tok, texts: Sequence[str] | None, eo
 
 
 def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
-                 settings: AnalysisSettings | None = None,
+                 settings: AnalysisConfig | None = None,
                  windows: Tensor | None = None) -> tuple[dict[str, Any], Trajectory]:
     """Record the chosen mode, compute every metric and run the interventions."""
     from sinkdlm.sample import SampleConfig
 
-    s = settings or AnalysisSettings()
+    s = settings or AnalysisConfig()
     start = time.perf_counter()
     model, cfg = ckpt.load_model(path, s.device, getattr(torch, s.dtype))
     tok = ckpt.load_tokenizer(path)
@@ -154,7 +154,7 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
     return metrics, tr
 
 
-def null_summaries(model, tr: Trajectory, windows: Tensor | None, s: AnalysisSettings) -> dict[str, dict | None]:
+def null_summaries(model, tr: Trajectory, windows: Tensor | None, s: AnalysisConfig) -> dict[str, dict | None]:
     """The summary metrics of the recording's null models; fixed text only for a trajectory with
     held-out windows (a masked-mode recording is itself on fixed text)."""
     def summary(null: Trajectory) -> dict:
@@ -188,7 +188,7 @@ def training_val_elbo(path: str | Path) -> float | None:
     return values[-1] if values else None
 
 
-def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | None, from_text: bool) -> dict:
+def elbo_setup(path: str | Path, cfg, s: AnalysisConfig, windows: Tensor | None, from_text: bool) -> dict:
     """How the interventions' held-out ELBO is estimated, beside how training's validation ELBO was."""
     from sinkdlm.diffusion import NOISE_FLOOR
 
@@ -204,12 +204,12 @@ def elbo_setup(path: str | Path, cfg, s: AnalysisSettings, windows: Tensor | Non
 
 
 def analyze_checkpoint(path: str | Path, texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
-                       settings: AnalysisSettings | None = None, windows: Tensor | None = None) -> dict[str, Any]:
+                       settings: AnalysisConfig | None = None, windows: Tensor | None = None) -> dict[str, Any]:
     """The metrics dict of one checkpoint (`moving_sink_summary(metrics)` gives the table row)."""
     return run_analysis(path, texts, prompts, settings, windows)[0]
 
 
-def _describe(path: str | Path, cfg, s: AnalysisSettings, tr: Trajectory, tok,
+def _describe(path: str | Path, cfg, s: AnalysisConfig, tr: Trajectory, tok,
               prompt_ids: list[list[int]]) -> dict[str, Any]:
     m = cfg.model
     model = {k: getattr(m, k) for k in ("name", "n_layer", "n_head", "n_embd", "vocab_size", "sink_tokens",
@@ -223,7 +223,7 @@ def _describe(path: str | Path, cfg, s: AnalysisSettings, tr: Trajectory, tok,
     return out
 
 
-def _interventions(path, model, prompt_ids, windows, sample_cfg, eos_id, s: AnalysisSettings, tok) -> dict:
+def _interventions(path, model, prompt_ids, windows, sample_cfg, eos_id, s: AnalysisConfig, tok) -> dict:
     from sinkdlm.analysis.interventions import run_interventions
 
     results = run_interventions(path, model, prompt_ids, windows, sample_cfg, eos_id, s.top_k,

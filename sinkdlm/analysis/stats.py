@@ -20,7 +20,7 @@ from torch import Tensor
 
 Rule = Literal["eps", "std", "top1"]  # how a sink is detected (see detect)
 RULES: tuple[str, ...] = typing.get_args(Rule)
-DEFAULT_EPS = 3.0  # 2510.15731: a sink's column sum exceeds the mean of the others by 3
+DEFAULT_MARGIN = 3.0  # 2510.15731: a sink's column sum exceeds the mean of the others by 3
 DEFAULT_STD_K = 3.0  # mean + 3 std over the keys of one head
 TOP_TOKENS = 10  # most frequent sink tokens listed in the metrics
 
@@ -50,13 +50,13 @@ def _valid(colsum: Tensor, key_valid: Tensor | None) -> Tensor:
     return key_valid.expand_as(colsum).bool()
 
 
-def detect_eps(colsum: Tensor, eps: float = DEFAULT_EPS, key_valid: Tensor | None = None) -> Tensor:
-    """2510.15731: key j is a sink when c_j > mean of the other keys' c + eps."""
+def detect_eps(colsum: Tensor, margin: float = DEFAULT_MARGIN, key_valid: Tensor | None = None) -> Tensor:
+    """2510.15731: key j is a sink when c_j > mean of the other keys' c + margin."""
     valid = _valid(colsum, key_valid)
     c = colsum.masked_fill(~valid, 0.0)
     n = valid.sum(-1, keepdim=True)
     others_mean = (c.sum(-1, keepdim=True) - c) / (n - 1).clamp(min=1)
-    return valid & (c > others_mean + eps)
+    return valid & (c > others_mean + margin)
 
 
 def detect_std(colsum: Tensor, k: float = DEFAULT_STD_K, key_valid: Tensor | None = None) -> Tensor:
@@ -79,10 +79,10 @@ def detect_top1(colsum: Tensor, key_valid: Tensor | None = None) -> Tensor:
     return F.one_hot(top, colsum.shape[-1]).bool()
 
 
-def detect(colsum: Tensor, rule: str, key_valid: Tensor | None = None, eps: float = DEFAULT_EPS,
+def detect(colsum: Tensor, rule: str, key_valid: Tensor | None = None, margin: float = DEFAULT_MARGIN,
            std_k: float = DEFAULT_STD_K) -> Tensor:
     if rule == "eps":
-        return detect_eps(colsum, eps, key_valid)
+        return detect_eps(colsum, margin, key_valid)
     if rule == "std":
         return detect_std(colsum, std_k, key_valid)
     if rule == "top1":
@@ -242,9 +242,9 @@ class Trajectory:
         return keys - self.n_sink
 
 
-def detected_sets(tr: Trajectory, eps: float, std_k: float) -> dict[str, Tensor]:
+def detected_sets(tr: Trajectory, margin: float, std_k: float) -> dict[str, Tensor]:
     valid = tr.key_valid[:, None, :, None, :]
-    return {rule: detect(tr.colsum, rule, valid, eps, std_k) for rule in RULES}
+    return {rule: detect(tr.colsum, rule, valid, margin, std_k) for rule in RULES}
 
 
 # how each table pools: (axes of the (S, L, B, H) cells, axes of the (L, B, H) moving-sink tables)
@@ -326,11 +326,11 @@ def dominant_by_layer(tr: Trajectory, item: int = 0) -> Tensor:
     return tr.positions(dominant(colsum, tr.key_valid[:, None, item])).T
 
 
-def trajectory_metrics(tr: Trajectory, mask_id: int, eps: float = DEFAULT_EPS, std_k: float = DEFAULT_STD_K,
+def trajectory_metrics(tr: Trajectory, mask_id: int, margin: float = DEFAULT_MARGIN, std_k: float = DEFAULT_STD_K,
                        rule: str = "eps") -> dict[str, Any]:
     """Every sink metric of a recording: the summary (pooled over all cells) with its uniform
     baselines, and tables per layer and per (layer, head), as nested lists [layer][head] / [layer]."""
-    sets = detected_sets(tr, eps, std_k)
+    sets = detected_sets(tr, margin, std_k)
     main = sets[rule]
     per_rule = {}
     for name, s in sets.items():
@@ -342,7 +342,7 @@ def trajectory_metrics(tr: Trajectory, mask_id: int, eps: float = DEFAULT_EPS, s
     table = cells.table("summary")
     summary = {key: table.get(key) for key in SUMMARY_KEYS}  # None: undefined for this model
     return to_py({
-        "rule": rule, "eps": eps, "std_k": std_k, "steps": tr.n_steps, "layers": tr.layers,
+        "rule": rule, "eps": margin, "std_k": std_k, "steps": tr.n_steps, "layers": tr.layers,
         "n_sink": tr.n_sink, "heads": tr.colsum.shape[3],
         "summary": summary, "baselines": uniform_baselines(tr, mask_id, main),
         "per_layer_head": cells.table("per_layer_head"),

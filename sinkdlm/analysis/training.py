@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm.analysis.pipeline import AnalysisSettings, analyze_checkpoint
+from sinkdlm.analysis.pipeline import AnalysisConfig, analyze_checkpoint
 from sinkdlm.analysis.stats import to_py
 from sinkdlm.errors import UserError
+from sinkdlm.fields import comma_ints
 from sinkdlm.files import atomic_write
-from sinkdlm.settings import comma_ints
 
 ROWS_FILE = "training.json"
 FIGURE_FILE = "training.png"
@@ -75,7 +75,7 @@ def run_label(run: Path) -> tuple[str, int | None]:
     return (match["variant"], int(match["seed"])) if match else (run.name, None)
 
 
-def analyze_run(run: Path, steps: str | Sequence[int], settings: AnalysisSettings, cache: Path,
+def analyze_run(run: Path, steps: str | Sequence[int], settings: AnalysisConfig, cache: Path,
                 texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per chosen checkpoint of `run`; rows cached in `cache` under the same settings are reused."""
     key = to_py(asdict(settings))
@@ -107,11 +107,11 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def analyze_over_training(path: str | Path, out: str | Path, steps: str | Sequence[int] = "all",
-                          settings: AnalysisSettings | None = None, texts: Sequence[str] | None = None,
+                          settings: AnalysisConfig | None = None, texts: Sequence[str] | None = None,
                           prompts: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Analyse the chosen checkpoints of a run or of every run of a study; write training.json,
     training.md and training.png into `out`. Returns the rows."""
-    s = replace(settings or AnalysisSettings(), interventions=False, progress=False)
+    s = replace(settings or AnalysisConfig(), interventions=False, progress=False)
     out = Path(out)
     rows = []
     for run in find_runs(path):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkdlm import settings
-from sinkdlm.analysis import AnalysisSettings
+from sinkdlm import fields
+from sinkdlm.analysis import AnalysisConfig
 from sinkdlm.errors import UserError
 from sinkdlm.jsonl import read_text
 
-# AnalysisSettings fields that are options (the rest keep their defaults)
+# AnalysisConfig fields that are options (the rest keep their defaults)
 OPTIONS = ("mode", "levels", "steps", "gen_length", "temperature", "eps", "std_k", "rule", "layers", "map_steps",
            "top_k", "interventions", "nulls", "elbo_samples", "max_windows", "seed", "device", "dtype")
 
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", action="append",
                         help="a prompt to generate from (repeatable; default: cut from the validation data)")
     parser.add_argument("--out", required=True, help="report folder (metrics.json, PNGs, report.md)")
-    settings.add_arguments(parser, AnalysisSettings, OPTIONS)
+    fields.add_arguments(parser, AnalysisConfig, OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--text {path} does not exist; pass a UTF-8 text file")
         texts = [read_text(path)]
     check_out(Path(args.out))
-    chosen = AnalysisSettings(**settings.values_from(args, OPTIONS))
+    chosen = AnalysisConfig(**fields.values_from(args, OPTIONS))
     if args.checkpoint_steps is not None:
         return _over_training(args, texts, chosen)
     metrics, trajectory = run_analysis(args.checkpoint, texts=texts, prompts=args.prompt, settings=chosen)
@@ -62,7 +62,7 @@ def check_out(out: Path) -> None:
                         f"(created if missing)")
 
 
-def _over_training(args: argparse.Namespace, texts: list[str] | None, chosen: AnalysisSettings) -> int:
+def _over_training(args: argparse.Namespace, texts: list[str] | None, chosen: AnalysisConfig) -> int:
     from sinkdlm.analysis.training import FIGURE_FILE, TABLE_FILE, analyze_over_training, parse_steps
 
     steps = parse_steps(args.checkpoint_steps)

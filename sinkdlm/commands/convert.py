@@ -7,11 +7,11 @@ import argparse
 
 from sinkdlm.checkpoint import load_config_of, load_meta
 from sinkdlm.config import SMDM_SEQ_LEN, ModelConfig
+from sinkdlm.fields import choices_of, field_types
 from sinkdlm.interop.added_rows import SINK_INITS
 from sinkdlm.interop.convert import AR_BLOCK_SIZE, KNOWN_GGUF, NATIVE, convert
 from sinkdlm.interop.smdm import DEFAULT_TOKENIZER as SMDM_TOKENIZER
 from sinkdlm.interop.smdm import SUFFIXES as SMDM_SUFFIXES
-from sinkdlm.settings import choices_of, field_types
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 from sinkdlm.errors import UserError
-from sinkdlm.eval.likelihood import Estimator, Settings
+from sinkdlm.eval.likelihood import Estimator, LikelihoodConfig
 from sinkdlm.eval.presets import LIKELIHOOD_PRESETS
-from sinkdlm.eval.run import EVAL_SUBDIR, SHARED_FIELDS, EvalOptions, evaluate_checkpoint, load_results, markdown_table
+from sinkdlm.eval.run import EVAL_SUBDIR, SHARED_FIELDS, EvalConfig, evaluate_checkpoint, load_results, markdown_table
+from sinkdlm.fields import choices_of
 from sinkdlm.sample import SAMPLING_FIELDS
-from sinkdlm.settings import choices_of
 
 
 def key_values(text: str) -> dict[str, str]:
@@ -44,9 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help="unsupervised classifier-free guidance weight, for scoring and sampling "
                              "(default: the preset's per task for scoring, none for sampling)")
-    parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="sequences per forward")
+    parser.add_argument("--batch-size", type=int, default=LikelihoodConfig.batch_size, help="sequences per forward")
     parser.add_argument("--seed", type=int, default=None,
-                        help=f"seeds the Monte Carlo masks and the sampler (default: {Settings.seed} for the "
+                        help=f"seeds the Monte Carlo masks and the sampler (default: {LikelihoodConfig.seed} for the "
                              f"masks, the sampler's own default for generation)")
     parser.add_argument("--no-crn", action="store_true", help="independent random numbers for each choice")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise UserError("--checkpoint is required (or use --compare DIR ...)")
-    options = EvalOptions(preset=args.preset, limit=args.limit, mc_num=args.mc_num, estimator=args.estimator,
+    options = EvalConfig(preset=args.preset, limit=args.limit, mc_num=args.mc_num, estimator=args.estimator,
                           guidance=args.guidance, batch_size=args.batch_size, seed=args.seed, crn=not args.no_crn,
                           device=args.device, num_fewshot=args.num_fewshot, sampling=key_values(args.sampling),
                           log_samples=args.log_samples)

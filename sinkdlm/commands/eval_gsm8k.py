@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from sinkdlm import settings
-from sinkdlm.eval.gsm8k import DEFAULT_PRESET, GSM8K_PRESETS, SYNTHETIC, GSM8KSettings, exact, preset_for
+from sinkdlm import fields
+from sinkdlm.eval.gsm8k import DEFAULT_PRESET, GSM8K_PRESETS, SYNTHETIC, GSM8KConfig, exact, preset_for
 from sinkdlm.sample import DEFAULT_BATCH, SampleConfig
 
 # SampleConfig fields whose options override the preset's stage 1
@@ -48,21 +48,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="problems per forward; a problem's output does not depend on it")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    settings.add_arguments(parser, SampleConfig, SAMPLE_FIELDS, overrides_preset=True)
+    fields.add_arguments(parser, SampleConfig, SAMPLE_FIELDS, overrides_preset=True)
 
 
-def settings_from(args: argparse.Namespace) -> GSM8KSettings:
+def settings_from(args: argparse.Namespace) -> GSM8KConfig:
     preset = GSM8K_PRESETS[preset_for(args.data, args.preset)]
     preset = exact(preset) if args.exact else preset
-    first = dataclasses.replace(preset.first, **settings.values_from(args, SAMPLE_FIELDS, given_only=True))
+    first = dataclasses.replace(preset.first, **fields.values_from(args, SAMPLE_FIELDS, given_only=True))
     return dataclasses.replace(preset, first=first, second=None if args.one_stage else preset.second)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkdlm.eval.gsm8k import SAMPLES, evaluate_checkpoint, summary_line
+    from sinkdlm.eval.gsm8k import SAMPLES, evaluate_gsm8k, summary_line
 
     name = preset_for(args.data, args.preset) + (" (exact)" if args.exact else "")
-    out, summary = evaluate_checkpoint(args.checkpoint, settings_from(args), args.data, args.limit, args.out,
+    out, summary = evaluate_gsm8k(args.checkpoint, settings_from(args), args.data, args.limit, args.out,
                                        args.overwrite, args.batch_size, args.device, not args.no_progress, name)
     data = "synthetic (NOT GSM8K)" if args.data == SYNTHETIC else "GSM8K"
     print(f"{summary_line(summary, data)}; samples: {out / SAMPLES}")

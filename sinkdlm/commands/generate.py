@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from sinkdlm import settings
+from sinkdlm import fields
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_open
 from sinkdlm.jsonl import is_jsonl, read_jsonl, read_text
@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="text: prompt and completion as plain text; jsonl: one JSON object per line; "
                              "auto: text on a terminal, jsonl into a file or a pipe")
-    settings.add_arguments(parser, SampleConfig)
+    fields.add_arguments(parser, SampleConfig)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                         help="prompts per forward; a completion does not depend on it")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
@@ -94,7 +94,7 @@ def format_sample(fmt: str, number: int, prompt: str, completion: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.sample import complete
 
-    cfg = SampleConfig(**settings.values_from(args, SampleConfig))  # checked before loading anything
+    cfg = SampleConfig(**fields.values_from(args, SampleConfig))  # checked before loading anything
     if args.batch_size <= 0:
         raise UserError(f"--batch-size={args.batch_size} must be > 0")
     prompts = labelled_prompts(args)

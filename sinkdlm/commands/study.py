@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from sinkdlm.experiments import study
-from sinkdlm.settings import comma_ints
+from sinkdlm.fields import comma_ints
 from sinkdlm.training.recipes import add_overrides_argument
 
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     if args.flops is not None:
         overrides.append(f"train.flops={args.flops}")
-    chosen = study.StudySettings(
+    chosen = study.StudyConfig(
         preset=args.preset, variants=study.parse_variants(args.variants) if args.variants else None,
         seeds=seeds_of(args.seeds), out=Path(args.out) if args.out else None, data=args.data, overrides=overrides,
         tasks=args.tasks, limit=args.limit, mc_num=args.mc_num, analysis_texts=args.analysis_texts,

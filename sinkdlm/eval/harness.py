@@ -38,13 +38,21 @@ from sinkdlm.checkpoint import load_meta, load_model, load_tokenizer, resolve
 from sinkdlm.data.tokenizer import eos_id as tokenizer_eos
 from sinkdlm.errors import UserError
 from sinkdlm.eval import presets
-from sinkdlm.eval.likelihood import Estimate, ForwardStats, Pair, Settings, rolling_pairs, score_groups, stable_key
+from sinkdlm.eval.likelihood import (
+    Estimate,
+    ForwardStats,
+    LikelihoodConfig,
+    Pair,
+    rolling_pairs,
+    score_groups,
+    stable_key,
+)
+from sinkdlm.fields import check_allowed, field_types, without_none
 from sinkdlm.sample import SAMPLING_FIELDS, SampleConfig, generate
-from sinkdlm.settings import check_allowed, field_types, without_none
 
 MODEL_NAME = "sinkdlm"
 GROUPS_PER_CALL = 8  # questions scored together, so short rows of several fill one batch
-DEFAULT_BATCH = Settings.batch_size
+DEFAULT_BATCH = LikelihoodConfig.batch_size
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default, for tasks that set no max_gen_toks
 # arguments lm-eval's simple_evaluate adds to every model's; meaningless here
 LM_EVAL_EXTRAS = ("max_batch_size",)
@@ -227,7 +235,7 @@ class DiffusionLM(LM):
         self.bos = leading_special_tokens(self.tokenizer) if add_bos else []
         self.batch_size = batch_size_value(batch_size)
         given = dict(guidance=(guidance, float), mc_num=(mc_num, int), eps=(eps, float),
-                     seed=(Settings.seed if seed is None else seed, int))
+                     seed=(LikelihoodConfig.seed if seed is None else seed, int))
         self.overrides = {k: None if v is None else typed(k, v, kind, "model_args") for k, (v, kind) in given.items()}
         self.overrides.update(estimator=estimator, crn=typed("crn", crn, bool, "model_args"),
                               batch_size=self.batch_size)
@@ -235,7 +243,7 @@ class DiffusionLM(LM):
         self.stats = ForwardStats()
         self.estimates: dict[str, list[Estimate]] = defaultdict(list)  # per task, for MC standard errors
 
-    def settings_for(self, task: str) -> Settings:
+    def settings_for(self, task: str) -> LikelihoodConfig:
         return presets.task_settings(self.preset, task, **self.overrides)
 
     # ---- data parallel (lm-eval's evaluator calls these when world_size > 1) ----

@@ -30,14 +30,14 @@ import torch
 from torch import Tensor
 
 from sinkdlm.diffusion import NOISE_FLOOR
-from sinkdlm.settings import check_choices, setting
+from sinkdlm.fields import check_choices, setting
 
 Estimator = Literal["mc", "chain_rule"]
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 
 @dataclass(frozen=True)
-class Settings:
+class LikelihoodConfig:
     estimator: Estimator = setting("mc", "mc: Monte Carlo over masking levels; chain_rule: one token at a time")
     mc_num: int = setting(128, "MC samples per continuation (SMDM used 1024; LLaDA and Dream 128)", at_least=1)
     eps: float = setting(NOISE_FLOOR, "noise floor of p = (1 - eps) t + eps, as in training (the paper "
@@ -219,7 +219,7 @@ def _plan_mc(table: _RowTable, pair: Pair, p: np.ndarray, masks: np.ndarray, mas
     return _PairPlan(rows, p, table.add(masked_row(context, continuation, everything, mask_id)))
 
 
-def _plan_group(table: _RowTable, group: Sequence[Pair], key: int, s: Settings, mask_id: int) -> list[_PairPlan]:
+def _plan_group(table: _RowTable, group: Sequence[Pair], key: int, s: LikelihoodConfig, mask_id: int) -> list[_PairPlan]:
     if s.estimator == "chain_rule":
         return [_PairPlan([table.add(r) for r in chain_rows(c, x, mask_id)]) for c, x in group]
     longest = max(len(x) for _, x in group)
@@ -246,7 +246,7 @@ def _combine(plan: _PairPlan, results: list[tuple[Tensor, Tensor]], estimator: s
     return Estimate(float(scores.mean()), stderr, bool(results[plan.greedy_row][1].all()))
 
 
-def score_groups(model: torch.nn.Module, groups: Sequence[Sequence[Pair]], settings: Settings,
+def score_groups(model: torch.nn.Module, groups: Sequence[Sequence[Pair]], settings: LikelihoodConfig,
                  keys: Sequence[int] | None = None, stats: ForwardStats | None = None) -> list[list[Estimate]]:
     """One Estimate per (context, continuation) pair; a group's pairs share random numbers (CRN).
 
@@ -260,7 +260,7 @@ def score_groups(model: torch.nn.Module, groups: Sequence[Sequence[Pair]], setti
     return [[_combine(plan, results, settings.estimator) for plan in group] for group in plans]
 
 
-def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], settings: Settings,
+def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], settings: LikelihoodConfig,
                 stats: ForwardStats | None = None) -> list[Estimate]:
     """Each pair on its own (no shared random numbers between pairs)."""
     return [g[0] for g in score_groups(model, [[p] for p in pairs], settings, stats=stats)]

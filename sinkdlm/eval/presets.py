@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sinkdlm.errors import UserError
-from sinkdlm.eval.likelihood import Settings
+from sinkdlm.eval.likelihood import LikelihoodConfig
 
 DEFAULT_MC_NUM = 128  # LLaDA's and Dream's choice; fast enough for CPU runs
 PAPER_MC_NUM = 1024  # SMDM's
@@ -44,7 +44,7 @@ class Preset:
 
 
 LIKELIHOOD_PRESETS: dict[str, Preset] = {
-    "default": Preset(DEFAULT_MC_NUM, Settings.eps, add_bos=False, tasks={}),
+    "default": Preset(DEFAULT_MC_NUM, LikelihoodConfig.eps, add_bos=False, tasks={}),
     "paper": Preset(PAPER_MC_NUM, PAPER_EPS, add_bos=True, tasks=PAPER_TASKS),
 }
 
@@ -55,14 +55,14 @@ def check_preset(name: str) -> Preset:
     return LIKELIHOOD_PRESETS[name]
 
 
-def task_settings(preset: str, task: str, **overrides: Any) -> Settings:
+def task_settings(preset: str, task: str, **overrides: Any) -> LikelihoodConfig:
     """The preset's settings for `task`; overrides that are not None win (e.g. mc_num=128)."""
     chosen = check_preset(preset)
     estimator, guidance = chosen.tasks.get(task, ("mc", 0.0))
     values = {"estimator": estimator, "guidance": guidance, "mc_num": chosen.mc_num, "eps": chosen.eps}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(Settings)}
+    known = {f.name for f in dataclasses.fields(LikelihoodConfig)}
     unknown = set(values) - known
     if unknown:
         raise UserError(f"unknown estimator setting(s) {sorted(unknown)}; valid: {sorted(known)}")
-    return Settings(**values)
+    return LikelihoodConfig(**values)

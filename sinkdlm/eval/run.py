@@ -20,12 +20,12 @@ from typing import Any
 from sinkdlm.checkpoint import resolve
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
-from sinkdlm.eval import benchmarks
-from sinkdlm.eval.likelihood import Estimator, Settings
+from sinkdlm.eval import task_data
+from sinkdlm.eval.likelihood import Estimator, LikelihoodConfig
+from sinkdlm.fields import check_choices, setting
 from sinkdlm.files import atomic_write
 from sinkdlm.intervals import format_share
 from sinkdlm.optional import require
-from sinkdlm.settings import check_choices, setting
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -46,7 +46,7 @@ CHANCE_LABEL = "chance (1 / options)"
 
 
 @dataclass
-class EvalOptions:
+class EvalConfig:
     """How `evaluate_checkpoint` scores: the preset's per-task settings, and what overrides them."""
 
     preset: str = setting("default", "likelihood preset: per-task estimator settings")
@@ -55,8 +55,8 @@ class EvalOptions:
     estimator: Estimator | None = setting(None, "likelihood estimator", unset="the preset's per task")
     guidance: float | None = setting(None, "classifier-free guidance weight", unset="the preset's per task",
                                      at_least=0)
-    batch_size: int = setting(Settings.batch_size, "sequences per forward", at_least=1)
-    seed: int | None = setting(None, "seed", unset="Settings.seed for the MC masks, SampleConfig's for the sampler",
+    batch_size: int = setting(LikelihoodConfig.batch_size, "sequences per forward", at_least=1)
+    seed: int | None = setting(None, "seed", unset="LikelihoodConfig.seed for the MC masks, SampleConfig's for the sampler",
                                at_least=0)
     crn: bool = setting(True, "common random numbers across the choices of a question")
     device: str = setting("cpu", "torch device, e.g. cuda")
@@ -72,12 +72,12 @@ def check_task_names(tasks: list[str]) -> None:
     """A task without an offline copy that is one typo away from one that has it is a typo, not a Hub
     task: say so at once rather than after lm-eval tries the Hub."""
     for task in tasks:
-        if task in benchmarks.OFFLINE_TASKS or task in benchmarks.NOT_OFFLINE:
+        if task in task_data.OFFLINE_TASKS or task in task_data.NOT_OFFLINE:
             continue
-        close = difflib.get_close_matches(task, list(benchmarks.OFFLINE_TASKS), n=1, cutoff=TYPO_CUTOFF)
+        close = difflib.get_close_matches(task, list(task_data.OFFLINE_TASKS), n=1, cutoff=TYPO_CUTOFF)
         if close:
             raise UserError(f"unknown task {task!r}; did you mean {close[0]!r}? offline tasks: "
-                            f"{', '.join(sorted(benchmarks.OFFLINE_TASKS))}")
+                            f"{', '.join(sorted(task_data.OFFLINE_TASKS))}")
 
 
 def import_harness() -> Any:
@@ -88,14 +88,14 @@ def import_harness() -> Any:
     return harness
 
 
-def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalOptions,
+def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalConfig,
                         output: str | Path | None = None) -> tuple[dict[str, Any] | None, Path]:
     """Run `tasks` on the checkpoint; write results.json and results.md into `output` (default:
     <checkpoint>/eval) and return (results, that folder). Under torchrun only rank 0 writes and gets
     the results; the other ranks get None."""
     ckpt = resolve(checkpoint)
     harness = import_harness()  # before fetching any benchmark data
-    tasks = [benchmarks.canonical(t) for t in tasks if t]
+    tasks = [task_data.canonical(t) for t in tasks if t]
     check_task_names(tasks)
     harness.split_model_args(options.sampling)  # a typo fails now, not after the likelihood tasks
     shared = sorted(set(options.sampling) & set(SHARED_FIELDS))
@@ -103,16 +103,16 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalO
         raise UserError(f"set {', '.join(shared)} with --{' / --'.join(shared)} (not in --sampling): one value "
                         f"serves the likelihood tasks and the sampler")
     rank, world, _ = harness.init_distributed(options.device)
-    local = [t for t in tasks if t in benchmarks.OFFLINE_TASKS]
+    local = [t for t in tasks if t in task_data.OFFLINE_TASKS]
     if rank == 0:
-        benchmarks.materialise(local)
+        task_data.materialise(local)
     if world > 1:  # the other ranks read what rank 0 wrote
         import torch.distributed as dist
 
         dist.barrier()
     hub_tasks = [t for t in tasks if t not in local]
     if hub_tasks:
-        require_hub(f"tasks {hub_tasks} (no offline copy: {', '.join(sorted(benchmarks.OFFLINE_TASKS))} have one)")
+        require_hub(f"tasks {hub_tasks} (no offline copy: {', '.join(sorted(task_data.OFFLINE_TASKS))} have one)")
     if len(local) == len(tasks):  # nothing needs the Hub: never wait on it
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +130,7 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: list[str], options: EvalO
     return results, out
 
 
-def _simple_evaluate(harness: Any, ckpt: Path, tasks: list[str], options: EvalOptions,
+def _simple_evaluate(harness: Any, ckpt: Path, tasks: list[str], options: EvalConfig,
                      needs_hub: bool) -> dict[str, Any] | None:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -138,14 +138,14 @@ def _simple_evaluate(harness: Any, ckpt: Path, tasks: list[str], options: EvalOp
     model = harness.DiffusionLM(pretrained=str(ckpt), device=options.device, batch_size=options.batch_size,
                                 preset=options.preset, estimator=options.estimator, guidance=options.guidance,
                                 mc_num=options.mc_num, seed=options.seed, crn=options.crn, **options.sampling)
-    manager = TaskManager(include_path=str(benchmarks.tasks_dir()), include_defaults=needs_hub)
+    manager = TaskManager(include_path=str(task_data.tasks_dir()), include_defaults=needs_hub)
     try:
         results = lm_eval.simple_evaluate(model=model, tasks=tasks, limit=options.limit, task_manager=manager,
                                           num_fewshot=options.num_fewshot, bootstrap_iters=PERPLEXITY_BOOTSTRAP,
                                           log_samples=options.log_samples)
     except (ConnectionError, OSError, KeyError, ValueError) as e:
-        missing = [t for t in tasks if t not in benchmarks.OFFLINE_TASKS]
-        hint = "; ".join(benchmarks.NOT_OFFLINE.get(t, f"{t} has no offline copy and needs the Hub") for t in missing)
+        missing = [t for t in tasks if t not in task_data.OFFLINE_TASKS]
+        hint = "; ".join(task_data.NOT_OFFLINE.get(t, f"{t} has no offline copy and needs the Hub") for t in missing)
         raise UserError(f"lm-eval could not load tasks {tasks} ({type(e).__name__}: {str(e)[:200]})"
                         + (f"; {hint}" if hint else "")) from None
     info = _run_info(ckpt, tasks, options, model)  # every rank takes part in its gathering
@@ -154,7 +154,7 @@ def _simple_evaluate(harness: Any, ckpt: Path, tasks: list[str], options: EvalOp
     return results
 
 
-def _run_info(ckpt: Path, tasks: list[str], options: EvalOptions, model: Any) -> dict[str, Any]:
+def _run_info(ckpt: Path, tasks: list[str], options: EvalConfig, model: Any) -> dict[str, Any]:
     """What produced the numbers: checkpoint, per-task settings, forward counts and mean MC standard
     error over every rank, the processes that shared the work."""
     per_rank = model.gather_object((dict(model.estimates), vars(model.stats))) or []
@@ -238,5 +238,5 @@ def markdown_table(all_results: list[dict[str, Any]]) -> str:
 
 def _chance_cell(task: str, key: str) -> str:
     """A uniform guess's accuracy in percent, for a multiple-choice task's accuracy column; else blank."""
-    options = CHOICES.get(benchmarks.canonical(task))
+    options = CHOICES.get(task_data.canonical(task))
     return f"{PERCENT / options:.1f}" if options and key == f"{METRIC},none" else ""

@@ -28,9 +28,9 @@ from sinkdlm.config import (
 from sinkdlm.errors import UserError
 from sinkdlm.experiments import study_report as report
 from sinkdlm.experiments.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
+from sinkdlm.fields import check_choices, setting
 from sinkdlm.files import atomic_write
 from sinkdlm.optional import available, install_hint, require
-from sinkdlm.settings import check_choices, setting
 
 # variant name -> model overrides (each a field of the one model; see README), or a function of the
 # plain model giving them (the parameter-matched gate narrows the MLP by what the gate adds)
@@ -69,7 +69,7 @@ PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS)}
 
 
 @dataclass
-class StudySettings:
+class StudyConfig:
     preset: str = setting("demo", "demo, cpu or an SMDM size")
     variants: list[str] | None = setting(None, "model variants to compare", unset="the preset's")
     seeds: list[int] = setting([1], "training seeds of every variant", at_least=0)
@@ -260,17 +260,17 @@ def evaluate_runs(runs: list[Run], evaluators: list[Evaluator]) -> None:
 
 def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], dict[str, float]]:
     """Offline benchmark accuracy (%) through the lm-eval model, when lm-eval is installed."""
-    from sinkdlm.eval.run import EvalOptions, accuracies, evaluate_checkpoint
+    from sinkdlm.eval.run import EvalConfig, accuracies, evaluate_checkpoint
 
     def evaluate(run: Run) -> dict[str, float]:
-        results, _ = evaluate_checkpoint(run.out, tasks.split(","), EvalOptions(limit=limit, mc_num=mc_num),
+        results, _ = evaluate_checkpoint(run.out, tasks.split(","), EvalConfig(limit=limit, mc_num=mc_num),
                                          run.out / "eval")
         return {f"{task}{ACCURACY_SUFFIX}": acc for task, acc in accuracies(results).items()}
 
     return evaluate
 
 
-def default_evaluators(s: StudySettings) -> list[Evaluator]:
+def default_evaluators(s: StudyConfig) -> list[Evaluator]:
     evaluators = [sink_evaluator(s.analysis_texts)]
     if s.tasks:
         if available("lm_eval"):
@@ -300,11 +300,11 @@ def sink_columns(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, f
 def sink_evaluator(n_texts: int) -> Evaluator:
     """Sink metrics of a denoising trajectory, their baselines and null models (sinkdlm analyze, no
     interventions); the full report with figures goes to <run>/analysis."""
-    from sinkdlm.analysis import AnalysisSettings, run_analysis
+    from sinkdlm.analysis import AnalysisConfig, run_analysis
     from sinkdlm.analysis.report import write_report
 
     def evaluate(run: Run) -> tuple[dict[str, float], dict[str, float]]:
-        settings = AnalysisSettings(interventions=False, max_windows=n_texts, max_prompts=n_texts,
+        settings = AnalysisConfig(interventions=False, max_windows=n_texts, max_prompts=n_texts,
                                     progress=False, seed=run.seed)
         metrics, trajectory = run_analysis(run.out, settings=settings)
         write_report(run.out / "analysis", metrics, trajectory)
@@ -315,12 +315,12 @@ def sink_evaluator(n_texts: int) -> Evaluator:
 
 def sinks_over_training(runs: list[Run], out: Path, n_texts: int) -> None:
     """Analyse every kept checkpoint of every run (cached per run) and draw one line per variant."""
-    from sinkdlm.analysis import AnalysisSettings
+    from sinkdlm.analysis import AnalysisConfig
     from sinkdlm.analysis.training import analyze_run, write_training
 
     rows = []
     for run in runs:
-        settings = AnalysisSettings(interventions=False, max_windows=n_texts, max_prompts=n_texts, progress=False,
+        settings = AnalysisConfig(interventions=False, max_windows=n_texts, max_prompts=n_texts, progress=False,
                                     seed=run.seed)
         rows += analyze_run(run.out, "all", settings, out / f"{run.out.name}.json")
     write_training(rows, out, f"sinks over training: {out.parent.name}")
@@ -329,7 +329,7 @@ def sinks_over_training(runs: list[Run], out: Path, n_texts: int) -> None:
 # ---- the whole study ------------------------------------------------------------------------------
 
 
-def run_study(s: StudySettings) -> list[Run] | None:
+def run_study(s: StudyConfig) -> list[Run] | None:
     """Train, evaluate, follow the sinks over training and write the comparison; None on ranks > 0."""
     require("matplotlib", "sinkdlm study (its figures)")  # before the corpus download and hours of training
     variants = s.variants or PRESET_DATA.get(s.preset, (None, PAPER_VARIANTS))[1]
