@@ -193,7 +193,7 @@ def fsdp_round_trip(preset: ModelConfig, device: torch.device) -> dict[str, Any]
     model, optimizer = build(cfg, fabric, None)
     ids = torch.randint(preset.require_vocab(), (1, preset.block_size), device=fabric.device)
     started = time.perf_counter()
-    loss = diffusion_loss(model, ids, None, cfg.model.mask_id, t.seed, 0, [0], 1, t.t_sampling, t.eps)
+    loss = diffusion_loss(model, cfg, ids, None, 0, [0])
     fabric.backward(loss)
     optimizer.step()
     common.synchronize(device)

@@ -159,8 +159,8 @@ def test_nan_loss_stops_and_names_the_step(tiny_data, tmp_path, monkeypatch):
     import sinkdlm.training.trainer as trainer
 
     real = trainer.diffusion_loss
-    monkeypatch.setattr(trainer, "diffusion_loss", lambda m, ids, *a: real(m, ids, *a) * (
-        float("nan") if a[3] == 4 else 1.0))  # a[3] is the step
+    monkeypatch.setattr(trainer, "diffusion_loss", lambda m, cfg, ids, response, step, *a: real(
+        m, cfg, ids, response, step, *a) * (float("nan") if step == 4 else 1.0))
     with pytest.raises(UserError, match="loss is nan at step 4.*step-00000003"):
         train(tiny_train_config(tiny_data, tmp_path / "run", steps=6))
 

@@ -113,13 +113,16 @@ def sft_source(cfg: Config) -> Source:
 # the objective
 
 
-def diffusion_loss(model: torch.nn.Module, ids: Tensor, response: Tensor | None, mask_id: int, seed: int,
-                   step: int, indices: list[int], batch: int, t_mode: str, eps: float,
-                   attention: Tensor | None = None) -> Tensor:
-    """The ELBO for one micro-batch: mask with p(t), predict the masked tokens, weight by 1/p."""
-    p = diffusion.noise_level(diffusion.draw_t(seed, step, indices, batch, t_mode), eps)
-    uniforms = diffusion.draw_uniforms(seed, step, indices, ids.shape[1])
-    noisy, masked = diffusion.mask_tokens(ids, p, uniforms, mask_id, maskable=response)
+def diffusion_loss(model: torch.nn.Module, cfg: Config, ids: Tensor, response: Tensor | None, step: int,
+                   indices: list[int], attention: Tensor | None = None) -> Tensor:
+    """The ELBO for one micro-batch: mask with p(t), predict the masked tokens, weight by 1/p.
+
+    `indices` are the rows' places in the global batch of `step`: with cfg.train's seed they key every
+    draw, so a row's masks do not depend on the micro-batch or the process it lands in."""
+    t = cfg.train
+    p = diffusion.noise_level(diffusion.draw_t(t.seed, step, indices, t.global_batch, t.t_sampling), t.eps)
+    uniforms = diffusion.draw_uniforms(t.seed, step, indices, ids.shape[1])
+    noisy, masked = diffusion.mask_tokens(ids, p, uniforms, cfg.model.mask_id, maskable=response)
     weights = diffusion.pretrain_weights(ids) if response is None else diffusion.sft_weights(response)
     return diffusion.elbo_loss(model(noisy, attention), ids, masked, p, weights)
 
@@ -753,9 +756,7 @@ class Loop:
             ids = ids[:, :length].to(self.fabric.device)
             response = None if response is None else response[:, :length].to(self.fabric.device)
             with self.fabric.no_backward_sync(self.model, enabled=micro < self.accum - 1):
-                loss = diffusion_loss(self.model, ids, response, cfg.model.mask_id, train_cfg.seed, step, indices,
-                                      train_cfg.global_batch, train_cfg.t_sampling, train_cfg.eps,
-                                      attention) / self.accum
+                loss = diffusion_loss(self.model, cfg, ids, response, step, indices, attention) / self.accum
                 self.fabric.backward(loss)
             total += loss.detach()
         loss_value = float(self.fabric.all_reduce(total, reduce_op="mean"))
