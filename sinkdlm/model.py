@@ -11,7 +11,7 @@ code's: sinks spliced into the sequence with a dense (S+T)^2 mask; it is the tes
 are dropped before the final norm, so logits cover only the real tokens.
 
 `DLM.forward` is the one forward of the network: training, likelihood scoring (logits only where
-asked), the sampler's approximate KV caches (a `KVCache` and the rows being recomputed) and
+asked), the sampler's approximate KV caches (a `KVCache` and the rows being recomputed, `query_index`) and
 analysis (an observer of each layer's attention) all run it.
 """
 
@@ -125,20 +125,20 @@ class MLP(nn.Module):
 
 class KVCache:
     """Per layer the keys and values (B, H, W, D) of every position of the input: Fast-dLLM's
-    approximate cache. A forward given the cache and no query rows fills it; one given query rows
+    approximate cache. A forward given the cache and no query_index fills it; one given query_index
     (B, N) recomputes only those, writes their new keys/values, and attends to the stored ones
     elsewhere (stale where a token has changed since they were stored)."""
 
     def __init__(self) -> None:
         self.layers: dict[int, KV] = {}
 
-    def update(self, layer: int, k: Tensor, v: Tensor, rows: Tensor | None) -> KV:
-        """Store (rows None) or overwrite the query rows' keys/values; return the whole layer's."""
-        if rows is None:
+    def update(self, layer: int, k: Tensor, v: Tensor, query_index: Tensor | None) -> KV:
+        """Store (query_index None) or overwrite the keys/values at query_index; return the whole layer's."""
+        if query_index is None:
             self.layers[layer] = (k.clone(), v.clone())
             return k, v
         keys, values = self.layers[layer]
-        where = rows[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        where = query_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
         keys.scatter_(2, where, k)
         values.scatter_(2, where, v)
         return keys, values
@@ -155,24 +155,24 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, sink_kv: KV | None = None,
-                cache: KVCache | None = None, rows: Tensor | None = None, observer: Observer | None = None,
+                cache: KVCache | None = None, query_index: Tensor | None = None, observer: Observer | None = None,
                 zero_value_at: Tensor | None = None) -> Tensor:
         """x (B, N, E): the rows computed (the reference layout splices the sinks in).
 
         sink_kv: this layer's sink keys (rotated) and values, (B|1, H, S, D), put before the content's.
-        cache/rows: the other positions' keys/values are read from the cache (see KVCache).
+        cache/query_index: the other positions' keys/values are read from the cache (see KVCache).
         """
-        return self._layer(x, rope, mask, sink_kv, cache, rows, observer, zero_value_at)[0]
+        return self._layer(x, rope, mask, sink_kv, cache, query_index, observer, zero_value_at)[0]
 
     def _layer(self, x: Tensor, rope: Rope, mask: Tensor | None, sink_kv: KV | None, cache: KVCache | None,
-               rows: Tensor | None, observer: Observer | None, zero_value_at: Tensor | None) -> tuple[Tensor, KV]:
+               query_index: Tensor | None, observer: Observer | None, zero_value_at: Tensor | None) -> tuple[Tensor, KV]:
         """The layer's output and the keys/values its queries attended over."""
         h = self.norm_attn(x)
         q, k, v = self.attn.qkv(h, rope)
         if zero_value_at is not None:  # reference layout, zero-value sink
             v = v.masked_fill(zero_value_at[None, None, :, None], 0.0)
         if cache is not None:
-            k, v = cache.update(self.index, k, v, rows)
+            k, v = cache.update(self.index, k, v, query_index)
         n_sink = 0
         if sink_kv is not None:
             ks, vs = sink_kv
@@ -262,13 +262,13 @@ class DLM(nn.Module):
         return ar[:t], attention.row_lengths(cmask, t, device)[:, None] + ar[None, :s]
 
     def forward(self, idx: Tensor, attention_mask: Tensor | None = None, logits_at: Tensor | None = None,
-                kv: KVCache | None = None, query_index: Tensor | None = None,
+                cache: KVCache | None = None, query_index: Tensor | None = None,
                 observer: Observer | None = None) -> Tensor:
         """idx (B, W) token ids (mask id = vocab_size) -> logits (B, W, vocab).
 
         attention_mask: (B, W) with 1 = real, 0 = padding, or a (B|1, 1, W, W) bool matrix of the
         content keys each query may see.
-        kv: a KVCache to fill, or with query_index (B, N) positions of idx, to read: only those
+        cache: a KVCache to fill, or with query_index (B, N) positions of idx, to read: only those
         positions are computed (needs self-only sinks), (B, N, vocab).
         logits_at: (N, 2) (row, column) pairs of the computed positions (columns of idx, or of
         query_index when given): only those logits are computed, (N, vocab) row by row (the LM head
@@ -276,14 +276,14 @@ class DLM(nn.Module):
         observer: sees every layer's attention (see Observer); attention then runs eagerly.
         The fast layout serves the KV cache and the observer whatever attn_impl says.
         """
-        if query_index is not None and (kv is None or self.cfg.logit_shift):
+        if query_index is not None and (cache is None or self.cfg.logit_shift):
             raise ValueError("query_index needs a KVCache and an unshifted model")
         x = self.wte(idx if query_index is None else idx.gather(1, query_index))
         cmask = attention.content_mask(attention_mask, self.cfg.causal, idx.shape[1], idx.device)
-        if self.cfg.sink_tokens and self.cfg.attn_impl == "reference" and observer is None and kv is None:
+        if self.cfg.sink_tokens and self.cfg.attn_impl == "reference" and observer is None and cache is None:
             x = self._run_reference(x, cmask)
         else:
-            x = self._run_fast(x, idx.shape[1], cmask, kv, query_index, observer)
+            x = self._run_fast(x, idx.shape[1], cmask, cache, query_index, observer)
         return self._logits(x, logits_at)
 
     def _logits(self, x: Tensor, logits_at: Tensor | None) -> Tensor:
@@ -307,20 +307,20 @@ class DLM(nn.Module):
         cos, sin = rope_cache(positions, self.cfg.hd, self.cfg.rope_base)
         return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
-    def _run_fast(self, x: Tensor, w: int, cmask: Tensor | None, kv: KVCache | None, rows: Tensor | None,
+    def _run_fast(self, x: Tensor, w: int, cmask: Tensor | None, cache: KVCache | None, query_index: Tensor | None,
                   observer: Observer | None) -> Tensor:
         """Content rows x (B, N, E) of a width-w input; sinks as [sink keys; content keys]."""
         pos_c, pos_s = self.positions(w, cmask, x.device)
-        rope, sink_rope = self._rope(pos_c if rows is None else pos_c[rows]), self._rope(pos_s)
-        mask = attention.with_sink_columns(attention.query_rows(cmask, rows), self.cfg.sink_tokens)
+        rope, sink_rope = self._rope(pos_c if query_index is None else pos_c[query_index]), self._rope(pos_s)
+        mask = attention.with_sink_columns(attention.query_rows(cmask, query_index), self.cfg.sink_tokens)
         if self.cfg.sink_tokens and not self.cfg.sink_self_only:
-            if kv is not None:
+            if cache is not None:
                 raise ValueError("a KV cache needs sinks that attend only to themselves")
             return self._run_sink_seeing_all(x, rope, sink_rope, mask, observer)
         sinks = [(apply_rope(k, *sink_rope), v) for k, v in self.sink_kv()] if self.cfg.sink_tokens else \
             [None] * self.cfg.n_layer
         for block, sink_kv in zip(self.blocks, sinks):
-            x = block(x, rope, mask, sink_kv, kv, rows, observer)
+            x = block(x, rope, mask, sink_kv, cache, query_index, observer)
         return x
 
     def _run_sink_seeing_all(self, x: Tensor, rope: Rope, sink_rope: Rope, mask: Tensor | None,

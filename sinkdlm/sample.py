@@ -275,7 +275,7 @@ class Forward:
         valid = None if bool(canvas.valid.all()) else canvas.valid
         self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
         self.is_prompt = canvas.is_prompt
-        self.kv = KVCache()
+        self.cache = KVCache()
         self.calls = 0
 
     def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
@@ -293,13 +293,13 @@ class Forward:
 
     def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
         if self.cfg.cache != "none" and not refresh:  # window = the first columns of queries
-            return self.model(x, attention_mask=self.valid, logits_at=wanted.nonzero(), kv=self.kv, query_index=queries)
+            return self.model(x, attention_mask=self.valid, logits_at=wanted.nonzero(), cache=self.cache, query_index=queries)
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
         at = torch.stack([rows[wanted], window[wanted]], dim=1)
         if self.cfg.cache == "none":
             return self.model(x, attention_mask=self.valid, logits_at=at)
-        self.kv = KVCache()
-        return self.model(x, attention_mask=self.valid, logits_at=at, kv=self.kv)
+        self.cache = KVCache()
+        return self.model(x, attention_mask=self.valid, logits_at=at, cache=self.cache)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,10 +215,10 @@ def test_logits_at_equal_the_full_logits_gathered(kw, padded):
                                    rtol=1e-5, atol=1e-6)
         if kw.get("sink_self_only", True):  # the KV-cache path: columns index the query rows
             kv = KVCache()
-            model(idx, am, kv=kv)
+            model(idx, am, cache=kv)
             at = torch.tensor([[0, 1], [1, 0], [1, 3], [2, 2]])
             rows = QUERY_ROWS[at[:, 0], at[:, 1]]
-            torch.testing.assert_close(model(idx, am, logits_at=at, kv=kv, query_index=QUERY_ROWS),
+            torch.testing.assert_close(model(idx, am, logits_at=at, cache=kv, query_index=QUERY_ROWS),
                                        full[at[:, 0], rows], rtol=1e-5, atol=1e-5)
 
 
@@ -232,8 +232,8 @@ def test_kv_cache_forward_equals_the_full_forward(kw, padded):
     kv = KVCache()
     with torch.no_grad():
         full = model(idx, am)
-        assert torch.equal(model(idx, am, kv=kv), full)
-        cached = model(idx, am, kv=kv, query_index=QUERY_ROWS)
+        assert torch.equal(model(idx, am, cache=kv), full)
+        cached = model(idx, am, cache=kv, query_index=QUERY_ROWS)
     torch.testing.assert_close(cached, full.gather(1, QUERY_ROWS[..., None].expand(-1, -1, full.shape[-1])),
                                rtol=1e-5, atol=1e-5)
 
@@ -243,8 +243,8 @@ def test_kv_cache_rows_of_a_causal_model_see_their_own_mask_rows():
     idx = torch.randint(0, 51, (3, 12))
     kv = KVCache()
     with torch.no_grad():
-        full = model(idx, kv=kv)
-        cached = model(idx, kv=kv, query_index=QUERY_ROWS)
+        full = model(idx, cache=kv)
+        cached = model(idx, cache=kv, query_index=QUERY_ROWS)
     torch.testing.assert_close(cached, full.gather(1, QUERY_ROWS[..., None].expand(-1, -1, full.shape[-1])),
                                rtol=1e-5, atol=1e-5)
 
@@ -254,7 +254,7 @@ def test_kv_cache_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="KVCache"):
         DLM(tiny())(idx, query_index=torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="themselves"):
-        DLM(tiny(sink_tokens=1, sink_self_only=False))(idx, kv=KVCache())
+        DLM(tiny(sink_tokens=1, sink_self_only=False))(idx, cache=KVCache())
 
 
 @pytest.mark.parametrize("kw", ALL_VARIANTS, ids=_name)
