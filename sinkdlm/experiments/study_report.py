@@ -14,7 +14,6 @@ from typing import Any
 
 from sinkdlm.files import METRICS_LOG, atomic_write
 from sinkdlm.intervals import T_INTERVAL_NOTE, t_interval
-from sinkdlm.optional import require
 
 TABLE = "study.md"
 RESULTS = "study.json"
@@ -271,11 +270,12 @@ def write_outputs(out: Path, title: str, command: str, runs: list[Run]) -> str:
 # ---- figures --------------------------------------------------------------------------------------
 
 
-def _plt():
-    require("matplotlib", "drawing the study's figures").use("Agg")
-    import matplotlib.pyplot as plt
+def _plots():
+    """sinkdlm.analysis.plots, the one place that sets matplotlib up (imported when a figure is drawn:
+    it says in one line when matplotlib is missing)."""
+    from sinkdlm.analysis import plots
 
-    return plt
+    return plots
 
 
 def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -301,7 +301,8 @@ def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
     """Training loss and validation ELBO per variant (mean over seeds; validation error bars = sd) on
     one shared y axis that reaches the uniform guess (ln V); each variant has its own line style and
     marker so that equal curves stay visible."""
-    plt = _plt()
+    plots = _plots()
+    plt = plots.plt
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     variants = list(dict.fromkeys(r.variant for r in runs))
     for i, variant in enumerate(variants):
@@ -329,9 +330,7 @@ def plot_curves(runs: list[Run], path: Path, title: str) -> Path:
     ax_val.set_title("validation ELBO (fixed masks; error bars: sd over seeds)")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _plots().save(fig, path)
 
 
 def _uniform_loss(runs: list[Run]) -> float | None:
@@ -353,7 +352,7 @@ def _smooth(values: list[float], share: float = SMOOTH_SHARE) -> list[float]:
 
 
 def _panels(n: int):
-    plt = _plt()
+    plt = _plots().plt
     ncols = min(n, METRIC_PANELS_PER_ROW)
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), squeeze=False)
@@ -389,9 +388,7 @@ def plot_metric_bars(columns: list[str], table: dict[str, dict[str, tuple[float,
     fig.suptitle(title + ("\none seed: no spread over seeds to show" if seeds == 1 else
                           "\nerror bars: std over seeds"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _plots().save(fig, path)
 
 
 def plot_paired(diffs: dict[str, dict[str, Interval]], path: Path, title: str) -> Path | None:
@@ -418,9 +415,7 @@ def plot_paired(diffs: dict[str, dict[str, Interval]], path: Path, title: str) -
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title + "\npaired differences, error bars: 95% t interval over seeds (hollow: not resolved)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _plots().save(fig, path)
 
 
 def axis_range(column: str, highest: float) -> tuple[float, float]:
