@@ -68,4 +68,11 @@ def test_sft_ends_with_readmes_next_commands(tiny_data, tmp_path, monkeypatch, c
     readme = after_the_demo()
     for argv in commands:
         assert argv in readme, f"sft prints {shlex.join(argv)}; README has no such line"
-    assert commands[1][commands[1].index("--prompt") + 1] == "Question: What is 23 + 4?"  # the template's prefix
+    assert commands[1][commands[1].index("--prompt") + 1] == "Question: What is 61 + 4?"  # the template's prefix
+
+
+def test_the_example_prompt_is_a_held_out_problem():
+    """What sft prints and README shows asks a problem the model never trained on."""
+    from sinkdlm.data.sft import EXAMPLE_QUESTION, synthetic_gsm8k_test
+
+    assert EXAMPLE_QUESTION in {row["question"] for row in synthetic_gsm8k_test()}

@@ -33,8 +33,10 @@ ANSWER_PREFIX = "Answer: "
 FINAL_MARK = "####"
 FIELD_SEP = "||"
 SFT_STREAM = 3  # the sft_indices RNG stream, apart from diffusion's t (no suffix) and masks (1)
-EXAMPLE_QUESTION = "What is 23 + 4?"  # a synthetic problem, for the commands sft prints and README shows
-# stage 1 of eval-gsm8k's `synthetic` preset: room for "Answer: 23 + 4 = 27" and its EOS
+# a held-out synthetic problem, for the `generate` that sft prints and README shows (seed 42's model answers it
+# right, "Answer: 61 + 4 = 65"; it gets ~13% of the held-out problems wrong)
+EXAMPLE_QUESTION = "What is 61 + 4?"
+# stage 1 of eval-gsm8k's `synthetic` preset: room for "Answer: 61 + 4 = 65" and its EOS
 EXAMPLE_GEN_LENGTH = 24
 
 
@@ -56,7 +58,7 @@ def template_help(run: str | Path) -> str:
             f"gives two examples, prompt '{QUESTION_PREFIX}question' -> response '{ANSWER_PREFIX}reasoning', and "
             f"prompt '{QUESTION_PREFIX}question{ANSWER_PREFIX}reasoning' -> response '{FINAL_MARK} answer' (each "
             f"piece tokenized on its own); a JSONL row's prompt and response are used as they are. Prompt the "
-            f"fine-tuned model the same way: {example_generate(run)} prints 'Answer: 23 + 4 = 27' on the demo's; "
+            f"fine-tuned model the same way: {example_generate(run)} prints 'Answer: 61 + 4 = N'; "
             f"`sinkdlm eval-gsm8k` adds the second stage ('{FINAL_MARK} N') itself.")
 
 
