@@ -44,29 +44,24 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def default_threads(current: int) -> tuple[int, str | None]:
-    """The torch threads to use when --threads is not given, and a note when that is fewer than torch's.
+def default_threads(current: int) -> int:
+    """The torch threads to use when --threads is not given: torch's `current`, less the busy cores.
 
     torch starts one thread per core, and on a shared machine its OpenMP workers spin against the
-    other processes' (a small model then trains ~10-25x slower): leave the busy cores free.
+    other processes' (a small model then trains ~10-25x slower): leave the busy cores free. Said
+    nowhere but --help and README, so that a refusal stays one line.
     """
     if os.environ.get("OMP_NUM_THREADS"):  # set by the user or torchrun: theirs to choose
-        return current, None
+        return current
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = max(1, min(current, cores - round(load)))
-    if threads == current:
-        return current, None
-    return threads, (f"{cores - threads} of {cores} cores busy with other work (load average {load:.1f}): "
-                     f"torch uses {threads} thread{'s' * (threads > 1)} (--threads N to choose)")
+    return max(1, min(current, cores - round(load)))
 
 
 def set_threads(requested: int | None) -> None:
     import torch  # only when a command runs: --help stays fast
 
-    threads, note = (requested, None) if requested else default_threads(torch.get_num_threads())
-    if note:
-        print(f"sinkdlm: {note}", file=sys.stderr)
+    threads = requested or default_threads(torch.get_num_threads())
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
 

@@ -172,14 +172,13 @@ def test_threads_leave_busy_cores_free_unless_chosen(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    threads, note = cli.default_threads(2)
-    assert threads == 1 and note.startswith("1 of 2 cores busy with other work (load average 1.2): torch uses 1 thread")
+    assert cli.default_threads(2) == 1
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.3, 0.0, 0.0))
-    assert cli.default_threads(2) == (2, None)  # an idle machine: torch's default
+    assert cli.default_threads(2) == 2  # an idle machine: torch's default
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
-    assert cli.default_threads(2)[0] == 1  # never fewer than one
+    assert cli.default_threads(2) == 1  # never fewer than one
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert cli.default_threads(2) == (2, None)  # the user's (or torchrun's) choice stands
+    assert cli.default_threads(2) == 2  # the user's (or torchrun's) choice stands
 
 
 def test_every_command_takes_threads(capsys):

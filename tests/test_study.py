@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sinkdlm import study, study_report
 from sinkdlm.errors import UserError
+from sinkdlm.experiments import study, study_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

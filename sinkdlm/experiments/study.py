@@ -103,7 +103,7 @@ def base_config(preset: str) -> Config:
         return demo_config()
     if preset == "cpu":
         return config_from_dict(CPU_RECIPE, "cpu study preset")
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "paper_472_plain.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "paper_472_plain.yaml"  # the checkout's configs/
     if not recipe.is_file():
         raise UserError(f"--preset {preset} needs the repository's {recipe}; run from a source checkout")
     return load_config(recipe, [f"model.preset={preset}"])
