@@ -20,12 +20,22 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from sinkdlm.checkpoint import load_config_of, load_meta, load_model, load_tokenizer, save_checkpoint  # noqa: E402
+from sinkdlm.checkpoint import (  # noqa: E402  # noqa: E402
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    load_config_of,
+    load_meta,
+    load_model,
+    load_tokenizer,
+    save_checkpoint,
+)
 from sinkdlm.cli import main  # noqa: E402
 from sinkdlm.config import Config, ModelConfig  # noqa: E402
 from sinkdlm.errors import UserError  # noqa: E402
 from sinkdlm.interop import export as export_module  # noqa: E402
-from sinkdlm.interop.export import IMPORT_REWRITES, MASK_TOKEN, TMP_PREFIX, TRASH_PREFIX, export, shipped_source  # noqa: E402
+from sinkdlm.interop.export import IMPORT_REWRITES, export, shipped_source  # noqa: E402
+from sinkdlm.interop.from_export import checkpoint_from_export  # noqa: E402
+from sinkdlm.interop.hf_tokenizer import MASK_TOKEN  # noqa: E402
 from sinkdlm.model import DLM  # noqa: E402
 from tests.conftest import tiny  # noqa: E402
 
@@ -234,11 +244,11 @@ def test_convert_from_the_export_gives_the_checkpoint_back(tmp_path, name):
     exported, _ = load_model(folder)  # sinkdlm reads the exported folder itself too
     assert all(torch.equal(state[k], exported.state_dict()[k]) for k in state)
     with pytest.raises(UserError, match="drop --sink-tokens"):
-        export_module.import_export(folder, tmp_path / "other", sink_tokens=1)
+        checkpoint_from_export(folder, tmp_path / "other", sink_tokens=1)
     weights = load_file(str(folder / "model.safetensors"))
     save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, str(folder / "model.safetensors"))
     with pytest.raises(UserError, match=r"does not match its config.json \(norm.weight: None where"):
-        export_module.import_export(folder, tmp_path / "edited")
+        checkpoint_from_export(folder, tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
 
 

@@ -29,7 +29,7 @@ from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
 from sinkdlm.interop import dream, hf_folder, llada
 from sinkdlm.interop.added_rows import MASK_INIT, add_mask_and_sinks, sink_kind
-from sinkdlm.interop.export import import_export, is_export
+from sinkdlm.interop.from_export import checkpoint_from_export, is_export
 from sinkdlm.interop.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.interop.smdm import SUFFIXES, convert_smdm, is_smdm_file
 from sinkdlm.optional import require
@@ -320,7 +320,7 @@ def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: s
     if list_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints; convert into a new folder")
     if is_export(source):  # a folder `sinkdlm export` wrote: its own checkpoint back, sinks and all
-        return import_export(source, out_dir, sink_tokens), time.perf_counter() - start
+        return checkpoint_from_export(source, out_dir, sink_tokens), time.perf_counter() - start
     if is_smdm_file(source):
         ckpt = convert_smdm(source, out_dir, tokenizer, n_head, sink_tokens, sink_init, sink_position, block_size)
         return ckpt, time.perf_counter() - start
