@@ -20,11 +20,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("A stopped prepare (Ctrl-C, a kill, a crash) continues from its last filled shard when the "
                      "same command is run again. See docs/prepare.md.")
     parser.add_argument("--source", required=True,
-                        help="demo | boolq | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG][@SPLIT]")
+                        help="demo | boolq | a .txt/.md/.jsonl file or a folder of them | hf:NAME[:CONFIG][@SPLIT] | "
+                             "synthetic:bigram-backcopy|bigram-induction[:seed=S,length=N,k=K,vocab=V,docs=D] "
+                             "(docs/study-mechanism.md)")
     parser.add_argument("--out", required=True, help="folder to write (meta.json, tokenizer.json, token shards)")
-    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+    parser.add_argument("--tokenizer", default=None,
                         help="bpe:N (train on the corpus) | gpt2 | tokenizer.json | HF folder | Hub name "
-                             f"(default {DEFAULT_TOKENIZER})")
+                             f"(default {DEFAULT_TOKENIZER}; a synthetic source: its own symbol tokenizer)")
     parser.add_argument("--text-field", default="text", help="JSONL / HF field holding the text (default text)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION})")

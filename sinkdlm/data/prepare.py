@@ -38,6 +38,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from sinkdlm.data import synthetic
 from sinkdlm.data.shards import (
     DEFAULT_SHARD_TOKENS,
     FORMAT_VERSION,
@@ -80,11 +81,12 @@ def summary(data: PackedData) -> str:
                       f"{len(splits[s]['shards'])} shard(s)" for s in SPLITS)
     read = "; ".join(f"{r['documents']:,} documents of {r['records']:,} records read from {r['source']}"
                      for r in data.meta["read"])
+    task = f"\n{synthetic.summary_line(data.meta['task'])}" if data.meta.get("task") else ""
     return (f"prepared {data.path}: {parts}; vocab {data.vocab_size:,} ({data.meta['dtype']}), "
-            f"eos id {data.eos_id}; {read}")
+            f"eos id {data.eos_id}; {read}{task}")
 
 
-def prepare(source: str, out: str | Path, tokenizer: str = DEFAULT_TOKENIZER, *, text_field: str = "text",
+def prepare(source: str, out: str | Path, tokenizer: str | None = None, *, text_field: str = "text",
             val_fraction: float | None = None, val_source: str | None = None, seed: int = DEFAULT_SEED,
             max_docs: int | None = None, max_tokens: int | None = None,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, exclude: list[str] | tuple[str, ...] = (),
@@ -93,8 +95,10 @@ def prepare(source: str, out: str | Path, tokenizer: str = DEFAULT_TOKENIZER, *,
     """Tokenize `source` into the folder `out` (see the module docstring); return the folder.
 
     Everything is checked before anything is written, and `out` is changed only at the end.
+    `tokenizer` None: the word-level symbol tokenizer for a synthetic source, else DEFAULT_TOKENIZER.
     """
     out = Path(out).expanduser()
+    tokenizer = _tokenizer_for(source, tokenizer)
     if val_fraction is None and val_source is None:
         val_fraction = DEFAULT_VAL_FRACTION
     settings = _settings(source, tokenizer, text_field, val_fraction, val_source, seed, max_docs, max_tokens,
@@ -106,11 +110,16 @@ def prepare(source: str, out: str | Path, tokenizer: str = DEFAULT_TOKENIZER, *,
     header = {"format_version": FORMAT_VERSION, "source": describe(source),
               "val_source": describe(val_source) if val_source else None, "settings": settings, "seed": seed,
               "split_rule": VAL_SOURCE_RULE if val_source else SPLIT_RULE, "tokenizer_file": TOKENIZER_FILE}
+    if synthetic.is_synthetic(source):  # the rule, triggers, Bayes-optimal accuracy: what the probes read
+        header["task"] = synthetic.task_meta(source)
     staging = out.parent / f"{STAGING_PREFIX}{out.name}"
     saved = _continuable(staging, header, shard_tokens)
     done = False
     try:
-        if saved is None:
+        if saved is None and tokenizer == synthetic.TOKENIZER_SPEC:
+            tok = synthetic.symbol_tokenizer(source)
+            tok.save(str(staging / TOKENIZER_FILE))
+        elif saved is None:
             tok = load_tokenizer(tokenizer, corpus_iter=_training_text(streams, max_docs, progress))
             tok.save(str(staging / TOKENIZER_FILE))
         else:
@@ -124,6 +133,19 @@ def prepare(source: str, out: str | Path, tokenizer: str = DEFAULT_TOKENIZER, *,
     finally:
         _leave_staging(staging, done)
     return out
+
+
+def _tokenizer_for(source: str, tokenizer: str | None) -> str:
+    """The tokenizer spec to use: a synthetic corpus takes only its symbol tokenizer, and only it takes that."""
+    if synthetic.is_synthetic(source):
+        if tokenizer not in (None, synthetic.TOKENIZER_SPEC):
+            raise UserError(f"--tokenizer {tokenizer} does not fit --source {source}: a synthetic corpus has its "
+                            f"own word-level tokenizer over its symbols; drop --tokenizer")
+        return synthetic.TOKENIZER_SPEC
+    if tokenizer == synthetic.TOKENIZER_SPEC:
+        raise UserError(f"--tokenizer {tokenizer} is only for --source synthetic:...; pass bpe:N, gpt2 or a "
+                        f"tokenizer.json for {source}")
+    return tokenizer or DEFAULT_TOKENIZER
 
 
 def ensure_demo_data(out_dir: str | Path, vocab_size: int = DEFAULT_BPE_VOCAB,

@@ -1,4 +1,5 @@
-"""Corpora as streams of documents: `demo`, `boolq`, text files/folders, JSONL, `hf:NAME[:CONFIG][@SPLIT]`.
+"""Corpora as streams of documents: `demo`, `boolq`, text files/folders, JSONL, `hf:NAME[:CONFIG][@SPLIT]`,
+`synthetic:RULE[:key=value,...]` (sinkdlm.data.synthetic).
 
 `documents(source)` returns a function that starts a fresh stream each call (preparing with a
 tokenizer trained on the corpus reads it twice) and can start past the first `skip` records, so a
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sinkdlm.data import synthetic
 from sinkdlm.errors import UserError
 from sinkdlm.jsonl import JSONL_SUFFIXES, is_jsonl, read_jsonl
 from sinkdlm.optional import require
@@ -87,6 +89,10 @@ def documents(source: str, text_field: str = "text", record_filter: RecordFilter
         from sinkdlm.data.boolq import boolq_passages
 
         return lambda skip=0: _kept(_counted(boolq_passages(), skip))
+    if synthetic.is_synthetic(source):
+        _require_records(not record_filter, source)
+        synthetic.parse(source)  # bad options fail now
+        return lambda skip=0: _kept(_counted(synthetic.documents(source), skip))
     if source.startswith(HF_PREFIX):
         name, config, split = hf_spec(source)
         require("datasets", f"source hf:{name}")  # now, not after the tokenizer is trained or downloaded
@@ -106,6 +112,8 @@ def describe(source: str) -> str:
         from sinkdlm.data.boolq import DESCRIPTION as BOOLQ
 
         return BOOLQ
+    if synthetic.is_synthetic(source):
+        return synthetic.describe(source)
     if source.startswith(HF_PREFIX):
         name, config, split = hf_spec(source)
         return f"Hugging Face dataset {name}{f' ({config})' if config else ''}, split {split}"
