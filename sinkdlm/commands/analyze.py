@@ -8,16 +8,19 @@ With --checkpoint-steps, DIR is a run or study folder and its checkpoints are an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+from sinkdlm import checkpoint as ckpt
 from sinkdlm import fields
 from sinkdlm.analysis import AnalysisConfig
+from sinkdlm.analysis.explorer import ExplorerConfig
 from sinkdlm.errors import UserError
 from sinkdlm.jsonl import read_text
 
-# AnalysisConfig fields that are options (the rest keep their defaults)
-OPTIONS = ("mode", "levels", "steps", "gen_length", "temperature", "eps", "std_k", "rule", "layers", "map_steps",
-           "top_k", "interventions", "nulls", "elbo_samples", "max_windows", "seed", "device", "dtype")
+# AnalysisConfig fields that are no options (they keep their defaults); every other field is one
+NOT_OPTIONS = ("prompt_tokens", "max_prompts", "progress")
+OPTIONS = tuple(f.name for f in dataclasses.fields(AnalysisConfig) if f.name not in NOT_OPTIONS)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,11 +34,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", action="append",
                         help="a prompt to generate from (repeatable; default: cut from the validation data)")
     parser.add_argument("--out", required=True, help="report folder (metrics.json, PNGs, report.md)")
+    parser.add_argument("--compare", default=None,
+                        help="a second checkpoint (or run folder) recorded with the same settings and prompts "
+                             "and shown beside the first in explorer.html, e.g. the plain model beside the "
+                             "sink model (no interventions or report of its own; default: none)")
     fields.add_arguments(parser, AnalysisConfig, OPTIONS)
+    fields.add_arguments(parser, ExplorerConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from sinkdlm.analysis import run_analysis
+    from sinkdlm.analysis.explorer import write_explorer
     from sinkdlm.analysis.report import summary_lines, write_report
 
     texts = None
@@ -46,12 +55,38 @@ def run(args: argparse.Namespace) -> int:
         texts = [read_text(path)]
     check_out(Path(args.out))
     chosen = AnalysisConfig(**fields.values_from(args, OPTIONS))
+    explorer = ExplorerConfig(**fields.values_from(args, ExplorerConfig))
     if args.checkpoint_steps is not None:
+        if args.compare is not None:
+            raise UserError("--compare shows two checkpoints side by side; it does not apply to "
+                            "--checkpoint-steps (drop one of them)")
         return _over_training(args, texts, chosen)
+    if args.compare is not None:
+        try:  # refused now, not after the first analysis
+            ckpt.resolve(args.compare)
+        except UserError as e:
+            raise UserError(f"--compare: {e}") from None
     metrics, trajectory = run_analysis(args.checkpoint, texts=texts, prompts=args.prompt, settings=chosen)
     report = write_report(args.out, metrics, trajectory)
     print("\n".join(summary_lines(metrics, report)))
+    analyses = [(trajectory, metrics)]
+    if args.compare is not None:
+        analyses.append(_compared(args.compare, texts, args.prompt, chosen, metrics))
+    page = write_explorer(args.out, analyses, explorer.explorer_max_mb)
+    print(f"explorer: {page} ({page.stat().st_size / 1e6:.2f} MB; open it in a browser)")
     return 0
+
+
+def _compared(path: str, texts: list[str] | None, prompts: list[str] | None, chosen: AnalysisConfig,
+              first: dict) -> tuple:
+    """The second checkpoint's recording: the same settings, and the first's prompts as text."""
+    from sinkdlm.analysis import run_analysis
+
+    if chosen.mode == "trajectory" and not prompts:
+        prompts = first["prompts"]
+    settings = dataclasses.replace(chosen, interventions=False, nulls=False)
+    metrics, trajectory = run_analysis(path, texts=texts, prompts=prompts, settings=settings)
+    return trajectory, metrics
 
 
 def check_out(out: Path) -> None:
