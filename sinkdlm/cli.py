@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sinkdlm.commands.generate", "sample completions by reverse diffusion"),
     "eval-gsm8k": ("sinkdlm.commands.eval_gsm8k", "GSM8K accuracy by diffusion sampling"),
     "eval": ("sinkdlm.commands.eval", "lm-evaluation-harness tasks with Monte Carlo likelihoods"),
+    "eval-generation": ("sinkdlm.commands.eval_generation", "quality of sampled text: Gen-PPL under a judge LM, "
+                        "entropy, distinct-n, self-BLEU, MAUVE"),
     "data": ("sinkdlm.commands.data", "materialise offline benchmark data (`sinkdlm data benchmarks`)"),
     "analyze": ("sinkdlm.commands.analyze", "attention-sink analysis of a checkpoint: metrics, plots, report"),
     "study": ("sinkdlm.commands.study", "train and compare the paper's variants/ablations at any scale"),

@@ -36,6 +36,8 @@ DEPENDENCIES: dict[str, Dependency] = {
     "datasets": Dependency("datasets", "hf", "2.16"),
     "matplotlib": Dependency("matplotlib", "analysis", "3.7"),
     "tensorboard": Dependency("tensorboard", "log", "2.12"),
+    "sacrebleu": Dependency("sacrebleu", "generation", "2.0"),
+    "mauve": Dependency("mauve-text", "generation", "0.4"),
 }
 # modules no extra names because a package of the table brings them (import name -> that package's
 # import name); huggingface_hub also comes with the core's tokenizers, so it is missing only from a

@@ -219,6 +219,9 @@ CASES = [
                       "--out", str(tmp / "p"), "--workers", "1"]),
     ("study", "matplotlib",
      lambda tmp, ck: ["study", "--preset", "demo", "--out", str(tmp / "s"), "--steps", "1", "--tasks", ""]),
+    *[("eval-generation", module, lambda tmp, ck: ["eval-generation", "--checkpoint", str(ck["sink"]), "--out",
+                                                   str(tmp / "g"), "--mauve", "on"])
+      for module in ("sacrebleu", "matplotlib", "transformers", "gguf", "accelerate", "mauve")],
 ]
 
 
