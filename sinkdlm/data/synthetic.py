@@ -97,13 +97,18 @@ def symbol_name(char: str) -> str:
     return char if visible else f"<U+{ord(char):04X}>"
 
 
+def demo_text() -> str:
+    """The demo corpus as one text (the bigram's source; tests replace it with a small one)."""
+    from sinkdlm.data.shakespeare import demo_corpus_texts
+
+    return "".join(demo_corpus_texts())
+
+
 @functools.lru_cache(maxsize=4)
 def bigram_model(vocab: int) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """(symbol names by frequency, unigram (V,), bigram rows P(next | current) (V, V)) of the demo
     corpus restricted to its `vocab` most frequent characters (the others are dropped from the text)."""
-    from sinkdlm.data.shakespeare import demo_corpus_texts
-
-    text = "".join(demo_corpus_texts())
+    text = demo_text()
     chars, counts = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), return_counts=True)
     if len(chars) < vocab:
         raise UserError(f"synthetic option vocab={vocab} exceeds the demo corpus's {len(chars)} characters")
@@ -147,6 +152,7 @@ def sequences(task: SyntheticTask, start: int = 0, stop: int | None = None) -> n
     slot[triggers] = np.arange(task.k)  # a trigger's column in `followed`
     outputs = bigram.copy()
     outputs[:, triggers] = 0.0  # an induction association never names a trigger
+    outputs[outputs.sum(1) == 0] = slot == NO_SOURCE  # a row with only triggers: uniform over the rest
     cdf, out_cdf = np.cumsum(bigram, 1), np.cumsum(outputs / outputs.sum(1, keepdims=True), 1)
     x = np.zeros((n, length), dtype=np.int64)
     x[:, 0] = _draw(np.broadcast_to(np.cumsum(unigram), (n, task.vocab)), u[:, 0])
@@ -194,31 +200,37 @@ def symbol_tokenizer(source: str) -> Tokenizer:
 # ---- the rule and its statistics -------------------------------------------------------------------
 
 
-def copy_sources(tokens: np.ndarray, rule: str, triggers: list[int], eos: int) -> np.ndarray:
+def copy_sources(tokens: np.ndarray, rule: str, triggers: list[int], eos: int,
+                 visible: np.ndarray | None = None) -> np.ndarray:
     """For each position of each row (n, T), the position whose token the rule copies there, or
     NO_SOURCE. A rule never reaches across an EOS (the documents were generated apart) nor out of the
-    window. bigram-backcopy: t copies t-2 when t-1 is a trigger and t-2 is not. bigram-induction: t (after trigger
-    tau at t-1) copies t'+1 for another occurrence t' of tau in the same document, the nearest one
-    (earlier or later: a bidirectional model may read either)."""
+    window, and reads only `visible` positions (default: all). bigram-backcopy: t copies t-2 when
+    t-1 is a trigger and t-2 is not. bigram-induction: t (after trigger tau at t-1) copies s+1 for
+    another occurrence s of tau in the same document, the nearest one (earlier or later: a
+    bidirectional model may read either)."""
     tokens = np.asarray(tokens)
     n, length = tokens.shape
+    seen = np.ones((n, length), dtype=bool) if visible is None else np.asarray(visible, dtype=bool)
     out = np.full((n, length), NO_SOURCE, dtype=np.int64)
     segment = np.cumsum(tokens == eos, axis=1) - (tokens == eos)  # EOS belongs to the document it ends
     is_trigger = np.isin(tokens, triggers)
-    for r in range(n):
-        for t in range(1, length):
-            if not is_trigger[r, t - 1] or tokens[r, t] == eos:
-                continue
-            if rule == "bigram-backcopy":
-                if t >= 2 and segment[r, t - 2] == segment[r, t] and tokens[r, t - 2] != eos \
-                        and not is_trigger[r, t - 2]:
-                    out[r, t] = t - 2
-                continue
-            same = [s for s in range(length - 1) if s != t - 1 and tokens[r, s] == tokens[r, t - 1]
-                    and segment[r, s] == segment[r, t] and segment[r, s + 1] == segment[r, t]
-                    and tokens[r, s + 1] != eos]
-            if same:
-                out[r, t] = min(same, key=lambda s: (abs(s - (t - 1)), s)) + 1
+    usable = is_trigger & seen  # a visible trigger
+    for r, t in zip(*np.nonzero(usable[:, :-1])):
+        t = int(t) + 1  # the target follows the trigger
+        if tokens[r, t] == eos:
+            continue
+        if rule == "bigram-backcopy":
+            s = t - 2
+            if s >= 0 and seen[r, s] and segment[r, s] == segment[r, t] and tokens[r, s] != eos \
+                    and not is_trigger[r, s]:
+                out[r, t] = s
+            continue
+        pairs = np.nonzero(usable[r, :-1] & seen[r, 1:] & (tokens[r, :-1] == tokens[r, t - 1])
+                           & (segment[r, :-1] == segment[r, t]) & (segment[r, 1:] == segment[r, t])
+                           & (tokens[r, 1:] != eos))[0]
+        pairs = pairs[pairs != t - 1]
+        if len(pairs):
+            out[r, t] = int(pairs[np.argmin(np.abs(pairs - (t - 1)) * 2 + (pairs > t - 1))]) + 1
     return out
 
 

@@ -1,0 +1,196 @@
+"""Probes of the synthetic copy task (sinkdlm.data.synthetic): copy accuracy, the ELBO per mask-ratio
+bin, and where each head's attention goes for active and dormant queries (docs/study-mechanism.md).
+
+A window is masked with a fixed seed per (mask level, window index), so a probe's number for a
+window never depends on the other windows of its batch. **Active** queries are masked copy targets
+whose rule inputs (the trigger and the copy source) are visible; **dormant** queries are the other
+masked positions. Keys are the model's observer order: [dedicated sinks; content].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sinkdlm import diffusion
+from sinkdlm.data.synthetic import NO_SOURCE, copy_sources
+
+MASK_LEVELS = (0.15, 0.5)  # the pre-registered levels (docs/study-mechanism.md)
+ELBO_BINS = 5  # t in [0, 0.2), [0.2, 0.4), ..., [0.8, 1.0]
+T_PER_BIN = 8  # t values per bin: the bin's midpoints of 8 equal parts
+GU_EPSILON = 0.3  # Gu et al. 2024: a head has a sink when its mean attention on one key exceeds this
+KEY_TYPES = ("sink", "mask", "eos", "first", "content")  # the winning key's type, in this precedence
+LEVEL_STREAM = 2**20  # keeps the probe masks apart from training's (seed, step, index) draws
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a probe needs of meta.json's `task`."""
+
+    rule: str
+    triggers: list[int]
+    eos: int
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Task:
+        task = meta["task"]
+        return cls(task["rule"], list(task["triggers"]), int(task["eos"]))
+
+
+def masked_windows(windows: Tensor, level: float, seed: int, mask_id: int) -> tuple[Tensor, Tensor]:
+    """(noisy, masked): each token masked with probability `level`, drawn per (seed, level, window)."""
+    n, length = windows.shape
+    uniforms = diffusion.draw_uniforms(seed, LEVEL_STREAM + round(level * 1e6), range(n), length)
+    return diffusion.mask_tokens(windows, torch.full((n,), float(level)), uniforms, mask_id)
+
+
+def active_sources(windows: Tensor, masked: Tensor, task: Task) -> Tensor:
+    """(n, T) source position of each active query (a masked copy target whose rule inputs are
+    visible), else NO_SOURCE."""
+    visible = ~masked.numpy()
+    sources = copy_sources(windows.numpy(), task.rule, task.triggers, task.eos, visible=visible)
+    return torch.from_numpy(np.where(masked.numpy(), sources, NO_SOURCE))
+
+
+@torch.no_grad()
+def copy_accuracy(model, windows: Tensor, task: Task, level: float, seed: int = 0) -> tuple[int, int]:
+    """(correct, active queries): the argmax prediction equals the true token at active queries."""
+    noisy, masked = masked_windows(windows, level, seed, model.mask_id)
+    active = active_sources(windows, masked, task) != NO_SOURCE
+    if not active.any():
+        return 0, 0
+    device = next(model.parameters()).device
+    logits = model(noisy.to(device)).float().cpu()
+    return int((logits.argmax(-1) == windows)[active].sum()), int(active.sum())
+
+
+def bin_levels(bins: int = ELBO_BINS, per_bin: int = T_PER_BIN) -> list[list[float]]:
+    """The t values of each bin: bin b's midpoints of `per_bin` equal parts of [b / bins, (b + 1) / bins)."""
+    return [[(b + (j + 0.5) / per_bin) / bins for j in range(per_bin)] for b in range(bins)]
+
+
+@torch.no_grad()
+def elbo_by_bin(model, windows: Tensor, seed: int = 0, bins: int = ELBO_BINS,
+                per_bin: int = T_PER_BIN) -> list[float]:
+    """Per mask-ratio bin, the training objective in nats/token: the mean over the bin's t of
+    sum over masked tokens of CE / t, divided by the tokens (n x T)."""
+    device = next(model.parameters()).device
+    out = []
+    for levels in bin_levels(bins, per_bin):
+        total = 0.0
+        for t in levels:
+            noisy, masked = masked_windows(windows, t, seed, model.mask_id)
+            logits = model(noisy.to(device)).float().cpu()
+            ce = F.cross_entropy(logits.flatten(0, 1), windows.flatten(), reduction="none").view_as(windows)
+            total += float((ce * masked).sum()) / t / windows.numel()
+        out.append(total / len(levels))
+    return out
+
+
+# ---- attention: where active and dormant queries look -----------------------------------------------
+
+
+@torch.no_grad()
+def attention_maps(model, noisy: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, the attention (n, H, T, K) and the values' L2 norms (n, H, K) of one forward."""
+    probs: dict[int, Tensor] = {}
+    norms: dict[int, Tensor] = {}
+
+    def observe(layer: int, p: Tensor, keys: Tensor, values: Tensor, n_sink: int) -> None:
+        probs[layer] = p.float().cpu()
+        norms[layer] = values.float().norm(dim=-1).expand(p.shape[0], -1, -1).cpu()
+
+    device = next(model.parameters()).device
+    model(noisy.to(device), observer=observe)
+    return [probs[i] for i in sorted(probs)], [norms[i] for i in sorted(norms)]
+
+
+def key_types(noisy: Tensor, n_sink: int, mask_id: int, eos: int) -> Tensor:
+    """(n, K) index into KEY_TYPES of every key: sink, [MASK], EOS, the first content position, other."""
+    n, length = noisy.shape
+    types = torch.full((n, n_sink + length), KEY_TYPES.index("content"))
+    content = types[:, n_sink:]
+    content[:, 0] = KEY_TYPES.index("first")
+    content[noisy == eos] = KEY_TYPES.index("eos")
+    content[noisy == mask_id] = KEY_TYPES.index("mask")
+    types[:, :n_sink] = KEY_TYPES.index("sink")
+    return types
+
+
+def gu_rates(probs: Tensor, types: Tensor, epsilon: float = GU_EPSILON) -> dict[str, float]:
+    """Gu et al.'s rate for one layer: the share of (window, head) whose mean attention over all
+    queries on one key exceeds epsilon, in total and split by that key's type; and the largest such
+    mean (how close the layer is to a sink)."""
+    mean = probs.mean(dim=2)  # (n, H, K): mean attention of each head on each key
+    top, where = mean.max(dim=-1)
+    has = top > epsilon
+    winner = types.gather(1, where)  # (n, H)
+    out = {"rate": float(has.float().mean()), "max_key_attention": float(top.max())}
+    for i, name in enumerate(KEY_TYPES):
+        out[f"rate_{name}"] = float((has & (winner == i)).float().mean())
+    return out
+
+
+def _query_mean(values: Tensor, queries: Tensor) -> Tensor:
+    """values (n, H, T) averaged over the selected queries (n, T) of every window and head -> (H,)."""
+    if not queries.any():
+        return torch.full(values.shape[1:2], float("nan"))
+    weight = queries[:, None, :].float()
+    return (values * weight).sum((0, 2)) / weight.sum((0, 2))
+
+
+def head_attention(probs: Tensor, norms: Tensor, noisy: Tensor, sources: Tensor, n_sink: int,
+                   mask_id: int) -> dict[str, Tensor]:
+    """One layer's per-head (H,) means: attention of active queries on their copy source and on the
+    sink, of dormant queries on the sink, dormant mass on [MASK] keys over its uniform share, and
+    the sink's value norm over the mean value norm of the head's keys."""
+    active = sources != NO_SOURCE
+    masked = noisy == mask_id
+    dormant = masked & ~active
+    on_source = probs[..., n_sink:].gather(3, sources.clamp(min=0)[:, None, :, None].expand(
+        -1, probs.shape[1], -1, 1)).squeeze(-1)
+    on_sink = probs[..., :n_sink].sum(-1)
+    mask_keys = torch.cat([torch.zeros_like(masked[:, :n_sink]), masked], 1)  # (n, K)
+    uniform = mask_keys.float().sum(-1) / mask_keys.shape[1]  # (n,) the masks' share of the keys
+    mask_mass = (probs * mask_keys[:, None, None, :]).sum(-1) / uniform.clamp(min=1e-9)[:, None, None]
+    sink_norm = norms[..., :n_sink].mean(-1) if n_sink else torch.full(norms.shape[:2], float("nan"))
+    return {"active_on_source": _query_mean(on_source, active), "active_on_sink": _query_mean(on_sink, active),
+            "dormant_on_sink": _query_mean(on_sink, dormant), "dormant_mask_ratio": _query_mean(mask_mass, dormant),
+            "sink_value_ratio": (sink_norm / norms.mean(-1)).mean(0)}
+
+
+def probe(model, windows: Tensor, task: Task, levels: Sequence[float] = MASK_LEVELS, seed: int = 0,
+          epsilon: float = GU_EPSILON) -> dict[str, Any]:
+    """Every probe at each mask level (docs/study-mechanism.md): copy accuracy, per layer the Gu
+    rate by key type, the sink share against uniform, the dormant [MASK] ratio, and the copy head's
+    numbers (the head whose active queries look most at the copy source)."""
+    n_sink = model.cfg.sink_tokens
+    out: dict[str, Any] = {"levels": {}}
+    for level in levels:
+        correct, total = copy_accuracy(model, windows, task, level, seed)
+        noisy, masked = masked_windows(windows, level, seed, model.mask_id)
+        sources = active_sources(windows, masked, task)
+        probs, norms = attention_maps(model, noisy)
+        types = key_types(noisy, n_sink, model.mask_id, task.eos)
+        layers, heads = [], []
+        for p, v in zip(probs, norms):
+            layer = gu_rates(p, types, epsilon)
+            layer["sink_share"] = float(p[..., :n_sink].sum(-1).mean()) if n_sink else None
+            layer["uniform_share"] = 1.0 / p.shape[-1]
+            layers.append(layer)
+            heads.append(head_attention(p, v, noisy, sources, n_sink, model.mask_id))
+        stacked = {k: torch.stack([h[k] for h in heads]) for k in heads[0]}  # (layers, H)
+        best = int(stacked["active_on_source"].flatten().argmax())
+        copy_head = divmod(best, stacked["active_on_source"].shape[1])
+        out["levels"][str(level)] = {
+            "copy_accuracy": correct / total if total else None, "active_queries": total, "layers": layers,
+            "copy_head": {"layer": copy_head[0], "head": copy_head[1],
+                          **{k: float(v[copy_head]) for k, v in stacked.items()}},
+            "heads": {k: v.tolist() for k, v in stacked.items()}}
+    return out
