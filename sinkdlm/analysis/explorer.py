@@ -6,7 +6,8 @@ the maps are recomputed here: the recorded input of each step (and its attention
 the model once more with an observer. With one forward per step (no cache, no guidance: what the
 recorder requires) that is the attention the sampler saw; tests hold the replayed column sums to the
 recorded ones. Maps of the first sequence only (the others are batch mates), cropped to its real
-positions; stored as 8-bit codes of sqrt(p) (so |error| <= sqrt(p) / 255 <= 0.004), base64 in the page.
+positions; stored as 8-bit codes of sqrt(p) (so |error| <= sqrt(p) / 255 + 1 / (4 255^2) < 0.004),
+base64 in the page.
 
 Beyond a size limit the maps are reduced, in this order, and the page says what was dropped: steps
 sampled evenly (first and last kept) down to MIN_STEPS, heads averaged per layer, layers sampled
@@ -95,23 +96,26 @@ class MapPlan:
 
 
 def plan_maps(n_steps: int, layer_ids: list[int], n_head: int, map_cells: int, budget: float) -> MapPlan:
-    """What to keep of (steps x layers x heads) maps of `map_cells` values each within `budget` bytes."""
-    def size(steps: int, layers: int, heads: int) -> float:
-        return steps * layers * heads * map_cells * BASE64_GROWTH
+    """What to keep of (steps x layers x heads) maps of `map_cells` values each within `budget` bytes
+    of base64 (one byte per value before it)."""
+    raw_budget = math.floor(budget / BASE64_GROWTH)
 
-    def fit(per_unit: float, most: int, least: int) -> int:
-        return max(least, min(most, math.floor(budget / per_unit)))
+    def size(steps: int, layers: int, heads: int) -> int:  # bytes before base64
+        return steps * layers * heads * map_cells
 
-    n_layer, full = len(layer_ids), size(n_steps, len(layer_ids), n_head)
+    def fit(per_unit: int, most: int, least: int) -> int:
+        return max(least, min(most, raw_budget // per_unit))
+
+    n_layer, full = len(layer_ids), size(n_steps, len(layer_ids), n_head) * BASE64_GROWTH
     steps, layers, heads = n_steps, n_layer, n_head
-    if size(steps, layers, heads) > budget:
+    if size(steps, layers, heads) > raw_budget:
         steps = fit(size(1, layers, heads), n_steps, min(n_steps, MIN_STEPS))
-    if size(steps, layers, heads) > budget:
+    if size(steps, layers, heads) > raw_budget:
         heads = 1
         steps = fit(size(1, layers, 1), n_steps, min(n_steps, MIN_STEPS))
-    if size(steps, layers, heads) > budget:
+    if size(steps, layers, heads) > raw_budget:
         layers = fit(size(steps, 1, 1), n_layer, 1)
-    if size(steps, layers, heads) > budget:
+    if size(steps, layers, heads) > raw_budget:
         steps = fit(size(1, layers, 1), n_steps, 1)
     plan = MapPlan(evenly(n_steps, steps), evenly(n_layer, layers), heads < n_head, int(full))
     plan.notes = reduction_notes(plan, n_steps, layer_ids, budget)
@@ -498,7 +502,7 @@ headPick.innerHTML = `<option value="mean">mean</option>` +
 state.layer = layers[0]; state.head = heads ? 0 : "mean"; headPick.value = String(state.head);
 document.getElementById("about").textContent = `${DATA.panels.length > 1 ? "Side by side: " : ""}` +
   `the model input at each ${panels[0].unit()} (sequence 1 of ${DATA.panels[0].sequences}) and the attention ` +
-  "each query gives each key. Maps are stored as 8-bit codes of sqrt(p) (|error| <= 0.004); metrics come " +
+  "each query gives each key. Maps are stored as 8-bit codes of sqrt(p) (|error| < 0.004); metrics come " +
   "from the recorded column sums; hover a row of the table for its definition, a cell of a map for its value.";
 
 function render() {
