@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                         "entropy, distinct-n, self-BLEU, MAUVE"),
     "data": ("sinkdlm.commands.data", "materialise offline benchmark data (`sinkdlm data benchmarks`)"),
     "analyze": ("sinkdlm.commands.analyze", "attention-sink analysis of a checkpoint: metrics, plots, report"),
+    "probe": ("sinkdlm.commands.probe", "copy accuracy, ELBO per mask ratio and sink attention of runs on a "
+              "synthetic copy task"),
     "study": ("sinkdlm.commands.study", "train and compare the paper's variants/ablations at any scale"),
     "convert": ("sinkdlm.commands.convert", "import a Llama/Qwen2 causal LM, LLaDA, Dream, an SMDM .pth or an exported folder"),
     "adapt": ("sinkdlm.commands.adapt", "continue a converted AR model with the diffusion loss"),
