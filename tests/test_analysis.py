@@ -80,7 +80,11 @@ def test_consecutive_iou_and_union_of_sink_sets():
     sets[2, 2] = True
     assert float(stats.consecutive_iou(sets)) == pytest.approx(0.5)
     assert int(stats.distinct_sinks(sets)) == 2
-    assert float(stats.consecutive_iou(torch.zeros(3, 5, dtype=torch.bool))) == 1.0  # nothing -> nothing
+    # two empty sets say nothing about movement: left out, so a head without sinks is n/a, not pinned
+    assert math.isnan(float(stats.consecutive_iou(torch.zeros(3, 5, dtype=torch.bool))))
+    sets[3, 2] = True  # now {2} -> {2}; an empty pair beside it would have scored 1 before
+    with_empty = torch.cat([torch.zeros(2, 5, dtype=torch.bool), sets[2:]])  # {} {} {2} {2}: pairs n/a, 0, 1
+    assert float(stats.consecutive_iou(with_empty)) == pytest.approx(0.5)
 
 
 def test_norm_rank_capture_share_and_absorption():
@@ -240,7 +244,7 @@ def test_analyze_command_writes_metrics_figures_and_report(tiny_data, tmp_path):
     summary = metrics["summary"]
     assert 0 <= summary["dedicated_capture_share"] <= 1 and 0 <= summary["dominant_stability"] <= 1
     assert all(f"]({name})" in (out / "report.md").read_text() for name in FIGURES)
-    for null in ("random_attention", "fixed_text"):  # both null models of a trajectory, in the report too
+    for null in ("uniform_attention", "fixed_text", "one_token_reveal"):  # the null models of a trajectory
         assert 0 <= metrics["nulls"][null]["dominant_stability"] <= 1, null
     assert "## Moving-sink metrics against their null models" in (out / "report.md").read_text()
 

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.analysis import nulls
-from sinkdlm.analysis.record import RecordSettings, record_masked, record_trajectory
+from sinkdlm.analysis.record import RecordSettings, record_inputs, record_masked, record_trajectory
 from sinkdlm.analysis.stats import (
+    DEFAULT_GU_THRESHOLD,
     DEFAULT_MARGIN,
     DEFAULT_STD_K,
     Rule,
@@ -34,6 +35,7 @@ from sinkdlm.errors import UserError
 from sinkdlm.fields import check_choices, setting
 
 Dtype = Literal["float32", "bfloat16"]  # analyze --dtype: names of torch dtypes
+DEFAULT_PROMPTS = 16  # trajectories per checkpoint (issue 22): a metric of 2 prompts is mostly the prompts' noise
 
 __all__ = ["AnalysisConfig", "analyze_checkpoint", "moving_sink_summary", "run_analysis"]
 
@@ -49,20 +51,26 @@ class AnalysisConfig:
     steps: int = setting(32, "trajectory: denoising steps", at_least=1)
     gen_length: int = setting(32, "trajectory: tokens to generate", at_least=1)
     temperature: float = setting(0.0, "trajectory: sampling temperature; 0 = greedy", at_least=0)
-    eps: float = setting(DEFAULT_MARGIN, "the eps rule's margin (2510.15731): a key is a sink when its column sum exceeds the others' mean by it", at_least=0)
-    std_k: float = setting(DEFAULT_STD_K, "sink rule: column sum above mean + k * std", at_least=0)
-    rule: Rule = setting("eps", "the detection rule behind the per-layer tables")
+    gu_threshold: float = setting(DEFAULT_GU_THRESHOLD, "gu rule (2410.10781): a head has a sink when its mean "
+                                  "attention on one key exceeds this share", above=0, below=1)
+    column_margin: float = setting(DEFAULT_MARGIN, "eps rule (2510.15731; the option was --eps): a key is a sink "
+                                   "when its column sum exceeds the others' mean by this margin", at_least=0)
+    std_k: float = setting(DEFAULT_STD_K, "std rule: column sum above mean + k * std", at_least=0)
+    rule: Rule = setting("gu", "the detection rule behind the sink tables (gu, the standard; eps, std and top1 "
+                               "are reported beside it)")
     layers: Sequence[int] | None = setting(None, "layers to record, e.g. 0,3", unset="all", at_least=0)
     map_steps: Sequence[int] | None = setting(None, "two steps for the attention-map figure",
                                               unset="1/4 and 3/4 of the way", at_least=0)
     prompt_tokens: int = setting(16, "length of the prompts cut from held-out text when none are given",
                                  at_least=1)
-    max_prompts: int = setting(2, "prompts cut from held-out text when none are given", at_least=1)
-    max_windows: int = setting(4, "held-out windows (masked mode, ELBO)", at_least=1)
+    max_prompts: int = setting(DEFAULT_PROMPTS, "prompts cut from held-out text when none are given", at_least=1)
+    max_windows: int = setting(DEFAULT_PROMPTS, "held-out windows (masked mode, the fixed-text nulls, ELBO)",
+                               at_least=1)
     top_k: Sequence[int] = setting((1, 4), "interventions: hide the top-K sinks of the previous step",
                                    at_least=1)
     interventions: bool = setting(True, "the intervention runs")
-    nulls: bool = setting(True, "the moving-sink metrics under the null models (random attention, fixed text)")
+    nulls: bool = setting(True, "the moving-sink metrics under the null models (uniform attention, fixed text, "
+                                "one-token reveal)")
     elbo_samples: int = setting(8, "masking levels per window for the intervention ELBOs; 0 = skip",
                                  at_least=0)
     seed: int = setting(0, "seeds sampling and the ELBO's masks", at_least=0)
@@ -75,6 +83,14 @@ class AnalysisConfig:
         check_choices(self, "analysis ")
         if not self.levels:
             raise UserError("analysis levels is empty; give at least one masking level, e.g. --levels 0.5")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AnalysisConfig:
+        """Settings as stored (e.g. in metrics.json), reading the old name `eps` of column_margin."""
+        values = dict(values)
+        if "eps" in values:
+            values.setdefault("column_margin", values.pop("eps"))
+        return cls(**values)
 
     def n_steps(self) -> int:
         return self.steps if self.mode == "trajectory" else len(self.levels)
@@ -129,17 +145,18 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
     if s.mode == "masked" and not texts:
         texts = prompts  # fixed text: the prompts are the text
     if windows is None and (texts or not prompts):
-        windows = held_out_windows(path, cfg, tok, texts, eos_id, s.max_windows)
+        windows = held_out_windows(path, cfg, tok, texts, eos_id, max(s.max_windows, s.max_prompts))
     prompt_ids = [tok.encode(p).ids for p in prompts] if prompts else \
         [w[: s.prompt_tokens].tolist() for w in windows[: s.max_prompts]]
+    scored = None if windows is None else windows[: s.max_windows]  # masked mode and ELBO; prompts may use more
     sample_cfg = SampleConfig(gen_length=s.gen_length, steps=s.steps, temperature=s.temperature, seed=s.seed)
     record = RecordSettings(layers=s.layers, map_steps=s.figure_steps())
     if s.mode == "trajectory":
         tr = record_trajectory(model, prompt_ids, sample_cfg, eos_id, record, progress=s.progress)
     else:
-        tr = record_masked(model, windows, s.levels, s.seed, record, progress=s.progress)
+        tr = record_masked(model, scored, s.levels, s.seed, record, progress=s.progress)
     metrics = _describe(path, cfg, s, tr, tok, prompt_ids)
-    metrics["sinks"] = trajectory_metrics(tr, model.mask_id, s.eps, s.std_k, s.rule)
+    metrics["sinks"] = sink_metrics(tr, model.mask_id, s)
     metrics["sinks"]["sink_token_text"] = [[token_text(tok, t, model.mask_id), n]
                                            for t, n in metrics["sinks"]["sink_tokens"]]
     metrics["summary"] = moving_sink_summary(metrics)
@@ -148,25 +165,33 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
         metrics["nulls"] = null_summaries(model, tr, windows, s)
     metrics["record_seconds"] = round(time.perf_counter() - start, 2)
     if s.interventions:
-        metrics["elbo_setup"] = elbo_setup(path, cfg, s, windows, from_text=bool(texts))
-        metrics["interventions"] = _interventions(path, model, prompt_ids, windows, sample_cfg, eos_id, s, tok)
+        metrics["elbo_setup"] = elbo_setup(path, cfg, s, scored, from_text=bool(texts))
+        metrics["interventions"] = _interventions(path, model, prompt_ids, scored, sample_cfg, eos_id, s, tok)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics, tr
 
 
-def null_summaries(model, tr: Trajectory, windows: Tensor | None, s: AnalysisConfig) -> dict[str, dict | None]:
-    """The summary metrics of the recording's null models; fixed text only for a trajectory with
-    held-out windows (a masked-mode recording is itself on fixed text)."""
-    def summary(null: Trajectory) -> dict:
-        return moving_sink_summary(trajectory_metrics(null, model.mask_id, s.eps, s.std_k, s.rule))
+def sink_metrics(tr: Trajectory, mask_id: int, s: AnalysisConfig) -> dict[str, Any]:
+    return trajectory_metrics(tr, mask_id, s.column_margin, s.std_k, s.rule, s.gu_threshold)
 
-    out: dict[str, dict | None] = {"random_attention": summary(nulls.random_attention(tr, s.seed)),
-                                   "fixed_text": None}
+
+def null_summaries(model, tr: Trajectory, windows: Tensor | None, s: AnalysisConfig) -> dict[str, dict | None]:
+    """The summary metrics of the recording's null models: uniform attention (exact) always; the two
+    on fixed text only for a trajectory with held-out windows as wide as it (a masked-mode recording
+    is itself on fixed text)."""
+    def summary(null: Trajectory) -> dict:
+        return moving_sink_summary(sink_metrics(null, model.mask_id, s))
+
+    out: dict[str, dict | None] = {"uniform_attention": nulls.uniform_attention(tr, model.mask_id),
+                                   "fixed_text": None, "one_token_reveal": None}
     if s.mode == "trajectory" and windows is not None:
         record = RecordSettings(layers=s.layers)
-        fixed = record_masked(model, nulls.fixed_text_windows(windows, tr), nulls.masking_levels(tr, model.mask_id),
-                              s.seed, record, progress=False)
+        text = nulls.fixed_text_windows(windows, tr)
+        fixed = record_masked(model, text, nulls.masking_levels(tr, model.mask_id), s.seed, record, progress=False)
         out["fixed_text"] = summary(fixed)
+        if text.shape == tr.tokens.shape[1:]:  # as many windows as sequences, each as wide
+            inputs = nulls.one_token_reveal_inputs(text, tr, model.mask_id, s.seed)
+            out["one_token_reveal"] = summary(record_inputs(model, list(inputs), record, progress=False))
     return out
 
 

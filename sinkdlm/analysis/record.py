@@ -130,13 +130,20 @@ def masked_inputs(windows: Tensor, level: float, index: int, seed: int, mask_id:
     return noisy
 
 
-@torch.no_grad()
 def record_masked(model: DLM, windows: Tensor, levels: Sequence[float], seed: int = 0,
                   settings: RecordSettings | None = None, progress: bool = True) -> Trajectory:
     """Fixed text under random masking: step s = masking level levels[s]."""
+    inputs = [masked_inputs(windows, level, i, seed, model.mask_id) for i, level in enumerate(levels)]
+    return record_inputs(model, inputs, settings, progress, "masking levels")
+
+
+@torch.no_grad()
+def record_inputs(model: DLM, inputs: Sequence[Tensor], settings: RecordSettings | None = None,
+                  progress: bool = True, desc: str = "inputs") -> Trajectory:
+    """One forward per given (B, T) input: step s = inputs[s]."""
     device = next(model.parameters()).device
     recorder = Recorder(model, settings)
     with recorder.attached(), model.sink_cache():
-        for i, level in enumerate(tqdm(levels, desc="masking levels", disable=not progress)):
-            model(masked_inputs(windows, level, i, seed, model.mask_id).to(device))
+        for tokens in tqdm(inputs, desc=desc, disable=not progress):
+            model(tokens.to(device))
     return recorder.trajectory()

@@ -11,13 +11,17 @@ from torch import Tensor
 
 from sinkdlm.analysis import plots
 from sinkdlm.analysis.nulls import NULL_NAMES
-from sinkdlm.analysis.stats import MOVING_KEYS, Trajectory, detect
+from sinkdlm.analysis.stats import DEFAULT_GU_THRESHOLD, MOVING_KEYS, Trajectory, column_margin_of, detect
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 # summary metrics `sinkdlm analyze` prints (the report has them all)
-HEADLINE = ("absorption_rate", "absorption_ratio", "dedicated_top1_rate", "dedicated_capture_share",
-            "dominant_stability", "sink_set_iou", "value_rank_sinks")
+HEADLINE = ("gu_sink_rate", "gu_sink_rate_dedicated", "mask_absorption_ratio", "absorption_rate", "absorption_ratio",
+            "dedicated_top1_rate", "dominant_stability", "event_locked_change", "value_rank_same_type_sinks")
+# per-layer metrics the report tabulates (metrics.json has every one, per layer and per layer and head)
+PER_LAYER = ("gu_sink_rate", "gu_sink_rate_dedicated", "gu_sink_rate_first", "gu_sink_rate_mask",
+             "gu_sink_rate_content", "mask_absorption", "mask_absorption_uniform", "absorption_rate",
+             "dominant_stability", "event_locked_change", "same_top_key_as_next_layer")
 
 
 def model_label(metrics: dict[str, Any]) -> str:
@@ -74,7 +78,7 @@ def make_figures(tr: Trajectory, metrics: dict[str, Any], out: Path) -> dict[str
 def _value_scatter(tr: Trajectory, s: dict[str, Any], li: int, head: int, title: str, path: Path) -> Path:
     colsum = tr.colsum[:, li, 0, head]  # (S, K)
     valid = tr.key_valid[:, 0]
-    sinks = detect(colsum, s["rule"], valid, s["eps"], s["std_k"])
+    sinks = detect(colsum, s["rule"], valid, column_margin_of(s), s["std_k"], s.get("gu_threshold", DEFAULT_GU_THRESHOLD))
     kind = sinks.long()
     kind[:, : tr.n_sink] = 2
     share = tr.share()[:, li, 0, head]
@@ -102,6 +106,18 @@ CAPTIONS = {
 
 # summary metric -> what it measures (every key of stats.SUMMARY_KEYS has one; a test holds it)
 DEFINITIONS = {
+    "gu_sink_rate": "Gu et al. 2024 (2410.10781): share of (step, sequence, layer, head) cells whose mean "
+                    "attention over the queries on one key exceeds gu_threshold (0.3 by default): comparable "
+                    "across lengths, unlike the eps rule",
+    "gu_sink_rate_dedicated": "the same, counting only cells whose winning key is a dedicated sink",
+    "gu_sink_rate_first": "the same, counting only cells whose winning key is content position 0 holding a "
+                          "token (not [MASK])",
+    "gu_sink_rate_mask": "the same, counting only cells whose winning key is a [MASK] input (position 0 included)",
+    "gu_sink_rate_content": "the same, counting only cells whose winning key is another content token",
+    "mask_absorption": "share of all attention on the [MASK] input keys taken together, pooled: spread over "
+                       "many equal [MASK] values it is a sink no single key shows",
+    "mask_absorption_ratio": "mask_absorption over the share uniform attention would give them (#masks / #keys, "
+                             "pooled): 1 = no more than uniform",
     "absorption_rate": "share of all attention that lands on the dedicated sink token(s), pooled over steps, "
                        "layers, sequences and heads (sums before division)",
     "absorption_ratio": "absorption_rate over its uniform baseline: 1 = no more than uniform attention over "
@@ -116,28 +132,48 @@ DEFINITIONS = {
     "dominant_stability": "share of consecutive steps at which a head's most-attended key (dedicated sinks "
                           "included) stays at the same position: 1 = pinned, 0 = it moves at every step",
     "content_dominant_stability": "the same, among content keys only (dedicated sinks left out)",
-    "sink_set_iou": "intersection over union of a head's detected sink positions at consecutive steps "
-                    "(two empty sets count as 1)",
+    "sink_set_iou": "intersection over union of a head's detected sink positions at consecutive steps, over "
+                    "the pairs where either step has a sink (two empty sets are left out: n/a without sinks)",
+    "event_change_rate": "P(a head's most-attended key changes from step s to s + 1 | that key's position was "
+                         "[MASK] at s and revealed at s + 1), pooled counts",
+    "no_event_change_rate": "P(the most-attended key changes | it was not just revealed), pooled counts",
+    "event_locked_change": "event_change_rate - no_event_change_rate: > 0 when revealing the token under a "
+                           "head's top key moves it (0 under uniform attention)",
+    "cross_layer_stability": "share of (step, sequence, pair of consecutive recorded layers) in which the "
+                             "most-attended key (heads summed) is the same in both layers",
     "distinct_dominant_positions": "how many different positions are a head's most-attended key over all "
                                    "steps (1 = never moves)",
     "distinct_sink_positions": "how many different positions are detected as a head's sinks over all steps",
-    "value_rank_sinks": "rank of a detected content sink's value-vector L2 norm among the keys of its head "
-                        "(0 = lowest, 1 = highest), averaged with the sink's attention mass as weight "
-                        "(the paper: sinks have the lowest norms)",
-    "value_norm_ratio_sinks": "a detected content sink's value norm over the mean value norm of the keys of "
-                              "its head, weighted by the sink's attention mass (below 1 = smaller than "
+    "value_rank_sinks": "mid-rank (ties share their mean rank) of a detected content sink's value-vector L2 "
+                        "norm among the content keys of its head (0 = lowest, 1 = highest; dedicated sinks left "
+                        "out), averaged with the sink's attention mass as weight (the paper: sinks have the "
+                        "lowest norms)",
+    "value_norm_ratio_sinks": "a detected content sink's value norm over the mean value norm of the content keys "
+                              "of its head, weighted by the sink's attention mass (below 1 = smaller than "
                               "an average key)",
+    "value_rank_same_type_sinks": "share of the non-sink content keys of the sink's own kind ([MASK] or not) "
+                                  "with a lower value norm than the sink, ties half, weighted by sink mass: "
+                                  "0.5 = a typical key of its kind, so the mask embedding's norm is not read "
+                                  "as the sink's",
+    "key_rank_same_type_sinks": "the same for the key-vector norm",
+    "value_attention_spearman": "Spearman correlation, per head and step, of the attention each content key "
+                                "receives with its value norm (mid-ranks), averaged over cells: < 0 = "
+                                "attention goes to low-norm values",
     "key_rank_sinks": "the same rank for the key-vector norm",
     "key_norm_ratio_sinks": "the same ratio for the key-vector norm",
-    "value_rank_dedicated": "value-norm rank of the dedicated sink(s), weighted by their attention mass",
-    "value_norm_ratio_dedicated": "value-norm ratio of the dedicated sink(s), weighted by their attention mass",
+    "value_rank_dedicated": "value-norm mid-rank of the dedicated sink(s) among all valid keys, weighted by their "
+                            "attention mass",
+    "value_norm_ratio_dedicated": "the dedicated sink(s)' value norm over the content keys' mean value norm, "
+                                  "weighted by their attention mass",
     "key_rank_dedicated": "key-norm rank of the dedicated sink(s), weighted by their attention mass",
-    "key_norm_ratio_dedicated": "key-norm ratio of the dedicated sink(s), weighted by their attention mass",
+    "key_norm_ratio_dedicated": "the same ratio for the key-vector norm",
     "mask_share_of_sinks": "share of detected content sinks whose input token is [MASK]",
 }
 RULE_DEFINITIONS = {
+    "gu": "a key is a sink of its head when the head's mean attention on it exceeds gu_threshold (2410.10781)",
     "eps": "a key is a sink when its incoming attention (column sum over queries) exceeds the mean of the "
-           "other keys' by eps (2510.15731)",
+           "other keys' by column_margin (2510.15731; about 4/T of the attention at the default 3, so not "
+           "comparable across lengths)",
     "std": "a key is a sink when its incoming attention exceeds the mean over keys by std k standard deviations",
     "top1": "the single most-attended key of each head is its sink",
 }
@@ -155,9 +191,11 @@ def render_markdown(metrics: dict[str, Any], figs: dict[str, Path]) -> str:
     s = metrics["sinks"]
     lines = [f"# Sink analysis: {model_label(metrics)}", "",
              f"Checkpoint `{metrics['checkpoint']}`, mode **{metrics['mode']}**, {s['steps']} steps, "
-             f"sink rule `{s['rule']}` (eps {s['eps']}, std k {s['std_k']}), layers {s['layers']}.", ""]
+             f"sink rule `{s['rule']}` (gu threshold {s.get('gu_threshold', DEFAULT_GU_THRESHOLD)}, column margin "
+             f"{column_margin_of(s)}, std k {s['std_k']}), layers {s['layers']}.", ""]
     lines += _text_md(metrics)
     lines += _summary_md(metrics)
+    lines += _per_layer_md(s)
     lines += ["Detection rules compared:", "",
               "| rule | sinks | content sinks | consecutive IoU | distinct positions |", "|---|---|---|---|---|"]
     lines += [f"| {r} | {_fmt(v['n_sinks'])} | {_fmt(v['content_sinks'])} | {_fmt(v['iou'])} | "
@@ -202,12 +240,13 @@ UNIFORM_NOTE = ("Uniform baseline: the value if every query attended uniformly o
                 "detected sinks; n/a where there is no uniform reference (see the null models) or the metric "
                 "is undefined (no dedicated sink, no content sink detected). Shares are pooled: sums over "
                 "the cells before one division.")
-NULLS_NOTE = ("Null models, measured with the same code and sink rule: (a) every query's attention drawn "
-              "uniformly from the probability simplex over the same valid keys, independently at each step; "
-              "(b) the same model on held-out text at the recording's masking levels, a fresh random mask at "
-              "each level (masked mode: nothing is unmasked from one step to the next, so movement caused by "
-              "the sampler revealing tokens is absent). A moving-sink metric reads as sink movement only "
-              "where it differs from both.")
+NULLS_NOTE = ("Null models: (a) uniform attention over the same valid keys, in closed form (a head's top key "
+              "a uniform draw at each step; n/a where uniform attention makes no sinks); measured with the same "
+              "code and sink rule: (b) the same model on held-out text at the recording's masking levels, a "
+              "fresh random mask at each level (about half the tokens change between steps); (c) the same "
+              "model on held-out text masked as the trajectory's first step, revealing at each step as many "
+              "random masked tokens as the sampler did. A moving-sink metric reads as sink movement only where "
+              "it differs from all three.")
 
 
 def _nulls_md(metrics: dict[str, Any]) -> list[str]:
@@ -215,13 +254,30 @@ def _nulls_md(metrics: dict[str, Any]) -> list[str]:
     if not nulls:
         return []
     lines = ["## Moving-sink metrics against their null models", "",
-             f"| metric | this recording | {NULL_NAMES['random_attention']} | {NULL_NAMES['fixed_text']} |",
-             "|---|---|---|---|"]
+             "| metric | this recording | " + " | ".join(NULL_NAMES.values()) + " |", "|---" * (len(NULL_NAMES) + 2) + "|"]
     for key in MOVING_KEYS:
         cells = [_fmt((nulls.get(name) or {}).get(key)) for name in NULL_NAMES]
         lines.append(f"| {key} | {_fmt(metrics['summary'].get(key))} | " + " | ".join(cells) + " |")
     return lines + ["", NULLS_NOTE + ("" if nulls.get("fixed_text") else
-                                      " (b) is n/a: it needs a trajectory and held-out text."), ""]
+                                      " (b) and (c) are n/a: they need a trajectory and held-out text."), ""]
+
+
+def _per_layer_md(s: dict[str, Any]) -> list[str]:
+    """The main per-layer metrics, one row per recorded layer, and the pooled value."""
+    table = s.get("per_layer", {})
+    keys = [k for k in PER_LAYER if k in table]
+    if not keys:
+        return []
+    lines = ["## Per layer", "", "| layer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for i, layer in enumerate(s["layers"]):
+        lines.append(f"| {layer} | " + " | ".join(_fmt(table[k][i]) for k in keys) + " |")
+    pooled = {**s.get("summary", {}), "mask_absorption_uniform": s.get("baselines", {}).get("mask_absorption"),
+              "same_top_key_as_next_layer": s.get("summary", {}).get("cross_layer_stability")}
+    lines.append("| pooled | " + " | ".join(_fmt(pooled.get(k)) for k in keys) + " |")
+    return lines + ["", "Definitions as in the summary; mask_absorption_uniform: the [MASK] keys' share under "
+                        "uniform attention (#masks / #keys); same_top_key_as_next_layer: whether the layer's "
+                        "most-attended key (heads summed) is the next recorded layer's (pooled: "
+                        "cross_layer_stability).", ""]
 
 
 def _interventions_md(results: dict[str, Any] | None, setup: dict[str, Any] | None) -> list[str]:
@@ -277,7 +333,8 @@ def summary_lines(metrics: dict[str, Any], report: Path) -> list[str]:
             continue
         refs = [f"uniform {_fmt(baselines[key])}"] if baselines.get(key) is not None else []
         refs += [f"null {name.split()[0]} {_fmt(nulls[n][key])}" for n, name in NULL_NAMES.items()
-                 if (nulls.get(n) or {}).get(key) is not None and key in MOVING_KEYS]
+                 if (nulls.get(n) or {}).get(key) is not None and key in MOVING_KEYS
+                 and n != "uniform_attention"]  # null (a) is the uniform baseline, already shown
         lines.append(f"  {key} {_fmt(value)}" + (f" ({', '.join(refs)})" if refs else "") + f": {DEFINITIONS[key]}")
     results = metrics.get("interventions") or {}
     if "baseline" in results and results["baseline"]["elbo"] is not None:
