@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sinkdlm.commands.convert", "import a Llama/Qwen2 causal LM, LLaDA, Dream, an SMDM .pth or an exported folder"),
     "adapt": ("sinkdlm.commands.adapt", "continue a converted AR model with the diffusion loss"),
     "export": ("sinkdlm.commands.export", "write a self-contained folder to publish a checkpoint"),
+    "serve": ("sinkdlm.commands.serve", "an OpenAI-compatible HTTP server (completions, chat, streaming) for a checkpoint"),
 }
 
 

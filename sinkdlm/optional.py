@@ -36,6 +36,8 @@ DEPENDENCIES: dict[str, Dependency] = {
     "datasets": Dependency("datasets", "hf", "2.16"),
     "matplotlib": Dependency("matplotlib", "analysis", "3.7"),
     "tensorboard": Dependency("tensorboard", "log", "2.12"),
+    "fastapi": Dependency("fastapi", "serve", "0.110"),
+    "uvicorn": Dependency("uvicorn", "serve", "0.29"),
     "sacrebleu": Dependency("sacrebleu", "generation", "2.0"),
     "mauve": Dependency("mauve-text", "generation", "0.4"),
 }
