@@ -1,7 +1,9 @@
 """Attention kernels behind one signature, and the masks the sink needs.
 
-Shapes: q (B, H, Tq, D), k/v (B, H, Tk, D), mask bool broadcastable to (B, H, Tq, Tk), True = may
-attend. `sdpa` keeps PyTorch's fused kernels (flash / memory-efficient when the mask is None);
+Shapes: q (B, H, Tq, D), k/v (B, G, Tk, D) with G dividing H (grouped-query attention: query head h
+reads key/value head h // (H / G); G = H without grouping), mask bool broadcastable to (B, H, Tq, Tk),
+True = may attend. `sdpa` keeps PyTorch's fused kernels (flash / memory-efficient when the mask is
+None) and reads grouped keys/values in place (`enable_gqa`, torch >= 2.5; older torch repeats them);
 `eager` materialises the probabilities for analysis.
 """
 
@@ -13,12 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa exists
+
+
+def repeat_groups(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """Grouped keys/values (B, G, T, D) -> one copy per query head (B, heads, T, D)."""
+    rep = heads // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, *repeat_groups(k, v, q.shape[1]), attn_mask=mask)
 
 
 def eager(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Attention and its probabilities (B, H, Tq, Tk); grouped keys/values are repeated per head."""
+    k, v = repeat_groups(k, v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -30,7 +30,7 @@ from sinkdlm import attention
 from sinkdlm.config import ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # cos, sin, broadcastable to (B, H, T, D)
-KV = tuple[Tensor, Tensor]  # keys, values (B|1, H, T, D)
+KV = tuple[Tensor, Tensor]  # keys, values (B|1, G, T, D), G = key/value heads (cfg.groups)
 # observer(layer, probs (B, H, T, K), keys (B, H, K, D), values (B, H, K, D), n_sink): the K = S + T
 # keys are [sinks; content], after RoPE (as attention scores them)
 Observer = Callable[[int, Tensor, Tensor, Tensor, int], None]
@@ -78,18 +78,14 @@ class Attention(nn.Module):
         return linear(x).view(b, t, -1, self.cfg.hd).transpose(1, 2)
 
     def qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, E) -> q (B, H, T, D), k and v (B, H, T, D) with grouped heads repeated."""
+        """(B, T, E) -> q (B, H, T, D), k and v (B, G, T, D): grouped heads are not repeated (the
+        attention kernels read them in place), so a KV cache holds G heads, not H."""
         return (apply_rope(self._heads(self.q, x), *rope), *self.kv(x, rope))
 
     def kv(self, x: Tensor, rope: Rope | None = None) -> KV:
         """Keys (rotated when `rope` is given) and values only: a self-only sink never uses its query."""
         k, v = self._heads(self.k, x), self._heads(self.v, x)
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        rep = self.cfg.n_head // self.cfg.groups
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return k, v
+        return (k if rope is None else apply_rope(k, *rope)), v
 
     def out(self, y: Tensor, x: Tensor) -> Tensor:
         """(B, H, T, D) attention output -> gate (from the normed input x) -> output projection."""
@@ -105,8 +101,8 @@ class Attention(nn.Module):
         if observer is None and self.cfg.attn_impl != "eager":
             return attention.sdpa(q, k, v, mask)
         y, probs = attention.eager(q, k, v, mask)
-        if observer is not None:
-            observer(layer, probs, k, v, n_sink)
+        if observer is not None:  # the observer sees one key/value head per query head
+            observer(layer, probs, *attention.repeat_groups(k, v, q.shape[1]), n_sink)
         return y
 
 
@@ -124,13 +120,17 @@ class MLP(nn.Module):
 
 
 class KVCache:
-    """Per layer the keys and values (B, H, W, D) of every position of the input: Fast-dLLM's
+    """Per layer the keys and values (B, G, W, D) (G key/value heads) of every position of the input: Fast-dLLM's
     approximate cache. A forward given the cache and no query_index fills it; one given query_index
     (B, N) recomputes only those, writes their new keys/values, and attends to the stored ones
     elsewhere (stale where a token has changed since they were stored)."""
 
     def __init__(self) -> None:
         self.layers: dict[int, KV] = {}
+
+    def nbytes(self) -> int:
+        """Bytes held: every layer's keys and values."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers.values())
 
     def update(self, layer: int, k: Tensor, v: Tensor, query_index: Tensor | None) -> KV:
         """Store (query_index None) or overwrite the keys/values at query_index; return the whole layer's."""
@@ -159,7 +159,7 @@ class Block(nn.Module):
                 zero_value_at: Tensor | None = None) -> Tensor:
         """x (B, N, E): the rows computed (the reference layout splices the sinks in).
 
-        sink_kv: this layer's sink keys (rotated) and values, (B|1, H, S, D), put before the content's.
+        sink_kv: this layer's sink keys (rotated) and values, (B|1, G, S, D), put before the content's.
         cache/query_index: the other positions' keys/values are read from the cache (see KVCache).
         """
         return self._layer(x, rope, mask, sink_kv, cache, query_index, observer, zero_value_at)[0]
@@ -185,13 +185,14 @@ class Block(nn.Module):
 
     def self_only_sink(self, sink: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sinks (1, S, E) that attend only to themselves through this layer: their keys before RoPE
-        and values (1, H, S, D), and their residual stream leaving the layer. Attending to itself
+        and values (1, G, S, D), and their residual stream leaving the layer. Attending to itself
         alone returns a sink's own value whatever its position, so nothing here depends on RoPE."""
         h = self.norm_attn(sink)
         k, v = self.attn.kv(h)
         if self.cfg.sink_zero_value:
             v = torch.zeros_like(v)
-        sink = sink + self.attn.out(v, h)
+        own_value = attention.repeat_groups(k, v, self.cfg.n_head)[1]  # each query head reads its group's
+        sink = sink + self.attn.out(own_value, h)
         return k, v, sink + self.mlp(self.norm_mlp(sink))
 
     def with_sink_seeing_all(self, x: Tensor, sink: Tensor, rope: Rope, sink_rope: Rope, mask: Tensor | None,
@@ -359,7 +360,7 @@ class DLM(nn.Module):
 
     def _self_only_sink_stream(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Per layer: the self-only sinks' residual stream entering it (1, S, E), their keys before
-        RoPE and their values (1, H, S, D)."""
+        RoPE and their values (1, G, S, D)."""
         sink = self.sink[None]
         for block in self.blocks:
             k, v, leaving = block.self_only_sink(sink)
@@ -367,7 +368,7 @@ class DLM(nn.Module):
             sink = leaving
 
     def sink_kv(self) -> list[KV]:
-        """Per layer the self-only sinks' (keys before RoPE, values), (1, H, S, D) each; computed
+        """Per layer the self-only sinks' (keys before RoPE, values), (1, G, S, D) each; computed
         once within sink_cache() when no gradient is needed."""
         if self._sink_kv is None or torch.is_grad_enabled():
             return [(k, v) for _, k, v in self._self_only_sink_stream()]

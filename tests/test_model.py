@@ -266,7 +266,8 @@ def test_observer_keys_equal_the_reference_paths(kw, padded, monkeypatch):
     idx, am = torch.randint(0, 51, (3, 12)), _padding(padded)
     seen, ref_keys = {}, []
     sdpa = attention.sdpa
-    monkeypatch.setattr(attention, "sdpa", lambda q, k, v, mask: ref_keys.append(k) or sdpa(q, k, v, mask))
+    monkeypatch.setattr(attention, "sdpa", lambda q, k, v, mask: ref_keys.append(
+        attention.repeat_groups(k, v, q.shape[1])[0]) or sdpa(q, k, v, mask))  # the observer sees one per head
     with torch.no_grad():
         fast(idx, am, observer=lambda layer, probs, keys, values, n_sink: seen.update({layer: keys}))
         ref_keys.clear()  # the fast path's ablation sink calls the kernel too
