@@ -1,5 +1,6 @@
 """Probes of the copy task (sinkdlm.eval.probes) against hand-computed cases and a direct loop."""
 
+import json
 import math
 
 import pytest
@@ -125,3 +126,29 @@ def test_probe_on_a_real_model_and_batch_invariance():
     alone = probes.attention_maps(model, noisy[:1])[0][1][0]
     assert torch.allclose(both, alone, atol=1e-6)
     assert not math.isnan(level["copy_head"]["active_on_source"])
+
+
+def test_probe_command_on_a_trained_run_caches_per_checkpoint(tmp_path, monkeypatch, capsys):
+    from sinkdlm.cli import main
+    from sinkdlm.data import synthetic
+    from sinkdlm.data.prepare import prepare
+    from sinkdlm.training.trainer import train
+    from tests.conftest import tiny_train_config
+    from tests.test_synthetic import TEXT
+
+    monkeypatch.setattr(synthetic, "demo_text", lambda: TEXT)
+    synthetic.bigram_model.cache_clear()
+    data = prepare("synthetic:bigram-backcopy:length=31,k=2,vocab=8,docs=60", tmp_path / "data",
+                   val_fraction=0.2, progress=False)
+    synthetic.bigram_model.cache_clear()
+    run = tmp_path / "run"
+    train(tiny_train_config(data, run, steps=4, save_every=2, val_every=2, keep_last=0, sink_monitor_every=0))
+    assert main(["probe", str(run), "--windows", "4"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| run | 2 |") == 1 and table.count("| run | 4 |") == 1
+    cached = json.loads((run / probes.PROBE_CACHE).read_text())
+    assert sorted(cached["checkpoints"]) == ["step-00000002", "step-00000004"]
+    assert len(cached["checkpoints"]["step-00000004"]["elbo_bins"]) == probes.ELBO_BINS
+    monkeypatch.setattr(probes, "probe_checkpoint", lambda *a, **k: pytest.fail("probed again"))
+    assert main(["probe", str(run), "--windows", "4", "--level", "0.5"]) == 0
+    assert main(["probe", str(run), "--level", "0.3"]) == 2

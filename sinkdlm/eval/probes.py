@@ -9,17 +9,23 @@ masked positions. Keys are the model's observer order: [dedicated sinks; content
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from sinkdlm import diffusion
 from sinkdlm.data.synthetic import NO_SOURCE, copy_sources
+from sinkdlm.errors import UserError
+from sinkdlm.files import atomic_write
 
 MASK_LEVELS = (0.15, 0.5)  # the pre-registered levels (docs/study-mechanism.md)
 ELBO_BINS = 5  # t in [0, 0.2), [0.2, 0.4), ..., [0.8, 1.0]
@@ -194,3 +200,101 @@ def probe(model, windows: Tensor, task: Task, levels: Sequence[float] = MASK_LEV
                           **{k: float(v[copy_head]) for k, v in stacked.items()}},
             "heads": {k: v.tolist() for k, v in stacked.items()}}
     return out
+
+
+# ---- checkpoints and runs ---------------------------------------------------------------------------
+
+DEFAULT_WINDOWS = 64
+PROBE_CACHE = "probes.json"
+
+
+def task_windows(data_path: str | Path, seq_len: int, n: int) -> tuple[Task, Tensor]:
+    """The task of a prepared synthetic corpus and n fixed windows of its validation split."""
+    from sinkdlm.data.shards import PackedData, fixed_windows
+
+    data = PackedData(data_path)
+    if "task" not in data.meta:
+        raise UserError(f"{data_path} was not prepared from a synthetic source; the probes need one: "
+                        f"sinkdlm prepare --source synthetic:bigram-backcopy --out DIR")
+    return Task.from_meta(data.meta), fixed_windows(data.tokens("val"), seq_len, n)
+
+
+def probe_checkpoint(path: str | Path, n_windows: int = DEFAULT_WINDOWS, levels: Sequence[float] = MASK_LEVELS,
+                     seed: int = 0, data: str | Path | None = None) -> dict[str, Any]:
+    """Every probe of one checkpoint on its own corpus's validation windows (or `data`'s), plus
+    the ELBO per mask-ratio bin."""
+    from sinkdlm.checkpoint import load_model, resolve
+
+    model, cfg = load_model(path)
+    task, windows = task_windows(data or cfg.data.path, cfg.seq_len, n_windows)
+    out = probe(model, windows, task, levels, seed)
+    out["elbo_bins"] = elbo_by_bin(model, windows, seed)
+    out["checkpoint"] = resolve(path).name
+    return out
+
+
+def probe_run(run_dir: str | Path, n_windows: int = DEFAULT_WINDOWS, levels: Sequence[float] = MASK_LEVELS,
+              seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """probe_checkpoint for every checkpoint of a run, oldest first; cached in <run>/probes.json by
+    (checkpoint, settings), so a second call probes only new checkpoints."""
+    from sinkdlm.checkpoint import list_checkpoints, load_meta
+
+    run = Path(run_dir)
+    found = list_checkpoints(run)
+    if not found:
+        raise UserError(f"no checkpoints in {run}; pass a run folder written by sinkdlm train")
+    key = {"windows": n_windows, "levels": list(levels), "seed": seed}
+    path = run / PROBE_CACHE
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get("key") != key:
+        cache = {"key": key, "checkpoints": {}}
+    rows = []
+    for ckpt in tqdm(found, desc=f"probing {run.name}", disable=not progress):
+        if ckpt.name not in cache["checkpoints"]:
+            row = probe_checkpoint(ckpt, n_windows, levels, seed)
+            row["step"] = int(load_meta(ckpt).get("step", 0))
+            cache["checkpoints"][ckpt.name] = row
+            atomic_write(path, json.dumps(cache, indent=1))
+        rows.append(cache["checkpoints"][ckpt.name])
+    return rows
+
+
+def summary_row(row: dict[str, Any], level: float = MASK_LEVELS[0]) -> dict[str, Any]:
+    """One table row of a probed checkpoint at one mask level: the pilot's columns."""
+    at = row["levels"][str(level)]
+    layers, head = at["layers"], at["copy_head"]
+    return {"step": row["step"], "copy_accuracy": at["copy_accuracy"],
+            "gu_rate": [x["rate"] for x in layers],
+            "gu_types": [{k[5:]: x[k] for k in x if k.startswith("rate_") and x[k] > 0} for x in layers],
+            "max_key_attention": [x["max_key_attention"] for x in layers],
+            "sink_share_x_uniform": [x["sink_share"] / x["uniform_share"] if x["sink_share"] is not None else None
+                                     for x in layers],
+            "dormant_mask_x_uniform": [_nanmean(v) for v in at["heads"]["dormant_mask_ratio"]],
+            "copy_head": f"L{head['layer']}H{head['head']}", "copy_head_dormant_on_sink": head["dormant_on_sink"],
+            "copy_head_active_on_sink": head["active_on_sink"], "elbo_bins": row["elbo_bins"]}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def markdown_table(runs: dict[str, list[dict[str, Any]]], level: float = MASK_LEVELS[0]) -> str:
+    """One row per (run, checkpoint) at one mask level; per-layer columns list layer 0 first."""
+    def fmt(values: Sequence[float | None], digits: int = 2) -> str:
+        return " / ".join("-" if v is None or math.isnan(v) else f"{v:.{digits}f}" for v in values)
+
+    head = ("| run | step | copy acc | Gu rate per layer (key types) | max mean attention on a key | sink share "
+            "x uniform | dormant [MASK] mass x uniform | copy head: dormant / active on sink | ELBO t-bins |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for name, rows in runs.items():
+        for row in rows:
+            s = summary_row(row, level)
+            types = "; ".join(",".join(f"{k} {v:.2f}" for k, v in t.items()) or "-" for t in s["gu_types"])
+            lines.append(f"| {name} | {s['step']} | {s['copy_accuracy']:.3f} | {fmt(s['gu_rate'])} ({types}) | "
+                         f"{fmt(s['max_key_attention'])} | {fmt(s['sink_share_x_uniform'])} | "
+                         f"{fmt(s['dormant_mask_x_uniform'])} | {s['copy_head']}: "
+                         f"{s['copy_head_dormant_on_sink']:.3f} / {s['copy_head_active_on_sink']:.3f} | "
+                         f"{fmt(s['elbo_bins'])} |")
+    return "\n".join(lines)
