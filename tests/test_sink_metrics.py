@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sinkdlm.analysis import nulls, stats
+from sinkdlm.analysis.ranks import spearman
 
 MASK = 9
 
@@ -284,3 +285,19 @@ def test_old_settings_and_metrics_read_the_eps_name():
 
     assert AnalysisConfig.from_dict({"eps": 2.0, "rule": "eps"}).column_margin == 2.0
     assert stats.column_margin_of({"eps": 2.5}) == 2.5 and stats.column_margin_of({"column_margin": 1.5}) == 1.5
+
+
+def test_mid_ranks_and_spearman_equal_scipys_on_tied_random_cells():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (20, 9), generator=gen).float()  # 9 keys, 4 values: many ties
+    y = torch.randint(0, 5, (20, 9), generator=gen).float()
+    valid = torch.ones(20, 9, dtype=torch.bool)
+    valid[:10, 7:] = False  # half the cells have 7 valid keys
+    for cell in range(20):
+        keep = valid[cell]
+        expected = (scipy_stats.rankdata(x[cell, keep].numpy()) - 1) / (int(keep.sum()) - 1)
+        assert stats.norm_rank(x[cell], keep)[keep].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+        rho = spearman(x[cell:cell + 1], y[cell:cell + 1], keep[None])[0]
+        reference = scipy_stats.spearmanr(x[cell, keep].numpy(), y[cell, keep].numpy()).statistic
+        assert float(rho) == pytest.approx(float(reference), abs=1e-5) if not math.isnan(reference) else rho.isnan()
