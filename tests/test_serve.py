@@ -174,14 +174,17 @@ def test_chat_uses_the_template(client, reference):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == out.choices[0].message.content
 
 
-def test_concurrent_requests_equal_sequential_ones(client):
+def test_concurrent_requests_equal_sequential_ones(client, server):
     prompts = [("The cat", 1), ("Sarah", 2), ("Question:", 3), ("mat", 4)] * 2
     ask = dict(model="run", temperature=0.9, **SETTINGS)
     alone = [client.completions.create(prompt=p, seed=s, **ask).choices[0].text for p, s in prompts]
+    before = health(server)
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda ps: client.completions.create(prompt=ps[0], seed=ps[1], **ask)
                                  .choices[0].text, prompts))
     assert together == alone
+    after = health(server)
+    assert after["rows"] - before["rows"] == 8 and after["batches"] - before["batches"] < 8  # some were batched
 
 
 def test_models_and_health(client, server):
