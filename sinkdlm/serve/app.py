@@ -64,6 +64,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> Any:
         return JSONResponse(RequestError(str(e.detail), status=e.status_code, kind=kind).body(),
                             status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def failed(_: Request, e: Exception) -> JSONResponse:  # a bug: OpenAI's object, and uvicorn logs it
+        error = RequestError(f"the server failed: {type(e).__name__}: {e}", status=500, kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": engine.limits.model_name, "queued": engine.batcher.queued(),

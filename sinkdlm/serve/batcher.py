@@ -29,6 +29,7 @@ from sinkdlm.serve.text import BlockStream, Decoder
 # ("step", {"step": i, "text": {k: delta}, "canvas": {k: text}}) | ("done", {"choices": [Choice], "rest": [str]})
 # | ("error", message); k: the request's choice; rest: what each streamed choice has left to send
 Event = tuple[str, Any]
+CLOSE_WAIT_S = 1.0
 
 
 @dataclass(eq=False)
@@ -74,7 +75,7 @@ class Batcher:
         with self.lock:
             self.closed = True
             self.lock.notify()
-        self.thread.join()
+        self.thread.join(CLOSE_WAIT_S)  # a long batch still running ends with the process (a daemon thread)
 
     def queued(self) -> int:
         with self.lock:
