@@ -310,7 +310,8 @@ h1{font-size:18px;margin:0 0 6px} h2{font-size:15px;margin:4px 0}
 .tok.given{color:#555;background:#f0f0f0} .tok.committed{color:#000}
 .tok.new{background:#ffe066;font-weight:600} .tok.masked{color:#999;background:#e4e4e4}
 .tok.hover{outline:2px solid #e6007e}
-.legend span{margin-right:10px;font-size:12px} .sw{display:inline-block;width:10px;height:10px;margin-right:3px}
+.legend span{margin-right:10px;font-size:12px}
+.cbar{display:inline-block;width:90px;height:10px;vertical-align:middle} .sw{display:inline-block;width:10px;height:10px;margin-right:3px}
 table.metrics{border-collapse:collapse;font-size:12px;margin-top:6px}
 table.metrics td,table.metrics th{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
 table.metrics td:first-child,table.metrics th:first-child{text-align:left}
@@ -371,7 +372,9 @@ class Panel {
       `<span class="tok ${s}">${s}</span>`).join(" ") + " <span>(new: revealed by the previous step)</span>";
     this.el.querySelector(".marks").innerHTML = [["sink", "dedicated sink"], ["mask", "[MASK] key / query"],
       ["dominant", "most-attended key of this step (column sums)"]].map(([k, t]) =>
-      `<span><i class="sw" style="background:${MARK[k]}"></i>${t}</span>`).join("");
+      `<span><i class="sw" style="background:${MARK[k]}"></i>${t}</span>`).join("") +
+      `<span>p: 0 <i class="cbar" style="background:linear-gradient(to right,${VIRIDIS.join(",")})"></i>` +
+      " 1 (the middle is 0.25: sqrt scale)</span>";
     this.el.querySelector(".output").textContent = p.output ? "final output: " + p.output : "";
     this.canvas = this.el.querySelector("canvas");
     this.canvas.addEventListener("mousemove", e => this.hover(e));
