@@ -183,7 +183,8 @@ def sampler(preset: ModelConfig, device: torch.device) -> dict[str, Any]:
 def fsdp_round_trip(preset: ModelConfig, device: torch.device) -> dict[str, Any]:
     """One FSDP2 step set up as the trainer does (bf16-mixed, activation checkpointing), a sharded
     save, and a load into a fresh model: the weights must come back bit for bit."""
-    from sinkdlm.training.trainer import build, diffusion_loss, full_weights, make_fabric
+    from sinkdlm.training.objective import diffusion_loss
+    from sinkdlm.training.trainer import build, full_weights, make_fabric
 
     t = TrainConfig(accelerator=device.type, devices=1, strategy="fsdp", precision="bf16-mixed",
                     activation_checkpointing=True, micro_batch=1, global_batch=1)

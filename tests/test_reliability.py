@@ -147,7 +147,7 @@ def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(t
 
 
 def test_overwrite_killed_before_its_first_checkpoint_is_undone_at_the_next_start(tiny_data, tmp_path):
-    from sinkdlm.training.trainer import set_aside_run
+    from sinkdlm.training.run_folder import set_aside_run
 
     run = tmp_path / "run"
     train(config(tiny_data, run))

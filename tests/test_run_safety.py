@@ -16,7 +16,7 @@ import torch
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.cli import main
 from sinkdlm.errors import EXIT_BAD_INPUT, UserError
-from sinkdlm.training import trainer
+from sinkdlm.training import run_folder, trainer
 from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 
@@ -121,7 +121,7 @@ def test_the_lock_is_released_when_training_ends(tiny_data, tmp_path):
     with pytest.raises(UserError, match="already holds a run"):  # refused after the lock was taken...
         train(config(tiny_data, run))
     train(config(tiny_data, run, steps=6, resume=True))  # ...and released again
-    assert not (run / trainer.LOCK_FILE).exists()  # removed when training ends
+    assert not (run / run_folder.LOCK_FILE).exists()  # removed when training ends
 
 
 # ---------------------------------------------------------------------------------------------

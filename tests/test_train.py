@@ -13,7 +13,8 @@ import torch
 from sinkdlm import checkpoint as ckpt
 from sinkdlm.config import Config, config_from_dict, load_config, model_preset
 from sinkdlm.errors import UserError
-from sinkdlm.training.trainer import lr_at, train
+from sinkdlm.training.objective import lr_at
+from sinkdlm.training.trainer import train
 from tests.conftest import tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,16 +284,16 @@ def test_tensorboard_logger_writes_events(tiny_data, tmp_path):
 
 
 def test_a_missing_logger_package_is_named_with_its_install(tiny_data, tmp_path, capsys, monkeypatch):
-    import sinkdlm.training.trainer as trainer
+    import sinkdlm.training.loggers as loggers
 
-    real = trainer.make_logger
+    real = loggers.make_logger
 
     def without_packages(name, run):
         if name != "csv":
             raise ModuleNotFoundError(name)
         return real(name, run)
 
-    monkeypatch.setattr(trainer, "make_logger", without_packages)
+    monkeypatch.setattr(loggers, "make_logger", without_packages)
     train(tiny_train_config(tiny_data, tmp_path / "run", steps=1, loggers=["csv", "tensorboard", "wandb"]))
     out = capsys.readouterr().out
     assert 'tensorboard is not installed (pip install -e ".[log]")' in out
@@ -302,7 +303,7 @@ def test_a_missing_logger_package_is_named_with_its_install(tiny_data, tmp_path,
 
 def test_loggers_are_checked_against_the_declared_names():
     from sinkdlm.config import LOGGERS
-    from sinkdlm.training.trainer import LOGGER_DIRS, LOGGER_INSTALL
+    from sinkdlm.training.loggers import LOGGER_DIRS, LOGGER_INSTALL
 
     assert set(LOGGER_DIRS) == set(LOGGERS) and set(LOGGER_INSTALL) < set(LOGGERS)
     with pytest.raises(UserError, match="train.loggers has \\['tensorbord'\\]; choose from"):
