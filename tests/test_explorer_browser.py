@@ -21,7 +21,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SETTINGS = AnalysisConfig(steps=4, gen_length=6, interventions=False, nulls=False, progress=False)
 SINK, MASK, DOMINANT = (255, 140, 0), (140, 140, 140), (230, 0, 126)  # the page's MARK colours
 # per mark row of a panel's canvas: the colour at the middle of each key column's strip
-STRIPS = """panel => { const lay = explorer.layout(panel), ctx = document.querySelectorAll('canvas')[panel].getContext('2d');
+STRIPS = """panel => { const lay = explorer.layout(panel), ctx = document.querySelectorAll('canvas.map')[panel].getContext('2d');
   const out = {};
   for (const [row, y] of Object.entries(lay.rows)) out[row] = [...Array(lay.K).keys()].map(k => Array.from(
     ctx.getImageData(lay.x0 + k * lay.cell + (lay.cell >> 1), y + (lay.strip >> 1), 1, 1).data.slice(0, 3)));
@@ -49,7 +49,7 @@ def check_marks(page, pair, step: int, layer: int, head: int) -> None:
 
 
 def drawn(page) -> list[str]:
-    return page.evaluate("Array.from(document.querySelectorAll('canvas')).map(c => c.toDataURL())")
+    return page.evaluate("Array.from(document.querySelectorAll('canvas.map')).map(c => c.toDataURL())")
 
 
 @pytest.fixture(scope="module")

@@ -317,7 +317,7 @@ table.metrics td,table.metrics th{border-bottom:1px solid #eee;padding:2px 6px;t
 table.metrics td:first-child,table.metrics th:first-child{text-align:left}
 #tip{position:fixed;pointer-events:none;background:#222;color:#fff;font-size:12px;padding:3px 6px;
      border-radius:3px;display:none;z-index:3;white-space:pre}
-.output{font-size:12px;color:#333;margin-top:4px}
+.output{font-size:12px;color:#333;margin-top:4px} canvas.trend{border:1px solid #ddd}
 </style></head><body>
 <h1>Sink explorer</h1>
 <div id="about" class="notes"></div>
@@ -363,8 +363,9 @@ class Panel {
     this.p = p; this.codes = decode(p.maps);
     [this.S, this.L, this.H, this.T, this.K] = p.map_shape;
     root.insertAdjacentHTML("beforeend", `<div class="panel"><h2></h2><div class="notes"></div>
-      <div class="legend"></div><div class="text"></div><div class="where notes"></div><canvas></canvas>
-      <div class="legend marks"></div><table class="metrics"></table><div class="output"></div></div>`);
+      <div class="legend"></div><div class="text"></div><div class="where notes"></div><canvas class="map"></canvas>
+      <div class="legend marks"></div><table class="metrics"></table><div class="trend-title notes"></div>
+      <canvas class="trend" width="360" height="70"></canvas><div class="output"></div></div>`);
     this.el = root.lastElementChild;
     this.el.querySelector("h2").textContent = p.label;
     this.el.querySelector(".notes").textContent = p.notes.join(" ");
@@ -376,7 +377,7 @@ class Panel {
       `<span>p: 0 <i class="cbar" style="background:linear-gradient(to right,${VIRIDIS.join(",")})"></i>` +
       " 1 (the middle is 0.25: sqrt scale)</span>";
     this.el.querySelector(".output").textContent = p.output ? "final output: " + p.output : "";
-    this.canvas = this.el.querySelector("canvas");
+    this.canvas = this.el.querySelector("canvas.map");
     this.canvas.addEventListener("mousemove", e => this.hover(e));
     this.canvas.addEventListener("mouseleave", () => this.hover(null));
   }
@@ -432,6 +433,29 @@ class Panel {
                    K: this.K, T: this.T, dominant: v.dominant, n_sink: this.p.n_sink};
     this.drawMarks(ctx, s, v);
     this.drawMetrics(v);
+    this.drawTrend(v);
+  }
+
+  // the step's headline metric over all steps: the layer (dark), the head (light), uniform (dashed)
+  drawTrend(v) {
+    const c = this.el.querySelector("canvas.trend"), ctx = c.getContext("2d"), key = this.p.n_sink ?
+      "absorption_rate" : "sink_mass", n = this.p.steps, pad = 4, w = c.width - 2 * pad, h = c.height - 2 * pad;
+    ctx.clearRect(0, 0, c.width, c.height);
+    const x = s => pad + (n > 1 ? s / (n - 1) : 0.5) * w, y = val => pad + (1 - val) * h;
+    const line = (values, colour, dash) => {
+      ctx.strokeStyle = colour; ctx.setLineDash(dash); ctx.lineWidth = 1.5; ctx.beginPath();
+      values.forEach((val, s) => val === null ? null : (s ? ctx.lineTo(x(s), y(val)) : ctx.moveTo(x(s), y(val))));
+      ctx.stroke(); ctx.setLineDash([]);
+    };
+    const steps = [...Array(n).keys()], layer = this.p.layer_metrics;
+    if (this.p.n_sink) line(steps.map(s => layer.uniform_absorption[s][v.li]), "#999", [3, 3]);
+    if (!v.mean) line(steps.map(s => this.p.head_metrics[key][s][v.li][state.head]), "#7fb3d5", []);
+    line(steps.map(s => layer[key][s][v.li]), "#1a5276", []);
+    ctx.strokeStyle = MARK.dominant; ctx.beginPath(); ctx.moveTo(x(state.step), 0); ctx.lineTo(x(state.step), c.height);
+    ctx.stroke();
+    this.el.querySelector(".trend-title").textContent = `${key} over the ${this.unit()}s (0 to 1): layer ` +
+      `${state.layer} (dark)` + (v.mean ? "" : `, head ${state.head} (light)`) +
+      (this.p.n_sink ? ", uniform attention (dashed)" : "") + "; the line marks this one";
   }
 
   drawMarks(ctx, s, v) {
