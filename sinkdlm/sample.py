@@ -42,6 +42,7 @@ from sinkdlm import diffusion
 from sinkdlm.errors import UserError
 from sinkdlm.fields import check_choices, setting
 from sinkdlm.model import DLM, KVCache
+from sinkdlm.window import window_canvas
 
 UNIFORM_FLOOR = 1e-300  # keeps -log(-log u) finite in float64
 SEED_RANGE = 2**53  # a float64 uniform's bits, turned into a generator seed
@@ -84,6 +85,12 @@ class SampleConfig:
         "right", "where a shorter prompt's padding goes; left aligns the generated regions (LLaDA), which "
                  "makes front sinks' distance to a row's content depend on its batch")
     length_includes_prompt: bool = setting(False, "gen_length counts the prompt too (SMDM's context_length)")
+    window: int | None = setting(None, "sink-pinned windowed decoding: a block attends to the sinks, the last W "
+                                       "committed tokens and itself only (older keys evicted, nothing after the "
+                                       "block), so memory is O(W + block) at any length", unset="full attention",
+                                 at_least=0)
+    window_anchors: int = setting(0, "with window: also keep each row's first K tokens (StreamingLLM's "
+                                     "pseudo-sinks, for a model without sinks)", at_least=0)
     seed: int = setting(0, "a prompt's draws are a function of (seed, its index, step)", at_least=0)
 
     def __post_init__(self) -> None:
@@ -106,10 +113,30 @@ class SampleConfig:
                             f"(got {self.temperature}, {self.top_p}, {self.top_k})")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise UserError(f"threshold={self.threshold} must be in (0, 1] (or None = off)")
+        self._check_window()
+
+    def _check_window(self) -> None:
+        if self.window is None:
+            if self.window_anchors:
+                raise UserError(f"window_anchors={self.window_anchors} needs a window; pass window=W too")
+            return
+        if self.window < 0 or self.window_anchors < 0:
+            raise UserError(f"window={self.window} and window_anchors={self.window_anchors} must be >= 0")
+        if self.padding == "left":
+            raise UserError("window works with padding=right (a window holds only its row's own tokens); "
+                            "drop padding=left")
 
     @property
     def n_blocks(self) -> int:
         return self.gen_length // (self.block_length or self.gen_length)
+
+    def attended_length(self, prompt: int, generated: int) -> int:
+        """The most tokens one forward takes for a prompt: all of them, or with a window its
+        anchors, the window and a block."""
+        if self.window is None:
+            return prompt + generated
+        block = self.block_length or generated
+        return min(prompt + generated, self.window_anchors + self.window + block)
 
     def replace(self, **changes) -> SampleConfig:
         return dataclasses.replace(self, **changes)
@@ -166,7 +193,11 @@ def validate_prompts(prompts: list[list[int]], cfg: SampleConfig, block_size: in
             raise UserError(f"{label} is empty; give at least one token of prompt")
         g = cfg.gen_length - len(p) if cfg.length_includes_prompt else cfg.gen_length
         total = len(p) + max(g, 0)
-        if total > block_size:
+        if cfg.attended_length(len(p), max(g, 0)) > block_size:
+            if cfg.window is not None:
+                raise UserError(f"window_anchors {cfg.window_anchors} + window {cfg.window} + block "
+                                f"{cfg.block_length or g} tokens are more than the model's block_size {block_size}; "
+                                f"pass a smaller window or block_length")
             raise UserError(f"{label}: {len(p)} prompt tokens + {g} to generate = {total} tokens, more than the "
                             f"model's block_size {block_size}; shorten the prompt or gen_length")
         gens.append(max(g, 0))
@@ -284,15 +315,19 @@ class Forward:
         self.is_prompt = canvas.is_prompt
         self.cache = KVCache()
         self.calls = 0
+        self.peak_cache_bytes = 0  # the most the KV cache held after any forward
+        self.widest = 0  # the widest input the model saw
 
     def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
         """Logits (n, V) at the `wanted` (B, Bl) window positions, row-major: the LM head runs there
         only. queries: the cached path's recomputed positions (window first)."""
         self.calls += 1
+        self.widest = max(self.widest, x.shape[1])
         if self.guided:
             x = torch.cat([x, x.masked_fill(self.is_prompt, self.model.mask_id)])
             window, queries, wanted = window.repeat(2, 1), queries.repeat(2, 1), wanted.repeat(2, 1)
         logits = self._logits(x, window, queries, refresh, wanted)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache.nbytes())
         if not self.guided:
             return logits
         cond, uncond = logits.chunk(2)  # both halves want the same number of positions
@@ -346,18 +381,18 @@ def _fill_after_eos(x: Tensor, canvas: Canvas, eos_id: int, mask_id: int) -> Ten
 
 
 @torch.no_grad()
-def _decode_block(x: Tensor, b: int, canvas: Canvas, forward: Forward, cfg: SampleConfig,
-                  mask_id: int, eos_id: int, indices: Sequence[int], step0: int,
+def _decode_block(x: Tensor, b: int, block: int, first: Tensor, canvas: Canvas, forward: Forward,
+                  cfg: SampleConfig, mask_id: int, eos_id: int, indices: Sequence[int], step0: int,
                   on_step: StepCallback | None) -> tuple[Tensor, int]:
-    """Decode block b; returns the canvas and the running step count (for on_step and stats). The
-    noise and EOS suppression use the block's scheduled step b * steps + s instead, which does not
-    depend on when the batch's other rows let an earlier block finish early."""
-    block = cfg.block_length or int((canvas.end - canvas.start).max())
+    """Decode block b, whose first position is column first (B,) of x; returns the canvas and the
+    running step count (for on_step and stats). The noise and EOS suppression use the block's
+    scheduled step b * steps + s instead, which does not depend on when the batch's other rows let an
+    earlier block finish early."""
     steps = cfg.steps // cfg.n_blocks
     width = x.shape[1]
-    first = canvas.start + b * block
     window = (first[:, None] + torch.arange(block, device=x.device)).clamp(max=width - 1)
     in_block = (first[:, None] + torch.arange(block, device=x.device)) < canvas.end[:, None]
+    generated_offset = torch.arange(block, device=x.device).expand_as(window) + b * block
     tail = int((canvas.end - first).max()) if cfg.cache == "prefix" else block
     queries = (first[:, None] + torch.arange(max(tail, 1), device=x.device)).clamp(max=width - 1)
     step = step0
@@ -367,7 +402,7 @@ def _decode_block(x: Tensor, b: int, canvas: Canvas, forward: Forward, cfg: Samp
             break
         logits = forward(x, window, queries, s == 0, candidate)  # (n, V) at the masked positions
         scheduled = b * steps + s
-        logits = _suppress_eos(logits, (window - canvas.start[:, None])[candidate], scheduled, cfg, eos_id)
+        logits = _suppress_eos(logits, generated_offset[candidate], scheduled, cfg, eos_id)
         noise = RowNoise(cfg.seed, scheduled, indices, candidate.sum(1))
         x0, confidence, score = (torch.zeros(candidate.shape, dtype=t.dtype, device=t.device)
                                  .masked_scatter(candidate, t) for t in propose(logits, cfg, noise))
@@ -418,14 +453,40 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     gens = validate_prompts(prompts, cfg, model.cfg.block_size, [f"prompt {i}" for i in indices])
     device = next(model.parameters()).device
     canvas = build_canvas(prompts, gens, cfg.padding, mask_id, eos_id, device)
-    x, step = canvas.x, 0
+    block = cfg.block_length or int((canvas.end - canvas.start).max())
+    x, step, forwards = canvas.x, 0, []
     with model.sink_cache():
-        forward = Forward(model, canvas, cfg)
         for b in range(cfg.n_blocks):
-            x, step = _decode_block(x, b, canvas, forward, cfg, mask_id, eos_id, indices, step, on_step)
+            if cfg.window is None:
+                forwards = forwards or [Forward(model, canvas, cfg)]
+                x, step = _decode_block(x, b, block, canvas.start + b * block, canvas, forwards[0], cfg, mask_id,
+                                        eos_id, indices, step, on_step)
+            else:
+                x, step = _decode_block_windowed(x, b, block, canvas, model, cfg, mask_id, eos_id, indices, step,
+                                                 on_step, forwards)
     if stats is not None:
-        stats.update(forward_calls=forward.calls, steps=step)
+        stats.update(forward_calls=sum(f.calls for f in forwards), steps=step,
+                     peak_cache_bytes=max(f.peak_cache_bytes for f in forwards),
+                     widest_input=max(f.widest for f in forwards))
     return _completions(x, canvas, cfg, eos_id)
+
+
+def _decode_block_windowed(x: Tensor, b: int, block: int, canvas: Canvas, model: DLM, cfg: SampleConfig,
+                           mask_id: int, eos_id: int, indices: Sequence[int], step0: int,
+                           on_step: StepCallback | None, forwards: list[Forward]) -> tuple[Tensor, int]:
+    """Decode block b on the small canvas of its window (sinkdlm.window); the rest of x is untouched.
+    The Forward (and its KV cache) lives for this block only, so evicted keys are gone."""
+    first = canvas.start + b * block
+    kept = window_canvas(canvas.valid.int().argmax(1), first, torch.minimum(first + block, canvas.end),
+                         cfg.window, cfg.window_anchors)
+    small = Canvas(kept.gather(x, eos_id), kept.valid, kept.gather(canvas.is_prompt, 0).bool() & kept.valid,
+                   ((kept.columns < canvas.start[:, None]) & kept.valid).sum(1), kept.end)
+    forwards.append(Forward(model, small, cfg))
+    report = None if on_step is None else lambda s, tokens: on_step(s, kept.scatter(x, tokens))
+    tokens, step = _decode_block(small.x, b, block, kept.first, small, forwards[-1], cfg, mask_id, eos_id, indices,
+                                 step0, report)
+    x = kept.scatter(x, tokens)
+    return (_fill_after_eos(x, canvas, eos_id, mask_id) if cfg.eos == "fill" else x), step
 
 
 def generate_two_stage(model: DLM, prompts: list[list[int]], first: SampleConfig, second: SampleConfig,
