@@ -18,11 +18,13 @@ from sinkdlm.training.recipes import add_overrides_argument
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo",
-                        help="demo (CPU minutes), cpu (CPU hours, docs/study-cpu.md) or an SMDM size, e.g. 472")
+                        help="demo (CPU minutes), cpu (CPU hours, docs/study-cpu.md), mechanism (the synthetic "
+                             "copy task, docs/study-mechanism.md) or an SMDM size, e.g. 472")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated, from: {', '.join(study.VARIANTS)} "
                              f"(default: {','.join(study.PAPER_VARIANTS)}; at --preset cpu: "
-                             f"{','.join(study.CPU_VARIANTS)})")
+                             f"{','.join(study.CPU_VARIANTS)}; at --preset mechanism: "
+                             f"{','.join(study.MECHANISM_VARIANTS)})")
     parser.add_argument("--seeds", default="1", help="comma-separated training seeds")
     parser.add_argument("--out", default=None, help="study folder (default runs/study-<preset>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
@@ -30,8 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="budget per run in 1e18 FLOPs, the same for all variants (default: the steps)")
     parser.add_argument("--data", default=None,
                         help="prepared data folder (default: the preset's corpus, prepared once: Shakespeare at "
-                             "demo, BoolQ passages at cpu)")
-    parser.add_argument("--tasks", default="arc_easy,piqa", help="offline lm-eval tasks ('' = none)")
+                             "demo, BoolQ passages at cpu, the synthetic copy task at mechanism)")
+    parser.add_argument("--tasks", default=None,
+                        help=f"offline lm-eval tasks ('' = none; default {study.DEFAULT_TASKS}, none at --preset "
+                             f"mechanism)")
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per choice")
     parser.add_argument("--analysis-texts", type=int, default=4, help="held-out windows for the sink metrics")

@@ -25,6 +25,7 @@ from sinkdlm.config import (
     gate_params,
     load_config,
 )
+from sinkdlm.data import synthetic
 from sinkdlm.errors import UserError
 from sinkdlm.experiments import study_report as report
 from sinkdlm.experiments.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
@@ -64,19 +65,28 @@ CPU_RECIPE = {
     "optim": {"lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_min_steps": 50},
     "train": {"global_batch": 32, "micro_batch": 32, "max_steps": 800, "log_every": 10, "sink_monitor_every": 0},
 }
+MECHANISM_VARIANTS = ["plain", "sink", "sink_zero_value", "sink_sees_all"]
+# `mechanism`: configs/mechanism.yaml on masked Bigram-Backcopy's far-copy variant with the setting the
+# pilot chose (docs/study-mechanism.md, section 2)
+MECHANISM_SOURCE = "synthetic:bigram-induction"
+MECHANISM_SETTING = ["model.n_head=8", "optim.weight_decay=0.1", "train.max_steps=1000"]
 # preset -> (corpus source for `sinkdlm prepare`, default variants); SMDM sizes bring their own data
-PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS)}
+PRESET_DATA = {"demo": ("demo", PAPER_VARIANTS), "cpu": ("boolq", CPU_VARIANTS),
+               "mechanism": (MECHANISM_SOURCE, MECHANISM_VARIANTS)}
+DEFAULT_TASKS = "arc_easy,piqa"
+PRESET_TASKS = {"mechanism": ""}  # a synthetic task has no benchmark; its probes are the evaluation
 
 
 @dataclass
 class StudyConfig:
-    preset: str = setting("demo", "demo, cpu or an SMDM size")
+    preset: str = setting("demo", "demo, cpu, mechanism or an SMDM size")
     variants: list[str] | None = setting(None, "model variants to compare", unset="the preset's")
     seeds: list[int] = setting([1], "training seeds of every variant", at_least=0)
     out: Path | None = setting(None, "study folder", unset="runs/study-<preset>")
     data: str | None = setting(None, "prepared data folder", unset="the preset's corpus")
     overrides: list[str] = setting([], "section.key=value for every run")
-    tasks: str = setting("arc_easy,piqa", "offline lm-eval tasks ('' = none)")
+    tasks: str | None = setting(None, "offline lm-eval tasks ('' = none)",
+                                unset=f"{DEFAULT_TASKS}; none at --preset mechanism")
     limit: int = setting(200, "documents per task", at_least=1)
     mc_num: int = setting(16, "Monte Carlo samples per choice", at_least=1)
     analysis_texts: int = setting(4, "held-out windows for the sink metrics", at_least=1)
@@ -87,6 +97,10 @@ class StudyConfig:
         check_choices(self, "study ")
 
     @property
+    def task_names(self) -> str:
+        return self.tasks if self.tasks is not None else PRESET_TASKS.get(self.preset, DEFAULT_TASKS)
+
+    @property
     def folder(self) -> Path:
         return self.out or Path(f"runs/study-{self.preset}")
 
@@ -95,18 +109,20 @@ class StudyConfig:
 
 
 def base_config(preset: str) -> Config:
-    """`demo` = the demo recipe on Shakespeare; `cpu` = CPU_RECIPE on BoolQ passages; an SMDM size =
-    the paper's 472M recipe at that size."""
+    """`demo` = the demo recipe on Shakespeare; `cpu` = CPU_RECIPE on BoolQ passages; `mechanism` =
+    configs/mechanism.yaml with MECHANISM_SETTING; an SMDM size = the paper's 472M recipe at that size."""
     if preset == "demo":
         from sinkdlm.experiments.demo import demo_config
 
         return demo_config()
     if preset == "cpu":
         return config_from_dict(CPU_RECIPE, "cpu study preset")
-    recipe = Path(__file__).resolve().parents[2] / "configs" / "paper_472_plain.yaml"  # the checkout's configs/
+    name, overrides = ("mechanism", MECHANISM_SETTING) if preset == "mechanism" else \
+        ("paper_472_plain", [f"model.preset={preset}"])
+    recipe = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"  # the checkout's configs/
     if not recipe.is_file():
         raise UserError(f"--preset {preset} needs the repository's {recipe}; run from a source checkout")
-    return load_config(recipe, [f"model.preset={preset}"])
+    return load_config(recipe, overrides)
 
 
 def parse_variants(text: str) -> list[str]:
@@ -166,7 +182,8 @@ def study_data(preset: str, base: Config, data: str | None) -> list[str]:
     from sinkdlm.data.prepare import prepare
     from sinkdlm.experiments.demo import DEMO_VOCAB
 
-    source, tokenizer, path = PRESET_DATA[preset][0], f"bpe:{DEMO_VOCAB}", Path(base.data.path)
+    source, path = PRESET_DATA[preset][0], Path(base.data.path)
+    tokenizer = synthetic.TOKENIZER_SPEC if synthetic.is_synthetic(source) else f"bpe:{DEMO_VOCAB}"
     if not corpus_ready(path, source, tokenizer):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(f"under torchrun every rank would prepare the {source} corpus at once; run `sinkdlm "
@@ -270,12 +287,14 @@ def lm_eval_evaluator(tasks: str, limit: int, mc_num: int) -> Callable[[Run], di
     return evaluate
 
 
-def default_evaluators(s: StudyConfig) -> list[Evaluator]:
+def default_evaluators(s: StudyConfig, synthetic_data: bool = False) -> list[Evaluator]:
     evaluators = [sink_evaluator(s.analysis_texts)]
-    if s.tasks:
+    if synthetic_data:
+        evaluators.append(probe_evaluator())
+    if s.task_names:
         if available("lm_eval"):
-            accuracy = lm_eval_evaluator(s.tasks, s.limit, s.mc_num)
-            evaluators.append(Evaluator("lm_eval", {"tasks": s.tasks, "limit": s.limit, "mc_num": s.mc_num},
+            accuracy = lm_eval_evaluator(s.task_names, s.limit, s.mc_num)
+            evaluators.append(Evaluator("lm_eval", {"tasks": s.task_names, "limit": s.limit, "mc_num": s.mc_num},
                                         lambda run: (accuracy(run), {})))
         else:
             print(f"study: lm-eval is not installed; skipping benchmark accuracy ({install_hint('lm_eval')})")
@@ -295,6 +314,50 @@ def sink_columns(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, f
             if base is not None:
                 baselines[label] = float(base)
     return values, baselines
+
+
+COPY_TARGET = 0.9  # P5: the first kept checkpoint whose copy accuracy reaches this
+
+
+def probe_columns(rows: list[dict[str, Any]], bigram_copy: float | None) -> tuple[dict[str, float], dict[str, float]]:
+    """The study's copy-task columns (docs/study-mechanism.md) from probe_run's rows, oldest first: the
+    last checkpoint's copy accuracy, copy head, Gu rates, [MASK] mass and ELBO per t-bin, and the
+    steps to COPY_TARGET copy accuracy at the first mask level (the last step + 1 bin when never)."""
+    from sinkdlm.eval.probes import ELBO_BINS, MASK_LEVELS, summary_row
+
+    last, values = rows[-1], {}
+    for level in MASK_LEVELS:
+        s = summary_row(last, level)
+        values[f"copy acc @{level}"] = s["copy_accuracy"]
+        values[f"copy head: dormant on sink @{level}"] = s["copy_head_dormant_on_sink"]
+        values[f"copy head: active on sink @{level}"] = s["copy_head_active_on_sink"]
+        values[f"copy head: sink value ratio @{level}"] = last["levels"][str(level)]["copy_head"]["sink_value_ratio"]
+        for layer, (rate, mask) in enumerate(zip(s["gu_rate"], s["dormant_mask_x_uniform"])):
+            values[f"Gu rate L{layer} @{level}"] = rate
+            values[f"dormant [MASK] x uniform L{layer} @{level}"] = mask
+    for b, elbo in enumerate(last["elbo_bins"]):
+        values[f"ELBO t {b / ELBO_BINS:.1f}-{(b + 1) / ELBO_BINS:.1f}"] = elbo
+    reached = [r["step"] for r in rows if (summary_row(r)["copy_accuracy"] or 0.0) >= COPY_TARGET]
+    steps = [r["step"] for r in rows]
+    values[f"steps to {COPY_TARGET} copy acc"] = reached[0] if reached else steps[-1] + (steps[-1] - steps[0]) / max(
+        1, len(steps) - 1)
+    baselines = {f"copy acc @{level}": bigram_copy for level in MASK_LEVELS} if bigram_copy is not None else {}
+    return {k: float(v) for k, v in values.items() if v is not None}, baselines
+
+
+def probe_evaluator() -> Evaluator:
+    """The copy-task probes of every kept checkpoint (cached in <run>/probes.json); the bigram's
+    accuracy at copy positions is the copy columns' baseline (what ignoring the rule gets)."""
+    from sinkdlm.data.shards import PackedData
+    from sinkdlm.eval.probes import DEFAULT_WINDOWS, MASK_LEVELS, probe_run
+
+    def evaluate(run: Run) -> tuple[dict[str, float], dict[str, float]]:
+        from sinkdlm.checkpoint import load_config_of
+
+        meta = PackedData(load_config_of(run.out).data.path).meta["task"]
+        return probe_columns(probe_run(run.out, progress=False), meta.get("bigram_copy_accuracy"))
+
+    return Evaluator("probes", {"windows": DEFAULT_WINDOWS, "levels": list(MASK_LEVELS)}, evaluate)
 
 
 def sink_evaluator(n_texts: int) -> Evaluator:
@@ -338,13 +401,24 @@ def run_study(s: StudyConfig) -> list[Run] | None:
     runs = train_runs(base, variants, s.seeds, s.folder, overrides)
     if not is_global_zero():  # several training processes: rank 0 alone evaluates and writes
         return None
-    evaluate_runs(runs, default_evaluators(s))
+    evaluate_runs(runs, default_evaluators(s, _is_synthetic_data(runs)))
     if s.curves:
         sinks_over_training(runs, s.folder / CURVES_DIR, s.analysis_texts)
     title = f"study {s.preset}: {', '.join(dict.fromkeys(variants))}; seeds {','.join(map(str, s.seeds))}"
     text = write_study(s.folder, title, s.command, runs)
     print(f"\n{text}\ntable, plots and results in {s.folder}")
     return runs
+
+
+def _is_synthetic_data(runs: list[Run]) -> bool:
+    """Whether the runs trained on a synthetic corpus (its meta.json has a `task`)."""
+    from sinkdlm.checkpoint import load_config_of
+    from sinkdlm.data.shards import PackedData
+
+    try:
+        return "task" in PackedData(load_config_of(runs[0].out).data.path).meta
+    except (UserError, OSError, IndexError):
+        return False
 
 
 def write_study(out: Path, title: str, command: str, runs: list[Run]) -> str:
