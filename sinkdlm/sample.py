@@ -25,6 +25,12 @@ per-layer K/V; later steps of the block recompute only the block and everything 
 or only the block (dual), attending to the stored K/V of the rest. Stored K/V of positions decoded since the refresh are stale, so outputs can differ from full
 recompute; Fast-dLLM reports < 1 point GSM8K accuracy loss on LLaDA. Measure it for your model with
 benchmarks/bench_generate.py.
+
+Windowed decoding (`window=W`, sinkdlm.window): each block is decoded on a canvas of its own holding
+the row's first `window_anchors` tokens, its last W committed tokens and the block, re-indexed from
+position 0; older keys and the masks after the block are not attended, so memory and time per step
+are flat in the length. A window covering everything equals full decoding without lookahead (and,
+with one block, full decoding exactly).
 """
 
 from __future__ import annotations
