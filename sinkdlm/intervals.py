@@ -91,3 +91,32 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return mean - half, mean + half
+
+
+def t_test_p(values: list[float]) -> float | None:
+    """Two-sided p-value of Student's one-sample t test that the mean of `values` is 0 (for paired
+    differences: that the two variants do not differ); None with fewer than two values. All-equal
+    values give 1 at 0 and 0 elsewhere."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return 2 * (1 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+HOLM_NOTE = ("Holm: the k pre-registered p-values sorted ascending, the i-th (from 0) multiplied by k - i, "
+             "each kept at least as large as the one before and at most 1; a comparison is resolved at 5% "
+             "when its adjusted p is below 0.05 (family-wise error <= 5% over the k)")
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values of a family of pre-registered tests (name -> p)."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - i) * p_values[name]))
+        adjusted[name] = running
+    return adjusted

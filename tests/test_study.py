@@ -1,6 +1,7 @@
 """`sinkdlm study`: variants share data order and budget; one table and plots come out."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -224,3 +225,61 @@ def test_a_stopped_study_resumes_the_interrupted_run_and_redoes_nothing_finished
     monkeypatch.setattr(training, "analyze_checkpoint", lambda *a, **k: pytest.fail("analysed again"))
     study.run_study(settings)
     assert trained == [("sink-seed1", 2), ("sink-seed1", 3)] and (out / "study.md").read_text() == table
+
+
+def test_holm_adjusts_a_family_of_p_values_by_hand():
+    from sinkdlm.intervals import holm
+
+    # sorted 0.01, 0.02, 0.04, 0.3: times 4, 3, 2, 1 = 0.04, 0.06, 0.08, 0.3 (each kept >= the one before)
+    adjusted = holm({"P1": 0.04, "P2": 0.01, "P3": 0.3, "P4": 0.02})
+    assert adjusted == pytest.approx({"P2": 0.04, "P4": 0.06, "P1": 0.08, "P3": 0.3})
+    assert holm({"a": 0.2, "b": 0.5}) == pytest.approx({"a": 0.4, "b": 0.5})  # 0.2 x 2; max(0.4, 0.5 x 1)
+    assert holm({"a": 0.6, "b": 0.6}) == pytest.approx({"a": 1.0, "b": 1.0})  # capped at 1
+
+
+def test_t_test_p_matches_the_t_interval():
+    from sinkdlm.intervals import t_interval, t_test_p
+
+    values = [0.1, 0.3, 0.2, 0.25]
+    low, _ = t_interval(values)
+    shifted = [v - low for v in values]  # the interval's low end now sits at 0: p = 0.05 exactly
+    assert t_test_p(shifted) == pytest.approx(0.05, abs=1e-6)
+    assert t_test_p([1.0, -1.0]) == pytest.approx(1.0) and t_test_p([0.5]) is None
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert t_test_p(values) == pytest.approx(float(scipy_stats.ttest_1samp(values, 0).pvalue), abs=1e-9)
+
+
+def test_preregistered_comparisons_get_holm_and_the_rest_are_exploratory():
+    from sinkdlm.intervals import holm
+
+    runs = runs_by_hand()
+    for r in runs:
+        r.info = {"steps": 10, "tokens": 1280, "epochs": 0.5, "params": 1000}
+    planned = [("P1", "sink − plain", "val_elbo"), ("P2", "gate − plain", "val_elbo"), ("P3", "sink", "absorption − uniform"),
+               ("P4", "sink − plain", "not a column")]
+    text, results = study_report.render("t", "sinkdlm study", runs, planned)
+    rows = {r["label"]: r for r in results["preregistered"]}
+    p = {label: rows[label]["interval"]["p"] for label in ("P1", "P2", "P3")}
+    assert {label: rows[label]["holm_p"] for label in p} == pytest.approx(holm(p))  # over the 3 measured
+    assert rows["P4"]["interval"] is None and "| P4 | sink − plain | not a column | not measured |" in text
+    assert "## Pre-registered comparisons (Holm over 4)" in text and "exploratory" in text
+    # the differences -0.1, -0.15, -0.1 (sd 0.0289): t = -7.0 on 2 df, p = 0.0198; Holm x 3 (smallest p)
+    assert p["P1"] == pytest.approx(0.0198, abs=2e-4)
+    plain_text, _ = study_report.render("t", "sinkdlm study", runs)
+    assert "No comparison was pre-registered" in plain_text and "Pre-registered comparisons" not in plain_text
+
+
+def test_analysis_noise_sits_beside_the_seed_spread():
+    runs = runs_by_hand()
+    for r in runs:
+        r.info = {"steps": 10, "tokens": 1280, "epochs": 0.5, "params": 1000}
+        if r.variant == "sink":
+            r.repeat = {"absorption": r.metrics["absorption"] + (0.01 if r.seed == 1 else -0.03)}
+    noise = study_report.analysis_noise(runs)
+    cell = noise["sink"]["absorption"]  # sqrt(mean(0.01^2 / 2, 0.03^2 / 2, 0.03^2 / 2))
+    assert cell["analysis_sd"] == pytest.approx(math.sqrt((0.0001 + 0.0009 * 2) / 6)) and cell["runs"] == 3
+    assert cell["seed_sd"] == pytest.approx(0.05) and set(noise) == {"sink"}
+    text, results = study_report.render("t", "sinkdlm study", runs)
+    assert "## Analysis noise beside seed-to-seed spread" in text and results["analysis_noise"] == noise
+    again = study_report.runs_from_results(json.loads(json.dumps(results, default=str)))
+    assert [(r.variant, r.seed, r.repeat) for r in again] == [(r.variant, r.seed, r.repeat) for r in runs]

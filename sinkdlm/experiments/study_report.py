@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkdlm.files import METRICS_LOG, atomic_write
-from sinkdlm.intervals import T_INTERVAL_NOTE, t_interval
+from sinkdlm.intervals import HOLM_NOTE, T_INTERVAL_NOTE, holm, t_interval, t_test_p
 
 TABLE = "study.md"
 RESULTS = "study.json"
@@ -27,6 +27,7 @@ LINE_STYLES = ("-", "--", "-.", ":")  # one per variant: curves that coincide st
 MARKERS = ("o", "s", "^", "D", "v", "P")
 HEADROOM = 1.15  # open-ended metric axes reach this far above the highest point
 NOT_RESOLVED = "not resolved"
+ALPHA = 0.05  # the pre-registered comparisons' family-wise error rate
 SMOOTH_SHARE = 0.02  # the training-loss curve's centred moving average reaches this share of its points each side
 IDENTICAL = "identical in every seed"
 TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are several, else the one value. "
@@ -34,28 +35,45 @@ TABLE_NOTE = ("Cells: mean ± standard deviation over seeds when there are sever
               "not acc_norm) in percent. The uniform-baseline row: what each metric reads under uniform "
               "attention over the valid keys (val_elbo: a uniform guess, ln V); a range where variants differ (a "
               "sink adds keys), each variant's in study.json.")
-# moving_sink_summary key (or (null model, key)) -> table column
+# moving_sink_summary key (or (null model, key)) -> table column. The uniform-attention null is each
+# column's uniform baseline (exact), so it has no column of its own.
 SINK_COLUMNS = {
+    "gu_sink_rate": "Gu sink rate",
+    "gu_sink_rate_dedicated": "Gu rate, dedicated sink",
+    "mask_absorption_ratio": "[MASK] absorption / uniform",
     "absorption_rate": "absorption",
     "dedicated_top1_rate": "sink top-1 rate",
     "dedicated_capture_share": "dedicated-sink capture",
     "dominant_stability": "dominant-key stability",
     ("fixed_text", "dominant_stability"): "stability, fixed-text null",
-    ("random_attention", "dominant_stability"): "stability, random-attention null",
+    ("one_token_reveal", "dominant_stability"): "stability, one-token-reveal null",
+    "event_locked_change": "event-locked change",
+    ("one_token_reveal", "event_locked_change"): "event-locked change, one-token-reveal null",
     "sink_set_iou": "sink-set IoU",
     "value_rank_sinks": "sink value-norm rank",
+    "value_rank_same_type_sinks": "sink value rank among its kind",
+    "value_attention_spearman": "attention-value Spearman",
     "value_rank_dedicated": "dedicated value-norm rank",
 }
-SHARE_COLUMNS = set(SINK_COLUMNS.values()) - {"absorption"}  # values in [0, 1] (absorption is small)
+SIGNED_COLUMNS = {"event-locked change", "event-locked change, one-token-reveal null", "attention-value Spearman"}
+# values in [0, 1] (absorption is small, the [MASK] ratio open-ended, the signed ones in [-1, 1])
+SHARE_COLUMNS = set(SINK_COLUMNS.values()) - {"absorption", "[MASK] absorption / uniform"} - SIGNED_COLUMNS
 # within a variant: metric minus its reference (a column, or None = the metric's uniform baseline)
 EXCESS = {
+    "Gu rate − uniform": ("Gu sink rate", None),
+    "[MASK] absorption ratio − uniform": ("[MASK] absorption / uniform", None),
     "absorption − uniform": ("absorption", None),
     "sink top-1 − uniform": ("sink top-1 rate", None),
+    "stability − uniform": ("dominant-key stability", None),
     "stability − fixed-text null": ("dominant-key stability", "stability, fixed-text null"),
-    "stability − random null": ("dominant-key stability", "stability, random-attention null"),
+    "stability − one-token-reveal null": ("dominant-key stability", "stability, one-token-reveal null"),
+    "event-locked − one-token-reveal null": ("event-locked change", "event-locked change, one-token-reveal null"),
     "sink value rank − uniform": ("sink value-norm rank", None),
+    "sink value rank among its kind − uniform": ("sink value rank among its kind", None),
     "dedicated value rank − uniform": ("dedicated value-norm rank", None),
 }
+EXPLORATORY_NOTE = ("Every interval not listed under the pre-registered comparisons is exploratory: a 95% interval "
+                    "with no correction for the {n} intervals shown, so about 1 in 20 excludes 0 by chance.")
 
 
 @dataclass
@@ -68,6 +86,8 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, float] = field(default_factory=dict)  # column -> its uniform baseline
     info: dict[str, Any] = field(default_factory=dict)  # steps, tokens, epochs, params
+    # the same final checkpoint analysed again with another analysis seed: column -> value (analysis noise)
+    repeat: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,12 +99,13 @@ class Interval:
     n: int
     low: float | None
     high: float | None
+    p: float | None = None  # two-sided t test of mean 0
 
     @classmethod
     def of(cls, values: list[float]) -> Interval:
         bounds = t_interval(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return cls(statistics.fmean(values), sd, len(values), *(bounds or (None, None)))
+        return cls(statistics.fmean(values), sd, len(values), *(bounds or (None, None)), t_test_p(values))
 
     @property
     def resolved(self) -> bool:
@@ -229,19 +250,93 @@ def runs_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def render(title: str, command: str, runs: list[Run]) -> tuple[str, dict[str, Any]]:
-    """study.md's text and study.json's content."""
+# a pre-registered comparison: (label, row, column); the row is a paired comparison ("sink − plain") or
+# a variant of the within-variant table, the column one of that table's columns
+Preregistered = tuple[str, str, str]
+
+
+def preregistered_results(planned: list[Preregistered], within: dict[str, dict[str, Interval]],
+                          diffs: dict[str, dict[str, Interval]]) -> list[dict[str, Any]]:
+    """Each planned comparison's interval, p and Holm-adjusted p over the family (those measured)."""
+    found = {label: (diffs.get(row) or within.get(row) or {}).get(col) for label, row, col in planned}
+    adjusted = holm({label: i.p for label, i in found.items() if i is not None and i.p is not None})
+    return [{"label": label, "row": row, "column": col, "interval": None if found[label] is None else
+             asdict(found[label]), "holm_p": adjusted.get(label)} for label, row, col in planned]
+
+
+def preregistered_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| | comparison | column | mean [95% t interval] | p | Holm p | verdict at 5% |", "|---" * 7 + "|"]
+    for r in results:
+        interval = r["interval"]
+        if interval is None:
+            lines.append(f"| {r['label']} | {r['row']} | {r['column']} | not measured | | | |")
+            continue
+        cell, p, holm_p = Interval(**interval).cell(), interval["p"], r["holm_p"]
+        verdict = "no interval" if holm_p is None else ("resolved" if holm_p < ALPHA else NOT_RESOLVED)
+        lines.append(f"| {r['label']} | {r['row']} | {r['column']} | {cell} | {_p(p)} | {_p(holm_p)} | {verdict} |")
+    return "\n".join(lines + ["", HOLM_NOTE + "."])
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def analysis_noise(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> column -> the sd that analysis noise alone gives (two analyses of one checkpoint with
+    different analysis seeds: sqrt(mean (a - b)^2 / 2) over the variant's runs) beside the sd over seeds."""
+    _, table = summarise(runs)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for variant in dict.fromkeys(r.variant for r in runs):
+        pairs: dict[str, list[float]] = {}
+        for r in runs:
+            if r.variant == variant:
+                for col, again in r.repeat.items():
+                    if r.metrics.get(col) is not None and again is not None:
+                        pairs.setdefault(col, []).append((r.metrics[col] - again) ** 2 / 2)
+        out[variant] = {col: {"analysis_sd": math.sqrt(statistics.fmean(sq)), "runs": len(sq),
+                              "seed_sd": table[variant][col][1], "seeds": table[variant][col][2]}
+                        for col, sq in pairs.items() if col in table[variant]}
+    return {v: row for v, row in out.items() if row}
+
+
+def analysis_noise_table(noise: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| variant | column | analysis sd (runs) | seed-to-seed sd (seeds) |", "|---|---|---|---|"]
+    lines += [f"| {v} | {col} | {c['analysis_sd']:.3g} ({c['runs']}) | {c['seed_sd']:.3g} ({c['seeds']}) |"
+              for v, row in noise.items() for col, c in row.items()]
+    return "\n".join(lines + ["", "Analysis sd: each run's final checkpoint analysed twice with different analysis "
+                                  "seeds (prompts' sampling, masks, reveal order), sqrt(mean (a - b)^2 / 2) over "
+                                  "the runs; where it is close to the seed-to-seed sd, the seeds' spread is mostly "
+                                  "the analysis, not training."])
+
+
+def count_intervals(*tables: dict[str, dict[str, Interval]]) -> int:
+    return sum(1 for table in tables for row in table.values() for i in row.values() if i.low is not None)
+
+
+def render(title: str, command: str, runs: list[Run],
+           preregistered: list[Preregistered] | None = None) -> tuple[str, dict[str, Any]]:
+    """study.md's text and study.json's content; `preregistered` comparisons get a Holm-corrected
+    table, every other interval is marked exploratory."""
     columns, table = summarise(runs)
     base, within, diffs = baselines(runs, columns), excess(runs), paired(runs)
-    text = "\n\n".join([
-        f"# {title}", f"`{command}`",
-        "## Per variant (mean ± sd over seeds)", markdown(columns, table, base),
-        "## Within each variant: metric minus its uniform baseline or null model (95% t interval)",
+    planned = preregistered_results(list(preregistered or []), within, diffs)
+    noise = analysis_noise(runs)
+    sections = [f"# {title}", f"`{command}`",
+                "## Per variant (mean ± sd over seeds)", markdown(columns, table, base)]
+    if planned:
+        sections += [f"## Pre-registered comparisons (Holm over {len(planned)})", preregistered_table(planned)]
+    sections += [
+        "## Within each variant: metric minus its uniform baseline or null model (95% t interval; exploratory)",
         interval_table(within, "variant"),
-        "## Paired differences (same seeds, same data order)", interval_table(diffs, "comparison"),
+        "## Paired differences (same seeds, same data order; exploratory)", interval_table(diffs, "comparison"),
         f"{T_INTERVAL_NOTE}, over the n seeds (a paired difference: over the seeds both variants ran). "
         f"`{NOT_RESOLVED}`: the interval includes zero, so the sign is not told from noise; `{IDENTICAL}`: the "
-        f"difference is exactly 0 in each seed; n=1 gives no interval.",
+        f"difference is exactly 0 in each seed; n=1 gives no interval. "
+        + EXPLORATORY_NOTE.format(n=count_intervals(within, diffs))
+        + ("" if planned else " No comparison was pre-registered for this study.")]
+    if noise:
+        sections += ["## Analysis noise beside seed-to-seed spread", analysis_noise_table(noise)]
+    text = "\n\n".join(sections + [
         "## Runs", runs_table(runs),
         "![curves](loss_curves.png)\n\n![metrics](metrics.png)\n\n![paired](paired.png)\n\n"
         "![sinks over training](training/training.png)"])
@@ -251,13 +346,20 @@ def render(title: str, command: str, runs: list[Run]) -> tuple[str, dict[str, An
                "uniform_baseline": base,  # variant -> column -> baseline
                "within_variant": {v: {k: asdict(i) for k, i in row.items()} for v, row in within.items()},
                "paired": {k: {c: asdict(i) for c, i in row.items()} for k, row in diffs.items()},
-               "interval": "95% Student t interval of the mean over seeds"}
+               "preregistered": planned, "analysis_noise": noise,
+               "interval": "95% Student t interval of the mean over seeds; p: two-sided t test of mean 0"}
     return text + "\n", results
 
 
-def write_outputs(out: Path, title: str, command: str, runs: list[Run]) -> str:
+def runs_from_results(results: dict[str, Any]) -> list[Run]:
+    """The runs of a study.json, to render its tables again (e.g. after the report changed)."""
+    return [Run(**{**r, "out": Path(r["out"])}) for r in results["runs"]]
+
+
+def write_outputs(out: Path, title: str, command: str, runs: list[Run],
+                  preregistered: list[Preregistered] | None = None) -> str:
     """study.md, study.json and the figures; returns the markdown."""
-    text, results = render(title, command, runs)
+    text, results = render(title, command, runs, preregistered)
     columns, table = summarise(runs)
     plot_curves(runs, out / "loss_curves.png", title)
     plot_metric_bars(columns, table, out / "metrics.png", title)
@@ -425,4 +527,6 @@ def axis_range(column: str, highest: float) -> tuple[float, float]:
         return 0.0, 100.0
     if column in SHARE_COLUMNS:
         return 0.0, 1.0
+    if column in SIGNED_COLUMNS:
+        return -1.0, 1.0
     return 0.0, HEADROOM * highest if math.isfinite(highest) else 1.0
