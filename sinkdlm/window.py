@@ -11,11 +11,13 @@ fresh sequence (the first kept token at the first content position), as Streamin
 positions within its cache: relative distances inside the window are those of the text, and the
 sinks stay as close to the content as in training, however long the generation. When nothing is
 evicted (window >= everything before the block) the canvas is the row's tokens up to the block end,
-exactly what full attention without lookahead computes.
+exactly what full attention without lookahead computes. `windowed_pairs` turns the same pattern
+into likelihood terms, so the held-out ELBO can be compared across windows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +64,17 @@ def window_canvas(row_begin: Tensor, first: Tensor, block_end: Tensor, window: i
     device = first.device
     end = torch.tensor([len(r) for r in rows], device=device)
     return WindowCanvas(columns.to(device), valid.to(device), end - (block_end - first), end)
+
+
+def windowed_pairs(tokens: Sequence[int], prompt: int, block: int, window: int, anchors: int = 0
+                   ) -> list[tuple[list[int], list[int]]]:
+    """(context, block) pairs whose ELBOs sum to a bound on log p(tokens[prompt:] | tokens[:prompt])
+    under the windowed attention pattern: the continuation cut into blocks (chain rule over blocks,
+    as block-by-block decoding generates it), each conditioned on what its window keeps. Score them
+    with sinkdlm.eval.likelihood.score_pairs (the context starts at position 0, as in decoding)."""
+    pairs = []
+    for lo in range(prompt, len(tokens), block):
+        hi = min(lo + block, len(tokens))
+        kept = kept_columns(0, lo, hi, window, anchors)
+        pairs.append(([tokens[c] for c in kept[:len(kept) - (hi - lo)]], list(tokens[lo:hi])))
+    return pairs

@@ -6,7 +6,7 @@ import torch
 
 from sinkdlm.errors import UserError
 from sinkdlm.sample import SampleConfig, generate
-from sinkdlm.window import kept_columns, window_canvas
+from sinkdlm.window import kept_columns, window_canvas, windowed_pairs
 from tests.test_llada_reference import MASK, llada_generate, sharp_model
 
 EOS = 0
@@ -156,3 +156,33 @@ def test_a_window_wider_than_the_model_is_refused_naming_the_fix():
     with pytest.raises(UserError, match="smaller window"):
         generate(sharp_model(), [[1, 2]], SampleConfig(gen_length=64, steps=8, block_length=8, window=60),
                  MASK, EOS)
+
+
+def test_windowed_pairs_cut_the_continuation_into_blocks_with_their_windows():
+    tokens = list(range(100, 114))
+    assert windowed_pairs(tokens, prompt=4, block=4, window=3, anchors=1) == [
+        ([100, 101, 102, 103], [104, 105, 106, 107]),
+        ([100, 105, 106, 107], [108, 109, 110, 111]),
+        ([100, 109, 110, 111], [112, 113]),
+    ]
+    full = windowed_pairs(tokens, prompt=4, block=4, window=EVERYTHING)
+    assert [c + x for c, x in full] == [tokens[:8], tokens[:12], tokens]
+
+
+def test_windowed_elbo_is_the_sum_of_its_blocks_exact_elbos_and_reads_no_evicted_token():
+    from sinkdlm.eval.likelihood import LikelihoodConfig, exact_elbo, score_pairs
+
+    model = sharp_model(sink_tokens=1)
+    tokens = [3, 7, 11, 2, 9, 4, 5, 1, 8, 13, 4, 6]
+    settings = LikelihoodConfig(mc_num=2048, batch_size=512)
+
+    def elbo(tokens):
+        return score_pairs(model, windowed_pairs(tokens, prompt=4, block=4, window=2), settings)
+
+    with torch.no_grad():
+        mc = elbo(tokens)
+        exact = sum(exact_elbo(model, c, x) for c, x in windowed_pairs(tokens, prompt=4, block=4, window=2))
+        assert [e.loglik for e in elbo([40, 41] + tokens[2:])] == [e.loglik for e in mc]  # evicted for every block
+        assert elbo(tokens[:3] + [40] + tokens[4:])[0].loglik != mc[0].loglik  # in block 1's window
+    stderr = sum(e.stderr ** 2 for e in mc) ** 0.5
+    assert abs(sum(e.loglik for e in mc) - exact) < 4 * stderr
