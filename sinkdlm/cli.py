@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("sinkdlm.commands.eval", "lm-evaluation-harness tasks with Monte Carlo likelihoods"),
     "eval-generation": ("sinkdlm.commands.eval_generation", "quality of sampled text: Gen-PPL under a judge LM, "
                         "entropy, distinct-n, self-BLEU, MAUVE"),
+    "eval-length": ("sinkdlm.commands.eval_length", "ELBO, sink attention and value norms at 1x-8x the training "
+                    "length (RoPE extrapolation)"),
     "data": ("sinkdlm.commands.data", "materialise offline benchmark data (`sinkdlm data benchmarks`)"),
     "analyze": ("sinkdlm.commands.analyze", "attention-sink analysis of a checkpoint: metrics, plots, report"),
     "probe": ("sinkdlm.commands.probe", "copy accuracy, ELBO per mask ratio and sink attention of runs on a "

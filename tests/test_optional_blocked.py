@@ -222,6 +222,8 @@ CASES = [
     *[("eval-generation", module, lambda tmp, ck: ["eval-generation", "--checkpoint", str(ck["sink"]), "--out",
                                                    str(tmp / "g"), "--mauve", "on"])
       for module in ("sacrebleu", "matplotlib", "transformers", "gguf", "accelerate", "mauve")],
+    ("eval-length", "matplotlib",
+     lambda tmp, ck: ["eval-length", "--checkpoint", str(ck["sink"]), "--out", str(tmp / "l")]),
     *[("serve", module, lambda tmp, ck: ["serve", "--checkpoint", str(ck["sink"]), "--port", "0"])
       for module in ("fastapi", "uvicorn")],
 ]
