@@ -335,6 +335,6 @@ def test_training_table_says_when_a_metric_is_defined_in_fewer_seeds_than_its_ro
     from sinkdlm.analysis.training import training_table
 
     rows = [{"variant": "plain", "seed": s, "step": 100, "tokens": 400, "val_elbo": 6.0 + s,
-             "value_rank_sinks": 0.9 if s == 1 else None} for s in (1, 2, 3)]  # content sinks in seed 1 only
+             "value_rank_same_type_sinks": 0.9 if s == 1 else None} for s in (1, 2, 3)]  # content sinks in seed 1 only
     line = next(x for x in training_table(rows).splitlines() if x.startswith("| plain | 100 |"))
     assert "| 3 |" in line and "0.900 (n=1)" in line and "8.000 ± 1.000 |" in line  # val_elbo: all 3 seeds

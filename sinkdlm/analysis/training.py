@@ -29,14 +29,17 @@ TABLE_FILE = "training.md"
 RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")  # how `sinkdlm study` names its runs
 # panel metric -> (title, its uniform reference line or None, whether it is a share in [0, 1])
 CURVES = {
+    "gu_sink_rate": ("Gu sink rate (heads with > 0.3 on one key)", None, True),
+    "gu_sink_rate_dedicated": ("Gu rate won by the dedicated sink", None, True),
+    "mask_absorption_ratio": ("[MASK] keys' attention / uniform share", 1.0, False),
     "absorption_ratio": ("absorption / its uniform baseline", 1.0, False),
-    "dedicated_top1_rate": ("dedicated sink's top-1 rate", None, True),
-    "dominant_stability": ("dominant-key stability (dotted: fixed-text null)", None, True),
-    "value_rank_sinks": ("content sinks' value-norm rank (weighted)", 0.5, True),
+    "dominant_stability": ("dominant-key stability (dotted: one-token-reveal null)", None, True),
+    "value_rank_same_type_sinks": ("content sinks' value rank among their kind", 0.5, True),
     "value_rank_dedicated": ("dedicated sink's value-norm rank (weighted)", 0.5, True),
     "val_elbo": ("validation ELBO (nats/token)", None, False),
 }
-NULL_CURVE = ("dominant_stability", "fixed_text")  # drawn dotted beside its metric
+PANELS_PER_ROW = 4
+NULL_CURVE = ("dominant_stability", "one_token_reveal")  # drawn dotted beside its metric
 
 
 def parse_steps(text: str) -> str | list[int]:
@@ -168,7 +171,7 @@ def plot_training(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     Line2D = plt.Line2D
 
-    ncols = 3
+    ncols = PANELS_PER_ROW
     fig, axes = plt.subplots(-(-len(CURVES) // ncols), ncols, figsize=(5.0 * ncols, 8.0), squeeze=False,
                              layout="constrained")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
