@@ -105,6 +105,8 @@ def test_mean_interval_by_hand():
     half = 4.302653 * 1.0 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
     assert m["mean"] == 2.0 and m["n"] == 3
     assert m["lo"] == pytest.approx(2 - half, abs=1e-5) and m["hi"] == pytest.approx(2 + half, abs=1e-5)
+    share = g.mean_interval([1.0, 1.0, 0.5], 0.0, 1.0)  # t interval reaches past 1: cut at the range
+    assert share["hi"] == 1.0 and share["lo"] < share["mean"] < 1.0
 
 
 def test_nll_histogram_bins():

@@ -55,6 +55,7 @@ NLL_HIST_MAX = 20.0  # nats; larger NLLs go in the last bin
 BOOTSTRAP_RESAMPLES = 2000  # Gen-PPL is a ratio (pooled NLL / tokens): its interval is a bootstrap over samples
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
+BLEU_MAX = 100.0  # sacrebleu's scale
 MAUVE_SEED = 25  # mauve-text's own default k-means seed
 MAUVE_KMEANS_REDO = 5  # mauve-text's default
 
@@ -109,12 +110,14 @@ def self_bleu(texts: Sequence[str]) -> list[float]:
     return [bleu.sentence_score(t, list(texts[:i]) + list(texts[i + 1:])).score for i, t in enumerate(texts)]
 
 
-def mean_interval(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    """Mean and 95% t interval over the samples that have a value."""
+def mean_interval(values: Sequence[float | None], low: float = -math.inf,
+                  high: float = math.inf) -> dict[str, float | int | None]:
+    """Mean and 95% t interval over the samples that have a value; the interval is cut to the metric's
+    range [low, high] (a share near 1 would otherwise reach past it)."""
     kept = [float(v) for v in values if v is not None]
     ci = t_interval(kept, CONFIDENCE)
-    return {"mean": sum(kept) / len(kept) if kept else None, "lo": ci[0] if ci else None,
-            "hi": ci[1] if ci else None, "n": len(kept)}
+    return {"mean": sum(kept) / len(kept) if kept else None, "lo": max(low, ci[0]) if ci else None,
+            "hi": min(high, ci[1]) if ci else None, "n": len(kept)}
 
 
 def gen_ppl(nlls: Sequence[np.ndarray]) -> dict[str, float | int | None]:
@@ -321,10 +324,10 @@ def summarize(rows: list[dict], nlls: list[np.ndarray], mauve: float | None, eos
     entropy = [unigram_entropy(t) for t in tokens]
     sample_nll = [float(a.mean()) if len(a) else None for a in nlls]
     metrics = {"gen_ppl": gen_ppl(nlls), "judge_nll": mean_interval(sample_nll),
-               "entropy": mean_interval(entropy),
-               **{f"distinct_{n}": mean_interval([distinct_n(w, n) for w in words]) for n in DISTINCT_ORDERS},
-               "self_bleu": mean_interval(self_bleu([r["completion"] for r in rows])),
-               "tokens": mean_interval([len(t) for t in tokens])}
+               "entropy": mean_interval(entropy, low=0.0),
+               **{f"distinct_{n}": mean_interval([distinct_n(w, n) for w in words], 0.0, 1.0) for n in DISTINCT_ORDERS},
+               "self_bleu": mean_interval(self_bleu([r["completion"] for r in rows]), 0.0, BLEU_MAX),
+               "tokens": mean_interval([len(t) for t in tokens], low=0.0)}
     return {"metrics": metrics, "mauve": mauve, "empty_samples": sum(1 for a in nlls if not len(a)),
             "nll_histogram": nll_histogram(nlls),
             "per_sample": [{"index": r["index"], "entropy": e, "judge_nll": n, "judge_tokens": len(a)}
