@@ -38,7 +38,7 @@ TEXT = ["The cat sat on the mat.", "Sarah ran home fast.", "Question: Which is a
 KEY = "test-key"
 EOS = 0
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-START_TIMEOUT_S = 60
+CONTEXT = 256  # room for the offline gsm8k task's questions
 SETTINGS = dict(max_tokens=8, extra_body={"steps": 8, "block_length": 4})  # two blocks
 
 
@@ -51,7 +51,7 @@ def make_checkpoint(root: Path) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TEXT, trainer)
     tok.save(str(root / "tokenizer.json"))
-    cfg = Config(model=tiny(vocab_size=tok.get_vocab_size(), sink_tokens=1))
+    cfg = Config(model=tiny(vocab_size=tok.get_vocab_size(), sink_tokens=1, block_size=CONTEXT))
     torch.manual_seed(0)
     model = DLM(cfg.model)
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_models_and_health(client, server):
     ({"model": "run", "prompt": "x", "steps_typo": 3}, 400, "steps_typo"),
     ({"model": "run", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "run", "prompt": "x", "n": 100000}, 400, "n"),
-    ({"model": "run", "prompt": "word " * 80, "max_tokens": 8}, 400, "prompt"),
+    ({"model": "run", "prompt": "word " * CONTEXT, "max_tokens": 8}, 400, "prompt"),
     ({"model": "run", "prompt": "x", "max_tokens": 8, "block_length": 4, "steps": 3}, 400, "steps"),
     ({"model": "run", "prompt": "x", "remasking": "sideways"}, 400, "remasking"),
     ({"model": "run", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
@@ -223,11 +223,11 @@ def test_the_api_key_is_required(server):
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_work_and_others_go_on(server, client):
-    """A long request (16 guided rows x 56 steps, about a second here) is read until its first
-    canvas, then its connection closed: the server stops its batch (/health counts it) and answers
-    the next request."""
+    """A long request (16 guided rows x 128 steps, seconds here) is read until its first canvas,
+    then its connection closed: the server stops its batch (/health counts it) and answers the next
+    request."""
     host, port = re.match(r"http://([^:]+):(\d+)", server["url"]).groups()
-    body = json.dumps({"model": "run", "prompt": "The", "max_tokens": 56, "steps": 56, "block_length": 8, "n": 16,
+    body = json.dumps({"model": "run", "prompt": "The", "max_tokens": 128, "steps": 128, "block_length": 8, "n": 16,
                        "guidance": 1.0, "stream": True, "stream_steps": True, "seed": 9}).encode()
     before = health(server)["cancelled_batches"]
     with socket.create_connection((host, int(port))) as sock:
@@ -273,3 +273,41 @@ def test_load_every_request_answered_and_memory_back(server, client):
     assert took < LOAD_LIMIT_S, f"{LOAD_REQUESTS} requests took {took:.1f} s"
     assert rss_mb(server["proc"].pid) - before < RSS_GROWTH_MB
     assert server["proc"].poll() is None
+
+
+PROBLEMS = [{"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+             "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+            {"question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "12 * 2 = 24\n#### 24"},
+            {"question": "Sam had 10 pens and lost 3. How many are left?", "answer": "10 - 3 = 7\n#### 7"}]
+
+
+def test_lm_evals_local_completions_gives_sinkdlm_evals_answers(server, tmp_path, monkeypatch, capsys):
+    """The offline gsm8k task (on a cached copy of three problems) through lm-eval's
+    `local-completions` model against the server, and through `sinkdlm eval --sampling` with the
+    same settings (8 tokens in 8 steps, greedy): the same answer for every problem."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models.openai_completions  # noqa: F401 - registers local-completions (a registry that
+    from lm_eval.tasks import TaskManager  # already holds sinkdlm's model is not filled lazily)
+
+    from sinkdlm.cli import main
+    from sinkdlm.eval import task_data
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("SINKDLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    (tmp_path / "gsm8k_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    task_data.materialise([task_data.GSM8K], tmp_path)
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(server["checkpoint"]), "--tasks", "gsm8k", "--num-fewshot", "0",
+                 "--sampling", "gen_length=8,steps=8", "--log-samples", "--output", str(out)]) == 0
+    capsys.readouterr()
+    ours = {s["doc_id"]: s["resps"][0][0] for line in (out / "samples_gsm8k.jsonl").read_text().splitlines()
+            for s in [json.loads(line)]}
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["gsm8k"], num_fewshot=0, log_samples=True,
+        model_args=f"model=run,base_url={server['url']}/completions,tokenizer_backend=none,"
+                   f"tokenized_requests=False,num_concurrent=1,max_retries=1,max_gen_toks=8",
+        task_manager=TaskManager(include_path=str(task_data.tasks_dir(tmp_path)), include_defaults=False))
+    theirs = {s["doc_id"]: s["resps"][0][0] for s in results["samples"]["gsm8k"]}
+    assert len(ours) == len(PROBLEMS) and theirs == ours
+    assert all(ours.values())  # text to compare, not empty answers
