@@ -143,6 +143,10 @@ def test_probe_command_on_a_trained_run_caches_per_checkpoint(tmp_path, monkeypa
     synthetic.bigram_model.cache_clear()
     run = tmp_path / "run"
     train(tiny_train_config(data, run, steps=4, save_every=2, val_every=2, keep_last=0, sink_monitor_every=0))
+    logged = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in row]
+    assert [row["step"] for row in logged] == [2, 4]  # every validation logs the copy task's numbers too
+    assert all(set(row["copy_accuracy"]) == {str(x) for x in probes.MASK_LEVELS} for row in logged)
+    assert all(len(row["elbo_bins"]) == probes.ELBO_BINS for row in logged)
     assert main(["probe", str(run), "--windows", "4"]) == 0
     table = capsys.readouterr().out
     assert table.count("| run | 2 |") == 1 and table.count("| run | 4 |") == 1

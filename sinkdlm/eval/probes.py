@@ -65,9 +65,11 @@ def active_sources(windows: Tensor, masked: Tensor, task: Task) -> Tensor:
 
 
 @torch.no_grad()
-def copy_accuracy(model, windows: Tensor, task: Task, level: float, seed: int = 0) -> tuple[int, int]:
-    """(correct, active queries): the argmax prediction equals the true token at active queries."""
-    noisy, masked = masked_windows(windows, level, seed, model.mask_id)
+def copy_accuracy(model, windows: Tensor, task: Task, level: float, seed: int = 0,
+                  mask_id: int | None = None) -> tuple[int, int]:
+    """(correct, active queries): the argmax prediction equals the true token at active queries.
+    `mask_id`: the model's unless given (a wrapped model has none of its own)."""
+    noisy, masked = masked_windows(windows, level, seed, model.mask_id if mask_id is None else mask_id)
     active = active_sources(windows, masked, task) != NO_SOURCE
     if not active.any():
         return 0, 0
@@ -83,15 +85,16 @@ def bin_levels(bins: int = ELBO_BINS, per_bin: int = T_PER_BIN) -> list[list[flo
 
 @torch.no_grad()
 def elbo_by_bin(model, windows: Tensor, seed: int = 0, bins: int = ELBO_BINS,
-                per_bin: int = T_PER_BIN) -> list[float]:
+                per_bin: int = T_PER_BIN, mask_id: int | None = None) -> list[float]:
     """Per mask-ratio bin, the training objective in nats/token: the mean over the bin's t of
     sum over masked tokens of CE / t, divided by the tokens (n x T)."""
     device = next(model.parameters()).device
+    mask_id = model.mask_id if mask_id is None else mask_id
     out = []
     for levels in bin_levels(bins, per_bin):
         total = 0.0
         for t in levels:
-            noisy, masked = masked_windows(windows, t, seed, model.mask_id)
+            noisy, masked = masked_windows(windows, t, seed, mask_id)
             logits = model(noisy.to(device)).float().cpu()
             ce = F.cross_entropy(logits.flatten(0, 1), windows.flatten(), reduction="none").view_as(windows)
             total += float((ce * masked).sum()) / t / windows.numel()

@@ -80,3 +80,22 @@ def sink_monitor(model: torch.nn.Module, val: tuple[Tensor, Tensor | None], mask
 
     model(noisy.to(next(model.parameters()).device), observer=observe)
     return rows
+
+
+TRAINING_T_PER_BIN = 2  # t values per ELBO bin at each validation (a checkpoint's probes take 8)
+
+
+@torch.no_grad()
+def copy_task_metrics(model: torch.nn.Module, val_ids: Tensor, task_meta: dict, mask_id: int,
+                      seed: int) -> dict:
+    """On a synthetic copy task (meta.json `task`): copy accuracy at each probe mask level and the
+    ELBO per mask-ratio bin of the validation windows (sinkdlm.eval.probes)."""
+    from sinkdlm.eval.probes import MASK_LEVELS, Task, copy_accuracy, elbo_by_bin
+
+    task = Task.from_meta({"task": task_meta})
+    accuracy = {}
+    for level in MASK_LEVELS:
+        correct, total = copy_accuracy(model, val_ids, task, level, seed, mask_id=mask_id)
+        accuracy[str(level)] = correct / total if total else None
+    return {"copy_accuracy": accuracy,
+            "elbo_bins": elbo_by_bin(model, val_ids, seed, per_bin=TRAINING_T_PER_BIN, mask_id=mask_id)}

@@ -27,7 +27,7 @@ from sinkdlm.errors import EXIT_BAD_INPUT, UserError
 from sinkdlm.model import DLM, count_params
 from sinkdlm.training.batches import Source, pretrain_source, resolve_model, sft_source
 from sinkdlm.training.loggers import MetricsLog
-from sinkdlm.training.objective import diffusion_loss, lr_at, sink_monitor, validate
+from sinkdlm.training.objective import copy_task_metrics, diffusion_loss, lr_at, sink_monitor, validate
 from sinkdlm.training.parallelize import apply_block_options, parallelize
 from sinkdlm.training.run_folder import (
     RunLock,
@@ -340,12 +340,17 @@ class Loop:
         self.model.eval()
         self.val_loss = validate(self.model, self.source.val, self.cfg.model.mask_id,
                                  self.cfg.train.micro_batch, self.cfg.data.val_seed, self.cfg.train.eps)
+        task = self.source.identity.get("task") if self.source.val[1] is None else None
+        probes = copy_task_metrics(self.model, self.source.val[0], task, self.cfg.model.mask_id,
+                                   self.cfg.data.val_seed) if task else {}
         self.model.train()
-        self.log.write({"step": step, "val_loss": self.val_loss})
+        self.log.write({"step": step, "val_loss": self.val_loss, **probes})
         if self.fabric.global_rank == 0:  # through tqdm, so the line is not glued onto the progress bar
             from tqdm.auto import tqdm
 
-            tqdm.write(f"step {step}: validation ELBO {self.val_loss:.4f} nats/token")
+            copy = "".join(f", copy accuracy {a:.3f} at mask level {lv}" for lv, a in
+                           probes.get("copy_accuracy", {}).items() if a is not None)
+            tqdm.write(f"step {step}: validation ELBO {self.val_loss:.4f} nats/token{copy}")
 
     def save(self, step: int) -> None:
         """Every rank takes part (FSDP writes its shards and gathers the whole model collectively);
