@@ -17,6 +17,10 @@ random-token prompts, or with `--synthetic-gsm8k N` on N held-out problems of th
 then also gives each setting's answer accuracy:
 
     python benchmarks/bench_generate.py --checkpoint runs/sft-synth --synthetic-gsm8k 64 --gen-length 64
+
+`--kv-cache` measures instead the KV cache bytes per token of a Dream-7B-shaped attention (28 query
+heads over 4 key/value heads of 128, bf16) with the grouped heads stored as they are (today) and
+repeated per query head (before issue 23), from a one-layer model's filled cache.
 """
 
 from __future__ import annotations
@@ -78,6 +82,30 @@ def run_once(model: DLM, batches: list[list[list[int]]], cfg: SampleConfig, sink
         type(model).sink_cache = original
 
 
+DREAM_ATTENTION = dict(n_embd=3584, n_head=28, n_query_groups=4, n_layer=1, intermediate_size=64, vocab_size=64)
+DREAM_LAYERS = 28
+CACHE_TOKENS = 256
+
+
+def kv_cache_table() -> None:
+    """Cache bytes per token, grouped vs repeated key/value heads, for a Dream-7B-shaped layer."""
+    from sinkdlm.model import KVCache
+
+    print(f"Dream-7B attention shape: {DREAM_ATTENTION['n_head']} query heads, {DREAM_ATTENTION['n_query_groups']} "
+          f"key/value heads of {DREAM_ATTENTION['n_embd'] // DREAM_ATTENTION['n_head']}, bf16; one layer's cache "
+          f"filled by a forward over {CACHE_TOKENS} tokens, x {DREAM_LAYERS} layers\n")
+    print("| key/value heads stored | bytes per token per layer | MiB per 1,000 tokens (28 layers) |")
+    print("|---|---:|---:|")
+    for label, groups in [("grouped (4, as now)", 4), ("repeated per query head (28, before)", None)]:
+        cfg = model_preset("tiny", **{**DREAM_ATTENTION, "n_query_groups": groups, "block_size": CACHE_TOKENS})
+        model = DLM(cfg).to(torch.bfloat16).eval()
+        cache = KVCache()
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, CACHE_TOKENS)), cache=cache)
+        per_token = cache.nbytes() / CACHE_TOKENS
+        print(f"| {label} | {per_token:.0f} | {per_token * DREAM_LAYERS * 1000 / 2**20:.1f} |")
+
+
 def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
     same = sum(a == b for row, ref_row in zip(out, ref) for a, b in zip(row, ref_row))
     return same / sum(len(r) for r in ref)
@@ -114,7 +142,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random plain/sink pair")
     parser.add_argument("--synthetic-gsm8k", type=int, metavar="N",
                         help="with --checkpoint: prompts = N held-out synthetic SFT problems; adds accuracy")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="only measure the KV cache bytes of a Dream-7B-shaped attention, grouped vs repeated")
     args = parser.parse_args()
+    if args.kv_cache:
+        return kv_cache_table()
     if args.synthetic_gsm8k and not args.checkpoint:
         parser.error("--synthetic-gsm8k needs --checkpoint (a model fine-tuned with sinkdlm sft)")
     if args.threads:
