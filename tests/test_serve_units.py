@@ -136,8 +136,10 @@ def test_a_batch_whose_requests_all_left_stops_and_one_with_others_goes_on(model
         batcher.close()
 
 
-def test_streamed_blocks_add_up_to_the_final_text(model, decoder):
-    gen = request([3, 4], 4, temperature=1.0, stream=True, stream_steps=True, max_tokens=16, steps=16, block_length=4)
+@pytest.mark.parametrize("window", [{}, {"window": 4}], ids=["full", "windowed"])
+def test_streamed_blocks_add_up_to_the_final_text(model, decoder, window):
+    gen = request([3, 4], 4, temperature=1.0, stream=True, stream_steps=True, max_tokens=16, steps=16, block_length=4,
+                  **window)
     batcher = Batcher(model, decoder, window_s=0.0, max_rows=8)
     try:
         (c,) = run_jobs(batcher, [gen])
@@ -148,6 +150,7 @@ def test_streamed_blocks_add_up_to_the_final_text(model, decoder):
     assert streamed == final_text(c)[0]
     assert [p["step"] for p in steps] == list(range(16))
     assert [p["canvas"][0].count(decoder.mask_text) for p in steps] == list(range(15, -1, -1))
+    assert final_text(c) == [decoder.choice(reference(model, gen)[0], 16, []).text]
 
 
 def test_block_stream_holds_back_a_possible_stop_string_and_cuts_at_it():
