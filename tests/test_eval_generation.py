@@ -172,6 +172,8 @@ def test_command_writes_results_resumes_and_is_batch_invariant(tmp_path, checkpo
     result = json.loads((out / g.RESULTS_JSON).read_text())
     assert result["samples"] == 5 and result["mauve"] is None
     assert result["metrics"]["self_bleu"]["n"] == 5
+    held_out = result["reference"]["metrics"]  # the windows the samples stand beside, scored the same way
+    assert held_out["tokens"]["mean"] == 8 and held_out["gen_ppl"]["n"] == 5
     for name in (g.RESULTS_MD, g.FIGURE, g.HISTOGRAM):
         assert (out / name).is_file()
     assert "Gen-PPL" in capsys.readouterr().out

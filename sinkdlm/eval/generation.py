@@ -349,12 +349,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# eval-generation: {result['checkpoint']}", "",
              f"judge: {result['judge']}; {result['samples']} samples; sampling: "
              + ", ".join(f"{k}={v}" for k, v in result["sampling"].items()), "",
-             "| metric | value | 95% interval | n |", "|---|---|---|---|"]
+             "| metric | samples | 95% interval | n | held-out text (same windows) |", "|---|---|---|---|---|"]
     for key, name in METRIC_NAMES.items():
-        m = result["metrics"][key]
-        lines.append(f"| {name} | {_fmt(m['mean'])} | [{_fmt(m['lo'])}, {_fmt(m['hi'])}] | {m['n']} |")
+        m, ref = result["metrics"][key], result["reference"]["metrics"][key]
+        lines.append(f"| {name} | {_fmt(m['mean'])} | [{_fmt(m['lo'])}, {_fmt(m['hi'])}] | {m['n']} | "
+                     f"{_fmt(ref['mean'])} [{_fmt(ref['lo'])}, {_fmt(ref['hi'])}] |")
     mauve = result["mauve"]
-    lines.append(f"| MAUVE (judge features) | {_fmt(mauve)} | one value per sample set | {result['samples']} |")
+    lines.append(f"| MAUVE (judge features) | {_fmt(mauve)} | one value per sample set | {result['samples']} | |")
     lines += ["", "Intervals: Gen-PPL by a percentile bootstrap over samples; the others Student t over samples."]
     return "\n".join(lines) + "\n"
 
@@ -391,14 +392,15 @@ def evaluate_generation(checkpoint: str | Path, s: GenerationEvalConfig, samplin
     judge = load_judge(s.judge, device)
     use_mauve = s.mauve == "on" or (s.mauve == "auto" and available("mauve"))
     nlls, feats = judge_scores(judge, [r["completion"] for r in rows], s.judge_batch, features=use_mauve)
-    mauve = None
-    if use_mauve:
-        _, ref_feats = judge_scores(judge, [r["reference"] for r in rows], s.judge_batch, features=True)
-        mauve = mauve_score(feats, ref_feats)
+    ref_nlls, ref_feats = judge_scores(judge, [r["reference"] for r in rows], s.judge_batch, features=use_mauve)
+    mauve = mauve_score(feats, ref_feats) if use_mauve else None
+    references = [{"index": r["index"], "completion": r["reference"], "tokens": w[s.prompt_tokens:]}
+                  for r, w in zip(rows, windows)]
     result = {"checkpoint": key["checkpoint"], "judge": s.judge,
               "judge_start": judge.tokenizer.convert_ids_to_tokens(judge.start_id), "samples": len(rows), "settings": asdict(s),
               "sampling": key["sampling"], "prompt_tokens": s.prompt_tokens, "text": key["text"],
-              **summarize(rows, nlls, mauve, eos), "seconds": round(time.perf_counter() - start, 1)}
+              **summarize(rows, nlls, mauve, eos), "reference": summarize(references, ref_nlls, None, eos),
+              "seconds": round(time.perf_counter() - start, 1)}
     atomic_write(out / RESULTS_JSON, json.dumps(result, indent=1))
     atomic_write(out / RESULTS_MD, markdown(result))
     from sinkdlm.eval import generation_plots
