@@ -87,6 +87,8 @@ class SampleConfig:
     cache: Literal["none", "prefix", "dual"] = setting(
         "none", "approximate KV cache (Fast-dLLM): prefix recomputes the block and what follows it, dual "
                 "the block only")
+    cache_refresh: int = setting(0, "with cache=prefix|dual: also recompute every position (refreshing the stale "
+                                    "cache) every N steps of a block; 0 = at the block's start only", at_least=0)
     padding: Literal["right", "left"] = setting(
         "right", "where a shorter prompt's padding goes; left aligns the generated regions (LLaDA), which "
                  "makes front sinks' distance to a row's content depend on its batch")
@@ -406,7 +408,8 @@ def _decode_block(x: Tensor, b: int, block: int, first: Tensor, canvas: Canvas, 
         candidate = (x.gather(1, window) == mask_id) & in_block
         if not candidate.any():
             break
-        logits = forward(x, window, queries, s == 0, candidate)  # (n, V) at the masked positions
+        refresh = s == 0 or (cfg.cache_refresh > 0 and s % cfg.cache_refresh == 0)
+        logits = forward(x, window, queries, refresh, candidate)  # (n, V) at the masked positions
         scheduled = b * steps + s
         logits = _suppress_eos(logits, generated_offset[candidate], scheduled, cfg, eos_id)
         noise = RowNoise(cfg.seed, scheduled, indices, candidate.sum(1))
