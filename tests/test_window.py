@@ -1,6 +1,8 @@
 """Sink-pinned windowed decoding (SampleConfig.window, sinkdlm.window): a block attends to the sinks,
 the row's first `window_anchors` tokens, the last `window` committed tokens and itself only."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from sinkdlm.errors import UserError
 from sinkdlm.sample import SampleConfig, generate
 from sinkdlm.window import kept_columns, window_canvas, windowed_pairs
 from tests.test_llada_reference import MASK, llada_generate, sharp_model
+from tests.test_sample import checkpoint, cli_in_process, memorised  # noqa: F401 (fixtures)
 
 EOS = 0
 PROMPTS = [[3, 7, 11, 2, 9, 4], [5, 1, 8]]
@@ -186,3 +189,17 @@ def test_windowed_elbo_is_the_sum_of_its_blocks_exact_elbos_and_reads_no_evicted
         assert elbo(tokens[:3] + [40] + tokens[4:])[0].loglik != mc[0].loglik  # in block 1's window
     stderr = sum(e.stderr ** 2 for e in mc) ** 0.5
     assert abs(sum(e.loglik for e in mc) - exact) < 4 * stderr
+
+
+def test_cli_window_flags(checkpoint, monkeypatch, capsys):
+    """--window covering everything gives full decoding's completion; --window-anchors alone is one line, exit 2."""
+    args = ["--checkpoint", checkpoint, "--prompt", "w10 w11 w12 w13", "--gen-length", 8, "--steps", 8,
+            "--format", "jsonl"]
+    completions = []
+    for extra in ([], ["--window", 100], ["--window", 2, "--window-anchors", 1, "--block-length", 4]):
+        assert cli_in_process(monkeypatch, *args, *extra) == 0
+        completions.append(json.loads(capsys.readouterr().out)["completion"])
+    assert completions[0] == completions[1]
+    assert cli_in_process(monkeypatch, *args, "--window-anchors", 2) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a window" in err and len(err.splitlines()) == 1
