@@ -448,7 +448,8 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     """Generate after each prompt by reverse diffusion; returns the new tokens of each sequence.
 
     on_step(step, tokens (B, W)) sees the canvas after every step (mask id = not yet decoded).
-    stats, when given, receives {"forward_calls": n, "steps": n}.
+    stats, when given, receives {"forward_calls": n, "steps": n, "peak_cache_bytes": the most a KV
+    cache held (0 without one), "widest_input": the most positions one forward took}.
     indices: each prompt's index in the whole input (default 0..B-1). A prompt's random draws are a
     function of (cfg.seed, its index, step), so a caller that splits a larger input into batches
     gets the same completions for every batch size and order (except with flattened_batch ranking).
@@ -494,6 +495,7 @@ def _decode_block_windowed(x: Tensor, b: int, block: int, canvas: Canvas, model:
     report = None if on_step is None else lambda s, tokens: on_step(s, kept.scatter(x, tokens))
     tokens, step = _decode_block(small.x, b, block, kept.first, small, forwards[-1], cfg, mask_id, eos_id, indices,
                                  step0, report)
+    forwards[-1].cache = KVCache()  # its keys are evicted: only the counts stay
     x = kept.scatter(x, tokens)
     return (_fill_after_eos(x, canvas, eos_id, mask_id) if cfg.eos == "fill" else x), step
 
