@@ -532,8 +532,8 @@ document.getElementById("about").textContent = `${DATA.panels.length > 1 ? "Side
   "each query gives each key. Maps are stored as 8-bit codes of sqrt(p) (|error| < 0.004); metrics come " +
   "from the recorded column sums; hover a row of the table for its definition, a cell of a map for its value.";
 
-function render() {
-  slider.value = state.step;
+function render() {  // also after a script set `explorer.state`: the controls show it
+  slider.value = state.step; layerPick.value = String(state.layer); headPick.value = String(state.head);
   document.getElementById("stepLabel").textContent = `${state.step} / ${steps - 1}`;
   panels.forEach(p => p.draw());
 }
