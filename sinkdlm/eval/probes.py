@@ -294,8 +294,8 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], level: float = MASK_LE
     for name, rows in runs.items():
         for row in rows:
             s = summary_row(row, level)
-            types = "; ".join(",".join(f"{k} {v:.2f}" for k, v in t.items()) or "-" for t in s["gu_types"])
-            lines.append(f"| {name} | {s['step']} | {s['copy_accuracy']:.3f} | {fmt(s['gu_rate'])} ({types}) | "
+            types = "; ".join(",".join(f"{k} {v:.3f}" for k, v in t.items()) or "-" for t in s["gu_types"])
+            lines.append(f"| {name} | {s['step']} | {s['copy_accuracy']:.3f} | {fmt(s['gu_rate'], 3)} ({types}) | "
                          f"{fmt(s['max_key_attention'])} | {fmt(s['sink_share_x_uniform'])} | "
                          f"{fmt(s['dormant_mask_x_uniform'])} | {s['copy_head']}: "
                          f"{s['copy_head_dormant_on_sink']:.3f} / {s['copy_head_active_on_sink']:.3f} | "
