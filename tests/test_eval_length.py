@@ -19,8 +19,9 @@ from tests.conftest import tiny_train_config
 BATCH_TOL = 1e-5  # float32 forwards of the same rows in batches of different sizes
 
 
-def make(tiny_data, root, sink_tokens):
+def make(tiny_data, root, sink_tokens, seq_len=32):
     cfg = tiny_train_config(tiny_data, root)
+    cfg.data.seq_len = seq_len
     cfg.model.sink_tokens, cfg.model.vocab_size = sink_tokens, PackedData(tiny_data).vocab_size
     torch.manual_seed(0)
     return save_checkpoint(root, 1, DLM(cfg.model).state_dict(), cfg, {"eos_id": 0},
@@ -70,3 +71,9 @@ def test_a_split_too_short_for_the_length_is_one_line(checkpoints, tmp_path, cap
                  "--multiples", "1000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "drop multiple 1000" in err[0]
+
+
+def test_the_training_length_defaults_to_block_size(tiny_data, tmp_path):
+    """data.seq_len unset (the demo config): the model's block_size is the length it trained at."""
+    _, _, train_len = length.held_out(make(tiny_data, tmp_path / "ck", 1, seq_len=None))
+    assert train_len == 64

@@ -49,7 +49,7 @@ class LengthConfig:
 
 
 def held_out(checkpoint: str | Path) -> tuple[Any, Any, int]:
-    """(model, validation tokens, training length) of a checkpoint."""
+    """(model, validation tokens, training length: data.seq_len, which defaults to block_size) of a checkpoint."""
     from sinkdlm.checkpoint import load_config_of, load_model
     from sinkdlm.data.shards import PackedData
 
@@ -60,7 +60,7 @@ def held_out(checkpoint: str | Path) -> tuple[Any, Any, int]:
         raise UserError(f"eval-length reads the validation split of {checkpoint}'s training data at "
                         f"{cfg.data.path!r}, which cannot be read ({e}); keep that folder in place") from None
     model, _ = load_model(checkpoint)
-    return model.eval(), tokens, min(cfg.data.seq_len, cfg.model.block_size)
+    return model.eval(), tokens, min(cfg.seq_len, cfg.model.block_size)
 
 
 def measure(model: Any, tokens: Any, length: int, s: LengthConfig) -> dict[str, Any]:
