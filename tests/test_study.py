@@ -283,3 +283,18 @@ def test_analysis_noise_sits_beside_the_seed_spread():
     assert "## Analysis noise beside seed-to-seed spread" in text and results["analysis_noise"] == noise
     again = study_report.runs_from_results(json.loads(json.dumps(results, default=str)))
     assert [(r.variant, r.seed, r.repeat) for r in again] == [(r.variant, r.seed, r.repeat) for r in runs]
+
+
+def test_a_finished_study_renders_again_without_the_retired_columns(tmp_path):
+    runs = runs_by_hand()
+    for r in runs:
+        r.info = {"steps": 10, "tokens": 1280, "epochs": 0.5, "params": 1000}
+        r.metrics["sink-set IoU"] = 1.0  # measured by the old code
+    study_report.write_outputs(tmp_path, "study t", "sinkdlm study --x", runs)
+    assert "sink-set IoU" in (tmp_path / "study.md").read_text()
+    text = study_report.rerender(tmp_path, [("P1", "sink − plain", "val_elbo")])
+    assert text.startswith("# study t\n\n`sinkdlm study --x`") and "left out: `stability, random-attention null`" in text
+    assert "| sink-set IoU" not in text and "Holm over 1" in text
+    again = json.loads((tmp_path / "study.json").read_text())
+    assert all("sink-set IoU" not in r["metrics"] for r in again["runs"])
+    assert again["paired"]["sink − plain"]["val_elbo"]["mean"] == pytest.approx(-0.35 / 3)

@@ -358,10 +358,12 @@ def runs_from_results(results: dict[str, Any]) -> list[Run]:
 
 def write_outputs(out: Path, title: str, command: str, runs: list[Run],
                   preregistered: list[Preregistered] | None = None) -> str:
-    """study.md, study.json and the figures; returns the markdown."""
+    """study.md, study.json and the figures (the loss curves where every run's log is at hand);
+    returns the markdown."""
     text, results = render(title, command, runs, preregistered)
     columns, table = summarise(runs)
-    plot_curves(runs, out / "loss_curves.png", title)
+    if all((r.out / METRICS_LOG).is_file() for r in runs):
+        plot_curves(runs, out / "loss_curves.png", title)
     plot_metric_bars(columns, table, out / "metrics.png", title)
     plot_paired(paired(runs), out / "paired.png", title)
     atomic_write(out / TABLE, text)
@@ -530,3 +532,33 @@ def axis_range(column: str, highest: float) -> tuple[float, float]:
     if column in SIGNED_COLUMNS:
         return -1.0, 1.0
     return 0.0, HEADROOM * highest if math.isfinite(highest) else 1.0
+
+
+# ---- re-rendering a finished study with this report code -------------------------------------------
+
+# columns earlier code measured with a defect that a cache cannot repair (the trajectories are not
+# kept), each with the reason it is left out when a study is rendered again (issue 22)
+RETIRED_COLUMNS = {
+    "stability, random-attention null": "a Monte Carlo draw per run; the exact uniform-attention null is the "
+                                        "column's uniform baseline (1/K)",
+    "sink-set IoU": "scored two empty sink sets as 1, so a head without sinks read as pinned",
+    "sink value-norm rank": "ranked tied [MASK] norms in argsort's order and counted the dedicated sink among "
+                            "the content keys",
+}
+
+
+def rerender(folder: Path, preregistered: list[Preregistered] | None = None) -> str:
+    """study.md, study.json and the figures of a finished study again from its study.json, with the
+    retired columns left out (its title and command read from the old study.md); returns the markdown."""
+    old = (folder / TABLE).read_text(encoding="utf-8").splitlines()
+    title, command = old[0].removeprefix("# "), old[2].strip("`")
+    runs = runs_from_results(json.loads((folder / RESULTS).read_text(encoding="utf-8")))
+    for run in runs:
+        for column in RETIRED_COLUMNS:
+            for values in (run.metrics, run.baselines, run.repeat):
+                values.pop(column, None)
+    text = write_outputs(folder, title, command, runs, preregistered)
+    retired = "; ".join(f"`{c}` ({why})" for c, why in RETIRED_COLUMNS.items())
+    note = f"\nRendered again from study.json by the report code of issue 22; left out: {retired}.\n"
+    atomic_write(folder / TABLE, text + note)
+    return text + note
