@@ -66,6 +66,11 @@ def test_replayed_maps_are_the_recorded_attention(sink_tokens):
         torch.testing.assert_close(maps[s], tr.maps[s], atol=1e-6, rtol=0)
     colsum = column_sums(maps.flatten(0, 1), tr.query_valid[:, 0].repeat_interleave(2, 0)).unflatten(0, (4, 2))
     torch.testing.assert_close(colsum, tr.colsum[:, :, 0], atol=1e-5, rtol=0)
+    # cropped to the real positions and averaged over heads while observed: the same numbers
+    real = tr.query_valid[0, 0]
+    keys = torch.cat([torch.ones(sink_tokens, dtype=torch.bool), real])
+    small = ex.replay_maps(model, tr, [1, 2], [1], real=real, head_mean=True)
+    torch.testing.assert_close(small, maps[1:3, 1:2][..., real, :][..., keys].mean(2, keepdim=True), atol=1e-7, rtol=0)
 
 
 def test_encoded_maps_decode_within_the_stated_error():

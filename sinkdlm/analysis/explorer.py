@@ -142,16 +142,23 @@ def reduction_notes(plan: MapPlan, n_steps: int, layer_ids: list[int], budget: f
 
 
 @torch.no_grad()
-def replay_maps(model, tr: Trajectory, steps: list[int], layers: list[int], item: int = ITEM) -> Tensor:
+def replay_maps(model, tr: Trajectory, steps: list[int], layers: list[int], item: int = ITEM,
+                real: Tensor | None = None, head_mean: bool = False) -> Tensor:
     """(len(steps), len(layers), H, T, K) attention of sequence `item` at the recorded steps; `layers`
-    index tr.layers. Each step's recorded input and content-key mask go through the model again."""
+    index tr.layers. Each step's recorded input and content-key mask go through the model again.
+    real: (T,) bool positions to keep (queries, and keys after the sinks); head_mean: H becomes 1.
+    Both are applied per layer as it is observed, so a long sequence never holds every full map."""
     model_layers = [tr.layers[i] for i in layers]
     device = next(model.parameters()).device
+    if real is not None:
+        rows, keys = real.to(device), torch.cat([torch.ones(tr.n_sink, dtype=torch.bool), real]).to(device)
     out, kept = [], {}
 
-    def observe(layer: int, probs: Tensor, keys: Tensor, values: Tensor, n_sink: int) -> None:
+    def observe(layer: int, probs: Tensor, k: Tensor, v: Tensor, n_sink: int) -> None:
         if layer in model_layers:
-            kept[layer] = probs[0].float().cpu()
+            p = probs[0].float()
+            p = p.mean(0, keepdim=True) if head_mean else p
+            kept[layer] = (p if real is None else p[:, rows][..., keys]).cpu()
 
     with model.sink_cache():
         for s in steps:
@@ -227,12 +234,11 @@ def panel_data(model, tok, tr: Trajectory, metrics: dict[str, Any], budget: floa
     keys = torch.cat([torch.ones(n, dtype=torch.bool), real])
     t, k = int(real.sum()), int(keys.sum())
     plan = plan_maps(tr.n_steps, tr.layers, tr.colsum.shape[3], t * k, budget)
-    maps = replay_maps(model, tr, plan.steps, plan.layers)[..., real, :][..., keys]
-    if plan.head_mean:
-        maps = maps.mean(2, keepdim=True)
+    maps = replay_maps(model, tr, plan.steps, plan.layers, real=real, head_mean=plan.head_mean)
     s = metrics["sinks"]
-    sets = detect(tr.colsum, s["rule"], tr.key_valid[:, None, :, None, :], s["eps"], s["std_k"],
-                  **{k: s[k] for k in ("gu_threshold",) if k in s})  # the rule of 2410.10781, where recorded
+    margin = s.get("column_margin", s.get("eps"))  # "eps" in metrics written before the rename
+    sets = detect(tr.colsum, s["rule"], tr.key_valid[:, None, :, None, :], margin, s["std_k"],
+                  **{name: s[name] for name in ("gu_threshold",) if name in s})  # where recorded (2410.10781)
     cropped = torch.cumsum(keys.long(), 0) - 1  # full key index -> index among the kept keys
     colsum, valid = tr.colsum[:, plan.layers, ITEM], tr.key_valid[:, ITEM][:, None, None, :]
     tokens = tr.tokens[:, ITEM][:, real]
