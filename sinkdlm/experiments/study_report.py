@@ -49,8 +49,8 @@ SINK_COLUMNS = {
     ("one_token_reveal", "dominant_stability"): "stability, one-token-reveal null",
     "event_locked_change": "event-locked change",
     ("one_token_reveal", "event_locked_change"): "event-locked change, one-token-reveal null",
-    "sink_set_iou": "sink-set IoU",
-    "value_rank_sinks": "sink value-norm rank",
+    "sink_set_iou": "sink-set IoU (non-empty pairs)",
+    "value_rank_sinks": "sink value-norm mid-rank",
     "value_rank_same_type_sinks": "sink value rank among its kind",
     "value_attention_spearman": "attention-value Spearman",
     "value_rank_dedicated": "dedicated value-norm rank",
@@ -68,7 +68,7 @@ EXCESS = {
     "stability − fixed-text null": ("dominant-key stability", "stability, fixed-text null"),
     "stability − one-token-reveal null": ("dominant-key stability", "stability, one-token-reveal null"),
     "event-locked − one-token-reveal null": ("event-locked change", "event-locked change, one-token-reveal null"),
-    "sink value rank − uniform": ("sink value-norm rank", None),
+    "sink value rank − uniform": ("sink value-norm mid-rank", None),
     "sink value rank among its kind − uniform": ("sink value rank among its kind", None),
     "dedicated value rank − uniform": ("dedicated value-norm rank", None),
 }
@@ -537,7 +537,8 @@ def axis_range(column: str, highest: float) -> tuple[float, float]:
 # ---- re-rendering a finished study with this report code -------------------------------------------
 
 # columns earlier code measured with a defect that a cache cannot repair (the trajectories are not
-# kept), each with the reason it is left out when a study is rendered again (issue 22)
+# kept), each with the reason it is left out when a study is rendered again (issue 22); today's
+# columns for these ideas have other names
 RETIRED_COLUMNS = {
     "stability, random-attention null": "a Monte Carlo draw per run; the exact uniform-attention null is the "
                                         "column's uniform baseline (1/K)",
