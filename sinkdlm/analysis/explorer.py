@@ -316,7 +316,7 @@ h1{font-size:18px;margin:0 0 6px} h2{font-size:15px;margin:4px 0}
 .tok.given{color:#555;background:#f0f0f0} .tok.committed{color:#000}
 .tok.new{background:#ffe066;font-weight:600} .tok.masked{color:#999;background:#e4e4e4}
 .tok.hover{outline:2px solid #e6007e}
-.legend span{margin-right:10px;font-size:12px}
+.legend span{margin-right:10px;font-size:12px;white-space:nowrap}
 .cbar{display:inline-block;width:90px;height:10px;vertical-align:middle} .sw{display:inline-block;width:10px;height:10px;margin-right:3px}
 table.metrics{border-collapse:collapse;font-size:12px;margin-top:6px}
 table.metrics td,table.metrics th{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
