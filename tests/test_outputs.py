@@ -191,7 +191,8 @@ def test_study_metric_axes_span_each_metrics_natural_range():
     from sinkdlm.experiments import study_report
 
     assert study_report.axis_range("arc_easy" + study_report.ACCURACY_SUFFIX, 33.0) == (0.0, 100.0)
-    assert study_report.axis_range("sink-set IoU", 0.9) == (0.0, 1.0)
+    assert study_report.axis_range("sink-set IoU (non-empty pairs)", 0.9) == (0.0, 1.0)
+    assert study_report.axis_range("event-locked change", 0.3) == (-1.0, 1.0)  # a difference of two shares
     assert study_report.axis_range("val_elbo", 6.2) == (0.0, pytest.approx(6.2 * study_report.HEADROOM))
     columns, table = study_report.summarise([study_report.Run("a", 1, Path("."), {"val_elbo": 6.0})])
     assert "mean ± standard deviation over seeds" in study_report.markdown(columns, table)
