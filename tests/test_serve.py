@@ -216,6 +216,17 @@ def test_bad_input_is_an_openai_error_and_the_server_stays_up(server, client, bo
     assert client.completions.create(model="run", prompt="x", seed=0, **SETTINGS).choices
 
 
+def test_a_body_too_large_is_refused_before_it_is_read(server):
+    host, port = re.match(r"http://([^:]+):(\d+)", server["url"]).groups()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000000000\r\n\r\n{")
+        answer = b""
+        while b"}}" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
+
+
 def test_the_api_key_is_required(server):
     code, answer = post(server, "/completions", {"model": "run", "prompt": "x"}, key=None)
     assert code == 401 and answer["error"]["code"] == "invalid_api_key"

@@ -30,6 +30,7 @@ from sinkdlm.serve.schema import RequestError
 from sinkdlm.serve.text import Choice
 
 SSE_DONE = "data: [DONE]\n\n"
+MAX_BODY_BYTES = 16 * 2**20  # far above any context's prompt, as text or as token ids
 LISTEN_BACKLOG = 2048  # connections the kernel holds until the server accepts them (uvicorn's default)
 
 
@@ -104,8 +105,19 @@ def create_app(engine: Engine, api_key: str | None = None) -> Any:
 
 
 async def _json(request: Request) -> Any:
+    """The body as JSON, read only up to MAX_BODY_BYTES (a huge body is refused, not held in memory)."""
+    declared = request.headers.get("content-length", "")
+    too_large = RequestError(f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB; send a shorter prompt",
+                             status=413, code="body_too_large")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
     try:
-        return json.loads(await request.body())
+        return json.loads(bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object") from None
 
