@@ -196,3 +196,16 @@ def test_noise_indices_are_keyed_by_seed_and_choice():
     gen = generation({"model": "m", "seed": 7, "n": 2, "prompt": "x"}, [[1], [2]], "prompt", DEFAULTS, LIMITS)
     assert gen.indices == [7 * CHOICE_SPACE + k for k in range(4)] and gen.rows == [[1], [1], [2], [2]]
     assert gen.sampling.seed == 0
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads():
+    pytest.importorskip("fastapi")
+    from sinkdlm.errors import UserError
+    from sinkdlm.serve.app import bind
+
+    first = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(UserError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*pick another --port"):
+            bind("127.0.0.1", first.getsockname()[1])
+    finally:
+        first.close()
