@@ -2,8 +2,8 @@
 
 A trailing K axis indexes keys; leading axes are free. Ties get the mean of the ranks they span (the
 mid-rank), so keys with equal values (every [MASK] key of layer 0 has the same value vector) rank
-equally instead of in argsort's arbitrary order. O(K log K) per cell (a sort and two binary
-searches), so long inputs cost no K x K comparison.
+equally instead of in argsort's arbitrary order. O(K log K) per cell (one sort and running counts
+over it), so long inputs cost no K x K comparison.
 """
 
 from __future__ import annotations
@@ -13,16 +13,25 @@ from torch import Tensor
 
 
 def share_below(values: Tensor, reference: Tensor) -> Tensor:
-    """For every key, the share of the `reference` keys (bool, same shape) whose value is lower, ties
-    counted half: P(ref < v) + P(ref = v) / 2, the Mann-Whitney probability of one value against a
-    set (0.5 = in the middle). NaN where a cell has no reference key."""
-    ordered = values.float().masked_fill(~reference, float("inf")).sort(-1).values.contiguous()
-    x = values.float().contiguous()
-    below = torch.searchsorted(ordered, x, side="left")
-    at_most = torch.searchsorted(ordered, x, side="right")
-    n = reference.sum(-1, keepdim=True)
-    # a reference value of +inf would count as padding; norms and attention are finite
-    half_ties = (below + at_most.clamp(max=n)).float() / 2
+    """For every key, the share of the `reference` keys (bool, broadcast to `values`) whose value is
+    lower, ties counted half: P(ref < v) + P(ref = v) / 2, the Mann-Whitney probability of one value
+    against a set (0.5 = in the middle). NaN where a cell has no reference key."""
+    x = values.float()
+    ref = reference.expand_as(x).float()
+    ordered, order = x.sort(-1)
+    ref_sorted = ref.gather(-1, order)
+    upto = ref_sorted.cumsum(-1)  # reference keys at or before each sorted position
+    index = torch.arange(x.shape[-1]).expand_as(x)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]  # first key of a run of equal values
+    last = torch.ones_like(new)
+    last[..., :-1] = new[..., 1:]
+    first_of_run = torch.where(new, index, 0).cummax(-1).values
+    last_of_run = torch.where(last, index, x.shape[-1] - 1).flip(-1).cummin(-1).values.flip(-1)
+    below = (upto - ref_sorted).gather(-1, first_of_run)  # reference keys before the run of equals
+    at_most = upto.gather(-1, last_of_run)  # ... up to its end
+    half_ties = torch.empty_like(x).scatter_(-1, order, (below + at_most) / 2)
+    n = ref.sum(-1, keepdim=True)
     return torch.where(n > 0, half_ties / n.clamp(min=1), float("nan"))
 
 

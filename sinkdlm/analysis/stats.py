@@ -9,6 +9,7 @@ real queries i (2510.15731); it sums to the number of queries over j.
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
@@ -315,11 +316,26 @@ class Cells:
         top_share = key_share(tr.colsum, self.valid).gather(-1, self.dominant[..., None])[..., 0]
         self.gu_sink = top_share > gu_threshold  # (S, L, B, H): the head has a Gu sink ...
         self.gu_type = self.types.expand_as(tr.colsum).gather(-1, self.dominant[..., None])[..., 0]  # ... of this type
-        norms = {"value": tr.value_norm, "key": tr.key_norm}
-        self.rank = {k: self._ranks(v) for k, v in norms.items()}
+        self.norm_of = {"value": tr.value_norm, "key": tr.key_norm}
+
+    # norms and ranks are computed once, when a table first asks (the uniform baselines never do)
+    @functools.cached_property
+    def rank(self) -> dict[str, Tensor]:
+        return {k: self._ranks(v) for k, v in self.norm_of.items()}
+
+    @functools.cached_property
+    def ratio(self) -> dict[str, Tensor]:
         # over the content keys' mean: a zero-value dedicated sink must not move the content ratios
-        self.ratio = {k: norm_ratio(v, self.content_valid) for k, v in norms.items()}
-        self.same_type = {k: self._same_type(v) for k, v in norms.items()}
+        return {k: norm_ratio(v, self.content_valid) for k, v in self.norm_of.items()}
+
+    @functools.cached_property
+    def same_type(self) -> dict[str, Tensor]:
+        return {k: self._same_type(v) for k, v in self.norm_of.items()}
+
+    @functools.cached_property
+    def value_attention_rho(self) -> Tensor:
+        """(S, L, B, H) Spearman's rho of attention received and value norm over the content keys."""
+        return spearman(self.tr.colsum, self.tr.value_norm, self.content_valid.expand_as(self.tr.colsum))
 
     def _ranks(self, norms: Tensor) -> Tensor:
         """Content keys ranked among the content keys (a dedicated sink, whose value may be zero by
@@ -385,8 +401,7 @@ class Cells:
                 out[f"{kind}_rank_dedicated"] = weighted_mean(self.rank[kind][..., :n], colsum[..., :n], dims)
                 out[f"{kind}_norm_ratio_dedicated"] = weighted_mean(self.ratio[kind][..., :n], colsum[..., :n],
                                                                     dims)
-        rho = spearman(colsum, self.tr.value_norm, self.content_valid.expand_as(colsum))
-        out["value_attention_spearman"] = nan_mean(rho, dims)
+        out["value_attention_spearman"] = nan_mean(self.value_attention_rho, dims)
         return out
 
     def moving(self, dims: tuple[int, ...]) -> dict[str, Tensor]:
