@@ -1,4 +1,5 @@
-"""Attention-sink analysis: record a model's attention (record), measure it (stats, nulls), intervene
+"""Attention-sink analysis: record a model's attention (record), measure it (stats; its tied ranks in
+ranks, its movement measures in movement; null models in nulls), intervene
 (interventions), follow it over training (training), plot and report (plots, report).
 
 The pipeline that ties them together for one checkpoint lives in `pipeline`; its entry points are
