@@ -166,6 +166,8 @@ def test_analyze_writes_the_explorer_and_compares_a_second_checkpoint(analyses, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--compare: no checkpoint at" in err
     assert not (tmp_path / "b").exists()
+    assert main([*args, "--explorer-max-mb", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "explorer_max_mb" in capsys.readouterr().err and not (tmp_path / "d").exists()
     assert main([*args, "--compare", str(root / "plain"), "--checkpoint-steps", "all",
                  "--out", str(tmp_path / "c")]) == 2
     assert "--compare" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from sinkdlm.analysis.stats import (
     pooled,
     to_py,
 )
-from sinkdlm.fields import setting
+from sinkdlm.fields import check_choices, setting
 
 EXPLORER_FILE = "explorer.html"
 DEFAULT_MAX_MB = 8.0  # the whole page's attention maps (all panels); browsers open this quickly
@@ -72,6 +72,9 @@ class ExplorerConfig:
     explorer_max_mb: float = setting(DEFAULT_MAX_MB, "size limit of the explorer page's attention maps (MB, "
                                                      "all panels); beyond it steps, heads and layers are "
                                                      "sampled or averaged and the page says so", above=0)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "")
 
 
 # ---- which maps fit -------------------------------------------------------------------------------
