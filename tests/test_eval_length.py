@@ -36,7 +36,7 @@ def checkpoints(tiny_data, tmp_path_factory):
 
 def test_rows_are_the_likelihood_estimator_and_the_monitor_at_each_length(checkpoints, tiny_data):
     s = length.LengthConfig(multiples=[1, 2], windows=3, mc_num=4, batch_size=5)
-    model, tokens, train_len = length.held_out(checkpoints[0])
+    model, tokens, train_len, _ = length.held_out(checkpoints[0])
     assert train_len == 32
     row = length.measure(model, tokens, 2 * train_len, s)  # past the training length
     windows = fixed_windows(PackedData(tiny_data).tokens("val"), 64, 3)
@@ -57,6 +57,12 @@ def test_command_writes_the_table_and_continues_where_it_stopped(checkpoints, tm
     rows = json.loads((out / length.ROWS_FILE).read_text())["rows"]
     assert [(r["label"], r["length"]) for r in rows] == [("sink", 32), ("sink", 64), ("plain", 32), ("plain", 64)]
     assert (out / length.FIGURE_FILE).is_file() and "| plain | 64 (2x)" in (out / length.TABLE_FILE).read_text()
+    diffs = length.paired_differences(rows)  # plain - sink, window by window, by hand below
+    by = {(r["label"], r["length"]): r["window_elbo"] for r in rows}
+    assert [(d["label"], d["length"]) for d in diffs] == [("plain", 32), ("plain", 64)]
+    for d in diffs:
+        hand = [p - s for p, s in zip(by["plain", d["length"]], by["sink", d["length"]])]
+        assert d["mean"] == pytest.approx(sum(hand) / len(hand), abs=1e-12) and d["lo"] <= d["mean"] <= d["hi"]
     assert main([*argv, "--multiples", "1,2", "--windows", "3"]) == 2  # other settings: refused, one line
     assert "--overwrite" in capsys.readouterr().err
     calls = []
@@ -75,5 +81,5 @@ def test_a_split_too_short_for_the_length_is_one_line(checkpoints, tmp_path, cap
 
 def test_the_training_length_defaults_to_block_size(tiny_data, tmp_path):
     """data.seq_len unset (the demo config): the model's block_size is the length it trained at."""
-    _, _, train_len = length.held_out(make(tiny_data, tmp_path / "ck", 1, seq_len=None))
+    _, _, train_len, _ = length.held_out(make(tiny_data, tmp_path / "ck", 1, seq_len=None))
     assert train_len == 64

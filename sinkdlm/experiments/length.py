@@ -48,8 +48,11 @@ class LengthConfig:
             raise UserError("--multiples is empty; give lengths as multiples of the training length, e.g. 1,2,4,8")
 
 
-def held_out(checkpoint: str | Path) -> tuple[Any, Any, int]:
-    """(model, validation tokens, training length: data.seq_len, which defaults to block_size) of a checkpoint."""
+def held_out(checkpoint: str | Path) -> tuple[Any, Any, int, str]:
+    """(model, validation tokens, training length: data.seq_len, which defaults to block_size, data folder)
+    of a checkpoint.
+    Models trained on the same data read the same windows, with the same Monte Carlo masks (seeded by
+    the window's tokens), so their ELBOs compare window by window."""
     from sinkdlm.checkpoint import load_config_of, load_model
     from sinkdlm.data.shards import PackedData
 
@@ -60,7 +63,7 @@ def held_out(checkpoint: str | Path) -> tuple[Any, Any, int]:
         raise UserError(f"eval-length reads the validation split of {checkpoint}'s training data at "
                         f"{cfg.data.path!r}, which cannot be read ({e}); keep that folder in place") from None
     model, _ = load_model(checkpoint)
-    return model.eval(), tokens, min(cfg.seq_len, cfg.model.block_size)
+    return model.eval(), tokens, min(cfg.seq_len, cfg.model.block_size), str(Path(cfg.data.path).resolve())
 
 
 def measure(model: Any, tokens: Any, length: int, s: LengthConfig) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def measure(model: Any, tokens: Any, length: int, s: LengthConfig) -> dict[str, 
     ci = t_interval(nll, CONFIDENCE)
     layers = sink_monitor(model, (windows, None), model.mask_id, s.seed)
     n_sink = model.cfg.sink_tokens
-    return {"length": length, "windows": len(windows),
+    return {"length": length, "windows": len(windows), "window_elbo": nll,
             "elbo": statistics.fmean(nll), "elbo_lo": ci[0] if ci else None, "elbo_hi": ci[1] if ci else None,
             "sink_mass": statistics.fmean(r["sink_mass"] for r in layers),
             "uniform_mass": (n_sink or 1) / (length + n_sink),
@@ -97,7 +100,7 @@ def study(checkpoints: Sequence[str | Path], labels: Sequence[str], s: LengthCon
     rows = _earlier_rows(out, s, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for label, checkpoint in zip(labels, checkpoints):
-        model, tokens, train_len = held_out(checkpoint)
+        model, tokens, train_len, data = held_out(checkpoint)
         for m in s.multiples:
             done = [r for r in rows if r["label"] == label and r["multiple"] == m]
             if done and done[0]["checkpoint"] != str(checkpoint):
@@ -108,7 +111,8 @@ def study(checkpoints: Sequence[str | Path], labels: Sequence[str], s: LengthCon
             if len(tokens) < m * train_len * 2:
                 raise UserError(f"{checkpoint}: the validation split has {len(tokens)} tokens, fewer than two windows "
                                 f"of {m} x {train_len}; drop multiple {m} from --multiples")
-            row = {"label": label, "checkpoint": str(checkpoint), "multiple": m, "train_length": train_len,
+            row = {"label": label, "checkpoint": str(checkpoint), "data": data,
+                   "multiple": m, "train_length": train_len,
                    **measure(model, tokens, m * train_len, s)}
             rows.append(row)
             atomic_write(out / ROWS_FILE, json.dumps({"settings": asdict(s), "rows": rows}, indent=1))
@@ -144,8 +148,38 @@ def table(rows: list[dict[str, Any]]) -> str:
         ci = "" if r["elbo_lo"] is None else f" [{r['elbo_lo']:.4f}, {r['elbo_hi']:.4f}]"
         lines.append(f"| {r['label']} | {r['length']} ({r['multiple']}x) | {r['windows']} | {r['elbo']:.4f}{ci} | "
                      f"{r['sink_mass']:.3f} | {r['uniform_mass']:.4f} | {r['value_norm_ratio']:.3f} |")
-    return "\n".join(lines) + "\n\nsink attention mass: mean over layers, heads and queries of the attention on " \
-                              "the sink (a plain model: its most-attended key); masked input at t = 0.5.\n"
+    return "\n".join(lines + ["", "sink attention mass: mean over layers, heads and queries of the attention on "
+                               "the sink (a plain model: its most-attended key); masked input at t = 0.5.", ""]
+                     + paired_table(rows))
+
+
+def paired_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ELBO of each model minus the first model's, window by window, at every length both read on the
+    same data: mean and 95% t interval over the windows."""
+    first = rows[0]["label"] if rows else None
+    base = {(r["length"], r.get("data")): r for r in rows if r["label"] == first}
+    out = []
+    for r in rows:
+        b = base.get((r["length"], r.get("data")))
+        if r["label"] == first or b is None or len(b["window_elbo"]) != len(r["window_elbo"]):
+            continue
+        diff = [x - y for x, y in zip(r["window_elbo"], b["window_elbo"])]
+        ci = t_interval(diff, CONFIDENCE)
+        out.append({"label": r["label"], "base": first, "length": r["length"], "multiple": r["multiple"],
+                    "mean": statistics.fmean(diff), "lo": ci[0] if ci else None, "hi": ci[1] if ci else None})
+    return out
+
+
+def paired_table(rows: list[dict[str, Any]]) -> list[str]:
+    pairs = paired_differences(rows)
+    if not pairs:
+        return []
+    lines = ["| ELBO difference (nats/token), same windows and masks | length | mean | 95% CI over windows |",
+             "|---|---|---|---|"]
+    for p in pairs:
+        ci = "" if p["lo"] is None else f"[{p['lo']:+.4f}, {p['hi']:+.4f}]"
+        lines.append(f"| {p['label']} - {p['base']} | {p['length']} ({p['multiple']}x) | {p['mean']:+.4f} | {ci} |")
+    return lines + [""]
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
