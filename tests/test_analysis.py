@@ -13,6 +13,7 @@ from sinkdlm.analysis.interventions import (
     top_content_keys,
 )
 from sinkdlm.analysis.record import Recorder, RecordSettings, record_masked, record_trajectory
+from sinkdlm.errors import UserError
 from sinkdlm.model import DLM, apply_rope, rope_cache
 from sinkdlm.sample import SampleConfig, generate
 from tests.conftest import tiny
@@ -338,3 +339,17 @@ def test_training_table_says_when_a_metric_is_defined_in_fewer_seeds_than_its_ro
              "value_rank_same_type_sinks": 0.9 if s == 1 else None} for s in (1, 2, 3)]  # content sinks in seed 1 only
     line = next(x for x in training_table(rows).splitlines() if x.startswith("| plain | 100 |"))
     assert "| 3 |" in line and "0.900 (n=1)" in line and "8.000 ± 1.000 |" in line  # val_elbo: all 3 seeds
+
+
+def test_analysis_noise_reads_disjoint_prompt_sets(tiny_data, tmp_path):
+    from sinkdlm.analysis.pipeline import AnalysisConfig, analysis_noise, prompt_sets
+
+    tiny_checkpoint(tiny_data, tmp_path, sink_tokens=1)
+    settings = AnalysisConfig(max_prompts=2, steps=2, gen_length=2, nulls=False)
+    first, second = prompt_sets(tmp_path, settings)
+    assert first.shape == second.shape == (2, 32)
+    assert not any(torch.equal(a, b) for a in first for b in second)  # no prompt in both sets
+    summaries = analysis_noise(tmp_path, settings)
+    assert len(summaries) == 2 and all(0 <= s["dominant_stability"] <= 1 for s in summaries)
+    with pytest.raises(UserError, match="fewer than 2 disjoint sets"):
+        prompt_sets(tmp_path, AnalysisConfig(max_prompts=10_000))

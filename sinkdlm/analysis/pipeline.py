@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -226,6 +226,26 @@ def elbo_setup(path: str | Path, cfg, s: AnalysisConfig, windows: Tensor | None,
                 "eps": cfg.train.eps, "val_elbo": training_val_elbo(path)}
     return to_py({"source": source, "windows": n, "length": length, "levels": s.elbo_samples, "seed": s.seed,
                   "eps": NOISE_FLOOR, "training": training})
+
+
+def prompt_sets(path: str | Path, settings: AnalysisConfig, sets: int = 2) -> list[Tensor]:
+    """`sets` disjoint sets of held-out windows (non-overlapping) of the validation split, max_prompts each,
+    interleaved (set i holds windows i, i + sets, ... of sets x max_prompts evenly spaced ones)."""
+    _, cfg = ckpt.load_model(path)
+    eos_id = ckpt.load_meta(path).get("eos_id")
+    windows = held_out_windows(path, cfg, ckpt.load_tokenizer(path), None, eos_id, sets * settings.max_prompts)
+    if len(windows) < sets * settings.max_prompts:
+        raise UserError(f"{path}'s validation split holds {len(windows)} windows, fewer than {sets} disjoint sets of "
+                        f"{settings.max_prompts} prompts; lower --max-prompts")
+    return [windows[i::sets] for i in range(sets)]
+
+
+def analysis_noise(path: str | Path, settings: AnalysisConfig | None = None, sets: int = 2) -> list[dict[str, Any]]:
+    """The summary metrics of one checkpoint on `sets` disjoint sets of held-out prompts: how much a
+    metric moves with the prompts alone (at temperature 0 the analysis seed does not move the
+    trajectory, so two seeds on the same prompts measure no noise). No interventions."""
+    s = replace(settings or AnalysisConfig(), interventions=False, progress=False)
+    return [moving_sink_summary(run_analysis(path, settings=s, windows=w)[0]) for w in prompt_sets(path, s, sets)]
 
 
 def analyze_checkpoint(path: str | Path, texts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
