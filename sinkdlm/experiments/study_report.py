@@ -86,7 +86,8 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, float] = field(default_factory=dict)  # column -> its uniform baseline
     info: dict[str, Any] = field(default_factory=dict)  # steps, tokens, epochs, params
-    # the same final checkpoint analysed again with another analysis seed: column -> value (analysis noise)
+    # the same final checkpoint analysed again on other held-out prompts (analysis.pipeline.analysis_noise):
+    # column -> value; the analysis seed alone does not move a greedy trajectory
     repeat: dict[str, float] = field(default_factory=dict)
 
 
@@ -282,8 +283,8 @@ def _p(value: float | None) -> str:
 
 
 def analysis_noise(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
-    """variant -> column -> the sd that analysis noise alone gives (two analyses of one checkpoint with
-    different analysis seeds: sqrt(mean (a - b)^2 / 2) over the variant's runs) beside the sd over seeds."""
+    """variant -> column -> the sd that analysis noise alone gives (two analyses of one checkpoint on
+    disjoint prompt sets: sqrt(mean (a - b)^2 / 2) over the variant's runs) beside the sd over seeds."""
     _, table = summarise(runs)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for variant in dict.fromkeys(r.variant for r in runs):
@@ -303,10 +304,9 @@ def analysis_noise_table(noise: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = ["| variant | column | analysis sd (runs) | seed-to-seed sd (seeds) |", "|---|---|---|---|"]
     lines += [f"| {v} | {col} | {c['analysis_sd']:.3g} ({c['runs']}) | {c['seed_sd']:.3g} ({c['seeds']}) |"
               for v, row in noise.items() for col, c in row.items()]
-    return "\n".join(lines + ["", "Analysis sd: each run's final checkpoint analysed twice with different analysis "
-                                  "seeds (prompts' sampling, masks, reveal order), sqrt(mean (a - b)^2 / 2) over "
-                                  "the runs; where it is close to the seed-to-seed sd, the seeds' spread is mostly "
-                                  "the analysis, not training."])
+    return "\n".join(lines + ["", "Analysis sd: each run's final checkpoint analysed twice, on two disjoint sets "
+                                  "of held-out prompts, sqrt(mean (a - b)^2 / 2) over the runs; where it is close "
+                                  "to the seed-to-seed sd, the seeds' spread is mostly the analysis, not training."])
 
 
 def count_intervals(*tables: dict[str, dict[str, Interval]]) -> int:
