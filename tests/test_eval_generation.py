@@ -204,3 +204,15 @@ def test_compare_tables_and_figure(tmp_path, checkpoint, judge_folder):
                  str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / g.COMPARE_MD).read_text()
     assert "| T1 |" in table and "| T0.5 |" in table and (tmp_path / "cmp" / g.FIGURE).is_file()
+
+
+def test_prompted_completions_continue_their_window(tmp_path, checkpoint, judge_folder):
+    """--prompt-tokens K: the prompt is the window's first K tokens and the reference the rest."""
+    out = tmp_path / "gen"
+    assert run(tmp_path, checkpoint, judge_folder, out, "--limit", "2", "--prompt-tokens", "4") == 0
+    tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    ids = tok.encode(TEXT).ids
+    for i, row in enumerate(samples(out)):
+        window = ids[i * 12:(i + 1) * 12]  # 4 prompt + 8 generated tokens per window
+        assert row["prompt"] == tok.decode(window[:4]) and row["reference"] == tok.decode(window[4:])
+        assert len(row["tokens"]) <= 8  # cut at an EOS, if one is drawn
