@@ -72,7 +72,7 @@ def train_flops(model: DLM, batch: int, seq: int) -> float:
     is the dense path's extra (S+T)^2 - T(T+S) work: MFU counts useful work, the same for both.
     """
     cfg = model.cfg
-    attention = 12 * cfg.n_layer * cfg.n_head * cfg.hd * seq * (seq + cfg.sink_tokens) * batch
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq * (seq + cfg.sink_tokens) * batch
     return 6 * matmul_params(model) * batch * seq + attention
 
 

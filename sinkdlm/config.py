@@ -92,8 +92,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "model.")
-        if self.n_head % self.groups:
-            raise UserError(f"model.n_query_groups={self.groups} must divide n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise UserError(f"model.n_query_groups={self.kv_heads} must divide n_head={self.n_head}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.mask_token_id is not None and self.vocab_size is not None and \
@@ -141,11 +141,13 @@ class ModelConfig:
         return ", ".join(parts) or "plain"
 
     @property
-    def groups(self) -> int:
+    def kv_heads(self) -> int:
+        """Key/value heads: n_query_groups, or one per query head when unset."""
         return self.n_query_groups or self.n_head
 
     @property
-    def hd(self) -> int:
+    def head_size(self) -> int:
+        """The width of one head: head_dim, or n_embd // n_head when unset."""
         return self.head_dim or self.n_embd // self.n_head
 
     @property
@@ -160,10 +162,10 @@ class ModelConfig:
 
     def non_embedding_params(self) -> int:
         """SMDM's N: every parameter but the embedding, LM head, sinks and gate (the ungated size)."""
-        e, hd = self.n_embd, self.hd
-        attn = e * hd * (self.n_head + 2 * self.groups) + self.n_head * hd * e
+        e, hd = self.n_embd, self.head_size
+        attn = e * hd * (self.n_head + 2 * self.kv_heads) + self.n_head * hd * e
         if self.qkv_bias:
-            attn += hd * (self.n_head + 2 * self.groups)
+            attn += hd * (self.n_head + 2 * self.kv_heads)
         mlp = 3 * e * self.intermediate_size
         return self.n_layer * (attn + mlp + 2 * e) + e
 
@@ -309,17 +311,17 @@ MODEL_PRESETS["demo"] = dict(name="demo", block_size=128, n_layer=4, n_head=4, n
 def gate_params(m: ModelConfig) -> int:
     """Parameters the attention gate adds (SMDM's N leaves them out): E x (H x hd) per layer for the
     elementwise gate, E x H for the headwise one."""
-    per_layer = {"none": 0, "elementwise": m.n_embd * m.n_head * m.hd, "headwise": m.n_embd * m.n_head}
+    per_layer = {"none": 0, "elementwise": m.n_embd * m.n_head * m.head_size, "headwise": m.n_embd * m.n_head}
     return m.n_layer * per_layer[m.attn_gate]
 
 
 def gate_matched_intermediate_size(m: ModelConfig) -> int:
     """The MLP width at which an elementwise-gated copy of `m` has m's non-embedding parameters, gate
     counted (within one MLP unit, 3 E, per layer): the gate adds E x (H x hd), SwiGLU 3 E per unit."""
-    width = m.intermediate_size - round(m.n_head * m.hd / 3)
+    width = m.intermediate_size - round(m.n_head * m.head_size / 3)
     if width < 1:
         raise UserError(f"model.intermediate_size={m.intermediate_size} is too small to give the gate's "
-                        f"{m.n_embd * m.n_head * m.hd} parameters per layer back; use a wider MLP")
+                        f"{m.n_embd * m.n_head * m.head_size} parameters per layer back; use a wider MLP")
     return width
 
 

@@ -30,7 +30,7 @@ from sinkdlm import attention
 from sinkdlm.config import ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # cos, sin, broadcastable to (B, H, T, D)
-KV = tuple[Tensor, Tensor]  # keys, values (B|1, G, T, D), G = key/value heads (cfg.groups)
+KV = tuple[Tensor, Tensor]  # keys, values (B|1, G, T, D), G = key/value heads (cfg.kv_heads)
 # observer(layer, probs (B, H, T, K), keys (B, H, K, D), values (B, H, K, D), n_sink): the K = S + T
 # keys are [sinks; content], after RoPE (as attention scores them)
 Observer = Callable[[int, Tensor, Tensor, Tensor, int], None]
@@ -65,7 +65,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        h, g, d = cfg.n_head, cfg.groups, cfg.hd
+        h, g, d = cfg.n_head, cfg.kv_heads, cfg.head_size
         self.q = nn.Linear(cfg.n_embd, h * d, bias=cfg.qkv_bias)
         self.k = nn.Linear(cfg.n_embd, g * d, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.n_embd, g * d, bias=cfg.qkv_bias)
@@ -75,7 +75,7 @@ class Attention(nn.Module):
 
     def _heads(self, linear: nn.Linear, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        return linear(x).view(b, t, -1, self.cfg.hd).transpose(1, 2)
+        return linear(x).view(b, t, -1, self.cfg.head_size).transpose(1, 2)
 
     def qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, E) -> q (B, H, T, D), k and v (B, G, T, D): grouped heads are not repeated (the
@@ -305,7 +305,7 @@ class DLM(nn.Module):
 
     def _rope(self, positions: Tensor) -> Rope:
         """cos/sin of positions (N,), or per row (B, N), broadcastable to (B, H, N, D)."""
-        cos, sin = rope_cache(positions, self.cfg.hd, self.cfg.rope_base)
+        cos, sin = rope_cache(positions, self.cfg.head_size, self.cfg.rope_base)
         return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
     def _run_fast(self, x: Tensor, w: int, cmask: Tensor | None, cache: KVCache | None, query_index: Tensor | None,

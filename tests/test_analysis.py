@@ -127,16 +127,16 @@ def manual_layer0_probs(model: DLM, idx: torch.Tensor, sink_pos: int, content_po
     """Layer-0 attention over [sink; content] computed by hand with the paper's RoPE positions."""
     block, cfg = model.blocks[0], model.cfg
     h, hs = block.norm_attn(model.wte(idx)), block.norm_attn(model.sink[None])
-    cos, sin = rope_cache(content_pos, cfg.hd, cfg.rope_base)
-    cos_s, sin_s = rope_cache(torch.tensor([sink_pos]), cfg.hd, cfg.rope_base)
+    cos, sin = rope_cache(content_pos, cfg.head_size, cfg.rope_base)
+    cos_s, sin_s = rope_cache(torch.tensor([sink_pos]), cfg.head_size, cfg.rope_base)
 
     def heads(x):
-        return x.view(x.shape[0], x.shape[1], cfg.n_head, cfg.hd).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], cfg.n_head, cfg.head_size).transpose(1, 2)
 
     q = apply_rope(heads(block.attn.q(h)), cos, sin)
     k = apply_rope(heads(block.attn.k(h)), cos, sin)
     ks = apply_rope(heads(block.attn.k(hs)), cos_s, sin_s)
-    scores = q @ torch.cat([ks, k], dim=2).transpose(-1, -2) / math.sqrt(cfg.hd)
+    scores = q @ torch.cat([ks, k], dim=2).transpose(-1, -2) / math.sqrt(cfg.head_size)
     return scores.softmax(-1)
 
 

@@ -41,7 +41,7 @@ def test_train_flops_formula():
     linear = cfg.n_layer * (4 * cfg.n_embd**2 + 3 * cfg.n_embd * cfg.intermediate_size) + 50 * cfg.n_embd
     assert bench_train.matmul_params(model) == linear
     b, t = 3, 16
-    attention = 12 * cfg.n_layer * cfg.n_head * cfg.hd * t * (t + 1) * b
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_size * t * (t + 1) * b
     assert bench_train.train_flops(model, b, t) == 6 * linear * b * t + attention
 
 

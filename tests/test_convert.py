@@ -62,7 +62,7 @@ def test_causal_logits_match_hf(kind, tie):
     hf = hf_model(kind, tie)
     weights, cfg = convert_hf(hf, hf_tokenizer())
     assert cfg.qkv_bias == (kind == "qwen2") and cfg.tie_embeddings == tie and not cfg.causal
-    assert cfg.groups == 2 and cfg.rope_base == 5000.0 and cfg.norm_eps == 1e-5
+    assert cfg.kv_heads == 2 and cfg.rope_base == 5000.0 and cfg.norm_eps == 1e-5
     idx = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         ours, theirs = causal_dlm(weights, cfg)(idx), hf(idx).logits

@@ -193,7 +193,7 @@ def test_shipped_config_agrees_with_model_config_on_what_dlm_reads(tmp_path, nam
     hf = module.SinkDLMConfig(**json.loads((folder / "config.json").read_text()))
     ours = load_config_of(folder).model
     read = set(re.findall(r"cfg\.(\w+)", (export_module.PACKAGE / "model.py").read_text()))
-    assert {"groups", "hd", "require_vocab", "mask_id", "sink_tokens"} <= read
+    assert {"kv_heads", "head_size", "require_vocab", "mask_id", "sink_tokens"} <= read
     for attr in sorted(read):
         a, b = getattr(hf, attr), getattr(ours, attr)
         assert (a() if callable(a) else a) == (b() if callable(b) else b), attr

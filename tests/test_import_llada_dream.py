@@ -301,7 +301,7 @@ def test_llada_import_keeps_names_ids_and_the_tokenizer(tmp_path):
     folder, c, weights = llada_folder(tmp_path)
     assert main(["convert", "--from", str(folder), "--out", str(tmp_path / "dlm"), "--sink-tokens", "2"]) == 0
     cfg = load_config_of(tmp_path / "dlm").model
-    assert (cfg.name, cfg.vocab_size, cfg.mask_token_id, cfg.rope_base, cfg.norm_eps, cfg.groups, cfg.sink_tokens) == \
+    assert (cfg.name, cfg.vocab_size, cfg.mask_token_id, cfg.rope_base, cfg.norm_eps, cfg.kv_heads, cfg.sink_tokens) == \
         ("LLaDA-tiny", VOCAB, MASK_ID, 500000.0, 1e-5, HEADS, 2)
     meta = load_meta(tmp_path / "dlm")
     assert meta["eos_id"] == EOS_ID and meta["tokenizer_size"] == BPE_VOCAB and "id 1" in meta["mask_init"]

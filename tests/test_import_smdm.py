@@ -162,7 +162,7 @@ def test_logits_match_lit_gpt(tmp_path, variant, container):
     source = save_smdm(sd, tmp_path / f"iter-000012-ckpt{suffix}", container)
     ckpt, _ = convert(str(source), tmp_path / "run", tokenizer=str(tokenizer_file(tmp_path)), n_head=N_HEAD)
     model, cfg = load_model(ckpt)
-    assert cfg.model.variant() == label and cfg.model.groups == kwargs.get("groups", N_HEAD)
+    assert cfg.model.variant() == label and cfg.model.kv_heads == kwargs.get("groups", N_HEAD)
     assert cfg.model.mask_id == VOCAB  # SMDM's mask row: the first row after the head's
     assert cfg.model.block_size == SMDM_SEQ_LEN  # SMDM's own context (every Diff_LLaMA config)
     idx = torch.randint(0, VOCAB + 1, (3, 12), generator=torch.Generator().manual_seed(1))  # masks included
@@ -192,7 +192,7 @@ def test_head_count_from_smdm_sizes(n_embd, intermediate, heads, name):
         sd[f"transformer.h.{i}.attn.attn.weight"] = torch.empty(3 * n_embd, n_embd)
         sd[f"transformer.h.{i}.mlp.swiglu.w1.weight"] = torch.empty(intermediate, n_embd)
     cfg, _ = infer_config(sd)
-    assert cfg.n_head == heads and cfg.groups == heads
+    assert cfg.n_head == heads and cfg.kv_heads == heads
     assert cfg.name == (name or "smdm") and (cfg.rope_base, cfg.norm_eps) == (BASE, EPS)
 
 

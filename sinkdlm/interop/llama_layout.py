@@ -63,7 +63,7 @@ def llama_config(cfg: Config, dtype: str, eos_id: int | None) -> dict[str, Any]:
     m = cfg.model
     config = transformers.LlamaConfig(
         vocab_size=m.require_vocab() + 1, hidden_size=m.n_embd, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.groups, head_dim=m.hd,
+        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads, head_dim=m.head_size,
         max_position_embeddings=m.block_size, rms_norm_eps=m.norm_eps, rope_theta=m.rope_base,
         tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, architectures=["LlamaForCausalLM"])

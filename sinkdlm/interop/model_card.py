@@ -49,7 +49,7 @@ def model_card(cfg: Config, meta: dict[str, Any], mask_token: str) -> str:
 Made with [sinkdlm](https://arxiv.org/abs/2601.19657) (masked diffusion LM with sink tokens).
 
 - Variant: {variant(cfg, meta)}
-- Architecture: {m.n_layer} layers, {m.n_head} heads ({m.groups} KV groups, head dim {m.hd}), width {m.n_embd},
+- Architecture: {m.n_layer} layers, {m.n_head} heads ({m.kv_heads} KV groups, head dim {m.head_size}), width {m.n_embd},
   MLP {m.intermediate_size}, vocabulary {m.vocab_size} ({mask}),
   {m.non_embedding_params():,} non-embedding parameters
 - Starting point: {start}

@@ -230,7 +230,7 @@ def _convert_layer(layer: dict[str, Tensor], i: int, cfg: ModelConfig, layout: L
     for name, value in layer.items():
         value = value.detach().float()
         if name == "attn.attn.weight":
-            q, k, v = split_qkv(value, cfg.n_head, cfg.groups, cfg.hd)
+            q, k, v = split_qkv(value, cfg.n_head, cfg.kv_heads, cfg.head_size)
             out.update({pre + "attn.q.weight": q, pre + "attn.k.weight": k, pre + "attn.v.weight": v})
         elif name == "mlp.swiglu.w12.weight":  # xformers packs w1 (silu'd) above w2
             gate, up = value.chunk(2, dim=0)

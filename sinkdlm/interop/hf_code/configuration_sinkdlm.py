@@ -12,12 +12,12 @@ class SinkDLMConfig(PretrainedConfig):
     model_type = "sinkdlm"
 
     @property
-    def groups(self) -> int:
+    def kv_heads(self) -> int:
         """Key/value heads (grouped-query attention); n_query_groups None means one per head."""
         return self.n_query_groups or self.n_head
 
     @property
-    def hd(self) -> int:
+    def head_size(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
 
     @property
