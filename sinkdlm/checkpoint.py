@@ -32,7 +32,7 @@ from sinkdlm.errors import UserError
 from sinkdlm.files import META_FILE as META
 from sinkdlm.files import TOKENIZER_FILE as TOKENIZER
 from sinkdlm.files import use_umask
-from sinkdlm.interop.hf_format import config_sections, dlm_weights, is_export_config
+from sinkdlm.hf_format import config_sections, dlm_weights, is_export_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"

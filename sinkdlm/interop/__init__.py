@@ -6,7 +6,6 @@
   safetensors and tokenizers of a HF model folder or Hub snapshot)
 - `smdm`: SMDM's / the paper's lit_gpt `.pth` checkpoints (`weights_only=True`)
 - `added_rows`: the mask token's and the sinks' embedding rows every import adds
-- `hf_format`: the transformers layout (config keys, weight names, the Llama layer-name table)
 - `export`: a folder transformers loads (`sinkdlm export`), with `hf_tokenizer` (its tokenizer and mask
   token), `llama_layout` (`--llama`), `model_card` (its README.md); `from_export`: such a folder back
 - `hf_code/`: the modelling code shipped inside every export (runs without sinkdlm)

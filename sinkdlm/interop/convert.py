@@ -27,10 +27,10 @@ from sinkdlm.checkpoint import check_state_shapes, list_checkpoints, save_checkp
 from sinkdlm.config import SMDM_SEQ_LEN, Config, ModelConfig
 from sinkdlm.data.fetch import require_hub
 from sinkdlm.errors import UserError
+from sinkdlm.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.interop import dream, hf_folder, llada
 from sinkdlm.interop.added_rows import MASK_INIT, add_mask_and_sinks, sink_kind
 from sinkdlm.interop.from_export import checkpoint_from_export, is_export
-from sinkdlm.interop.hf_format import LLAMA_LAYER_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.interop.smdm import SUFFIXES, convert_smdm, is_smdm_file
 from sinkdlm.optional import require
 

@@ -4,7 +4,7 @@
 folder ships sinkdlm's own model.py and attention.py (as sinkdlm_model.py / sinkdlm_attention.py,
 their sinkdlm imports made relative: the one forward, never a second copy) beside a thin
 PreTrainedModel wrapper and a PretrainedConfig (sinkdlm/interop/hf_code/). It also holds model.safetensors
-(the weights, bit-identical, under the wrapper's `model.` prefix), config.json (see hf_format),
+(the weights, bit-identical, under the wrapper's `model.` prefix), config.json (see sinkdlm/hf_format.py),
 tokenizer.json + tokenizer_config.json for AutoTokenizer (the mask token added at the mask id),
 meta.json and a README.md model card. `sinkdlm.checkpoint.load_model` loads the folder too, and
 `sinkdlm convert --from FOLDER` turns it back into a checkpoint (from_export.py).
@@ -39,8 +39,8 @@ from sinkdlm.checkpoint import (
 )
 from sinkdlm.errors import UserError
 from sinkdlm.files import use_umask
+from sinkdlm.hf_format import CONFIG_FILE_CODE, MODELING_FILE_CODE, hf_config, hf_weights
 from sinkdlm.interop.from_export import is_export
-from sinkdlm.interop.hf_format import CONFIG_FILE_CODE, MODELING_FILE_CODE, hf_config, hf_weights
 from sinkdlm.interop.hf_tokenizer import TOKENIZER_CONFIG, hf_tokenizer
 from sinkdlm.interop.llama_layout import check_llama, llama_config, llama_weights
 from sinkdlm.interop.model_card import llama_card, model_card, transformers_card

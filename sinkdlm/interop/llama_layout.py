@@ -9,7 +9,7 @@ import torch
 
 from sinkdlm.config import Config, ModelConfig
 from sinkdlm.errors import UserError
-from sinkdlm.interop.hf_format import CONFIG_KEY, LLAMA_LAYER_NAMES
+from sinkdlm.hf_format import CONFIG_KEY, LLAMA_LAYER_NAMES
 from sinkdlm.optional import require
 
 LLAMA_TYPE = "llama"

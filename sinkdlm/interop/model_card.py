@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sinkdlm.config import Config
-from sinkdlm.interop.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, MODELING_FILE_CODE
+from sinkdlm.hf_format import CONFIG_FILE_CODE, CONFIG_KEY, MODELING_FILE_CODE
 from sinkdlm.interop.hf_tokenizer import TOKENIZER_CONFIG
 from sinkdlm.interop.llama_layout import llama_vocabulary
 

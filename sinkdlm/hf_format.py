@@ -1,4 +1,5 @@
-"""The config.json and weight names of a folder `sinkdlm export` writes, read both ways.
+"""The config.json and weight names of a folder `sinkdlm export` writes, read both ways: written by
+interop/export.py, read by checkpoint.py (every command loads an exported folder as a checkpoint).
 
 config.json is a transformers config: model_type "sinkdlm", `auto_map` naming the shipped code, and
 every ModelConfig field at the top level, unchanged except `mask_token_id`, which is the mask's id
