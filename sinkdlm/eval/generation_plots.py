@@ -41,7 +41,7 @@ def gen_ppl_vs_entropy(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Pa
     if reference and reference["metrics"]["gen_ppl"]["mean"] is not None:
         ppl, ent = reference["metrics"]["gen_ppl"], reference["metrics"]["entropy"]
         ax.errorbar([ent["mean"]], [ppl["mean"]], xerr=_errors(ent), yerr=_errors(ppl), fmt="*", color="black",
-                    markersize=11, capsize=3, label=f"held-out text of {runs[0][0]}")
+                    markersize=11, capsize=3, label="held-out text (the windows of the first run)")
     ax.set_yscale("log")
     ax.set_xlabel("unigram entropy of a sample (nats, model tokens)")
     ax.set_ylabel("generative perplexity under the judge")
