@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from sinkdlm.checkpoint import save_checkpoint
 from sinkdlm.cli import main
 from sinkdlm.config import Config
-from sinkdlm.eval import generation as g
+from sinkdlm.eval import generation
 from sinkdlm.model import DLM
 from tests.conftest import tiny
 
@@ -69,48 +69,48 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_distinct_n_by_hand():
     words = "a b a b".split()
-    assert g.distinct_n(words, 1) == 2 / 4  # {a, b} of 4
-    assert g.distinct_n(words, 2) == 2 / 3  # ab, ba, ab
-    assert g.distinct_n(words, 3) == 1.0  # aba, bab
-    assert g.distinct_n(words, 5) is None  # no 5-gram: left out of the mean, not counted as 0
+    assert generation.distinct_n(words, 1) == 2 / 4  # {a, b} of 4
+    assert generation.distinct_n(words, 2) == 2 / 3  # ab, ba, ab
+    assert generation.distinct_n(words, 3) == 1.0  # aba, bab
+    assert generation.distinct_n(words, 5) is None  # no 5-gram: left out of the mean, not counted as 0
 
 
 def test_entropy_of_known_strings():
-    assert g.unigram_entropy(list("aaaa")) == 0.0
-    assert g.unigram_entropy(list("aabb")) == pytest.approx(math.log(2), abs=1e-12)
-    assert g.unigram_entropy(list("abcd")) == pytest.approx(math.log(4), abs=1e-12)
+    assert generation.unigram_entropy(list("aaaa")) == 0.0
+    assert generation.unigram_entropy(list("aabb")) == pytest.approx(math.log(2), abs=1e-12)
+    assert generation.unigram_entropy(list("abcd")) == pytest.approx(math.log(4), abs=1e-12)
     p = np.array([3, 1]) / 4  # "aaab"
-    assert g.unigram_entropy(list("aaab")) == pytest.approx(float(-(p * np.log(p)).sum()), abs=1e-12)
-    assert g.unigram_entropy([]) is None
+    assert generation.unigram_entropy(list("aaab")) == pytest.approx(float(-(p * np.log(p)).sum()), abs=1e-12)
+    assert generation.unigram_entropy([]) is None
 
 
 def test_self_bleu_identical_vs_disjoint():
     same = ["the cat sat on the mat today"] * 3
-    assert g.self_bleu(same) == pytest.approx([100.0] * 3)
+    assert generation.self_bleu(same) == pytest.approx([100.0] * 3)
     disjoint = ["alpha beta gamma delta", "one two three four", "red green blue yellow"]
-    assert g.self_bleu(disjoint) == [0.0] * 3
+    assert generation.self_bleu(disjoint) == [0.0] * 3
 
 
 def test_gen_ppl_pools_tokens_and_its_interval_brackets_it():
     nlls = [np.array([1.0, 1.0]), np.array([3.0]), np.array([])]  # the empty sample is left out
-    summary = g.gen_ppl(nlls)
+    summary = generation.gen_ppl(nlls)
     assert summary["mean"] == pytest.approx(math.exp(5 / 3)) and summary["n"] == 2
     assert summary["lo"] <= summary["mean"] <= summary["hi"]
-    flat = g.gen_ppl([np.array([2.0, 2.0])] * 5)  # every resample is the same: no spread
+    flat = generation.gen_ppl([np.array([2.0, 2.0])] * 5)  # every resample is the same: no spread
     assert flat["lo"] == pytest.approx(math.exp(2)) and flat["hi"] == pytest.approx(math.exp(2))
 
 
 def test_mean_interval_by_hand():
-    m = g.mean_interval([1.0, 2.0, 3.0, None])
+    m = generation.mean_interval([1.0, 2.0, 3.0, None])
     half = 4.302653 * 1.0 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
     assert m["mean"] == 2.0 and m["n"] == 3
     assert m["lo"] == pytest.approx(2 - half, abs=1e-5) and m["hi"] == pytest.approx(2 + half, abs=1e-5)
-    share = g.mean_interval([1.0, 1.0, 0.5], 0.0, 1.0)  # t interval reaches past 1: cut at the range
+    share = generation.mean_interval([1.0, 1.0, 0.5], 0.0, 1.0)  # t interval reaches past 1: cut at the range
     assert share["hi"] == 1.0 and share["lo"] < share["mean"] < 1.0
 
 
 def test_nll_histogram_bins():
-    hist = g.nll_histogram([np.array([0.1, 0.6, 0.7]), np.array([100.0])])
+    hist = generation.nll_histogram([np.array([0.1, 0.6, 0.7]), np.array([100.0])])
     assert hist["counts"][0] == 1 and hist["counts"][1] == 2 and hist["counts"][-1] == 1
     assert sum(hist["counts"]) == 4
 
@@ -119,20 +119,20 @@ def test_nll_histogram_bins():
 
 
 def test_judge_nlls_are_its_own_log_probabilities_whatever_the_batch(judge_folder):
-    judge = g.load_judge(str(judge_folder))
+    judge = generation.load_judge(str(judge_folder))
     texts = ["the cat sat on the mat", "seven kings", "the dog ran to the barn under the stars"]
-    nlls, feats = g.judge_scores(judge, texts, batch_size=3, features=True)
+    nlls, feats = generation.judge_scores(judge, texts, batch_size=3, features=True)
     for text, got in zip(texts, nlls):
         ids = torch.tensor([[judge.start_id] + judge.tokenizer(text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             logp = judge.model(input_ids=ids).logits[0].double().log_softmax(-1)
         expected = -logp[:-1].gather(-1, ids[0, 1:, None])[:, 0].numpy()
         np.testing.assert_allclose(got, expected, rtol=0, atol=BATCH_TOL)
-    one_by_one, feats1 = g.judge_scores(judge, texts, batch_size=1, features=True)
+    one_by_one, feats1 = generation.judge_scores(judge, texts, batch_size=1, features=True)
     for a, b in zip(nlls, one_by_one):
         np.testing.assert_allclose(a, b, rtol=0, atol=BATCH_TOL)
     np.testing.assert_allclose(feats, feats1, rtol=0, atol=BATCH_TOL)
-    ppl = g.gen_ppl(nlls)["mean"]
+    ppl = generation.gen_ppl(nlls)["mean"]
     assert ppl == pytest.approx(math.exp(np.concatenate(nlls).mean()), rel=FLOAT_TOL)
 
 
@@ -140,8 +140,8 @@ def test_mauve_is_one_for_the_same_features_and_low_for_far_ones():
     pytest.importorskip("mauve")
     rng = np.random.default_rng(0)
     p = rng.normal(size=(40, 8))
-    assert g.mauve_score(p, p.copy()) == pytest.approx(1.0, abs=1e-6)
-    assert g.mauve_score(p, rng.normal(size=(40, 8)) + 50.0) < 0.1
+    assert generation.mauve_score(p, p.copy()) == pytest.approx(1.0, abs=1e-6)
+    assert generation.mauve_score(p, rng.normal(size=(40, 8)) + 50.0) < 0.1
 
 
 # ---- the command -----------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def run(tmp_path, checkpoint, judge_folder, out, *extra):
 
 
 def samples(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / g.SAMPLES_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in (out / generation.SAMPLES_FILE).read_text().splitlines()]
 
 
 def test_command_writes_results_resumes_and_is_batch_invariant(tmp_path, checkpoint, judge_folder, capsys):
@@ -169,12 +169,12 @@ def test_command_writes_results_resumes_and_is_batch_invariant(tmp_path, checkpo
     fresh = tmp_path / "fresh"
     assert run(tmp_path, checkpoint, judge_folder, fresh, "--limit", "5", "--batch-size", "5") == 0
     assert samples(fresh) == resumed  # neither the batch size nor a resume changes a sample
-    result = json.loads((out / g.RESULTS_JSON).read_text())
+    result = json.loads((out / generation.RESULTS_JSON).read_text())
     assert result["samples"] == 5 and result["mauve"] is None
     assert result["metrics"]["self_bleu"]["n"] == 5
     held_out = result["reference"]["metrics"]  # the windows the samples stand beside, scored the same way
     assert held_out["tokens"]["mean"] == 8 and held_out["gen_ppl"]["n"] == 5
-    for name in (g.RESULTS_MD, g.FIGURE, g.HISTOGRAM):
+    for name in (generation.RESULTS_MD, generation.FIGURE, generation.HISTOGRAM):
         assert (out / name).is_file()
     assert "Gen-PPL" in capsys.readouterr().out
 
@@ -202,8 +202,8 @@ def test_compare_tables_and_figure(tmp_path, checkpoint, judge_folder):
     assert run(tmp_path, checkpoint, judge_folder, b, "--limit", "2", "--temperature", "0.5") == 0
     assert main(["eval-generation", "--compare", str(a), str(b), "--labels", "T1,T0.5", "--out",
                  str(tmp_path / "cmp")]) == 0
-    table = (tmp_path / "cmp" / g.COMPARE_MD).read_text()
-    assert "| T1 |" in table and "| T0.5 |" in table and (tmp_path / "cmp" / g.FIGURE).is_file()
+    table = (tmp_path / "cmp" / generation.COMPARE_MD).read_text()
+    assert "| T1 |" in table and "| T0.5 |" in table and (tmp_path / "cmp" / generation.FIGURE).is_file()
 
 
 def test_prompted_completions_continue_their_window(tmp_path, checkpoint, judge_folder):

@@ -20,14 +20,16 @@ from sinkdlm.sample import DEFAULT_BATCH, SampleConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="checkpoint folder or run folder (its latest)")
+    parser.add_argument("--checkpoint", help="checkpoint folder or run folder (its latest) to sample from "
+                        "(no default: required unless --compare)")
     parser.add_argument("--out", required=True, help="output folder (samples, results, figures)")
     parser.add_argument("--text", help="held-out text file for prompts and MAUVE references "
                                        "(default: the validation split of the checkpoint's training data)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in an --out that holds samples of other settings, or replace a comparison")
     parser.add_argument("--compare", nargs="+", metavar="DIR",
-                        help="instead of sampling: one table and figure of these eval-generation folders")
+                        help="instead of sampling: one table and figure of these eval-generation folders "
+                             "(default: none, sample --checkpoint)")
     parser.add_argument("--labels", type=fields.comma_list(str), metavar="A,B,...",
                         help="names of the --compare folders in the table and figure (default: folder names)")
     fields.add_arguments(parser, GenerationEvalConfig)
