@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sinkdlm import diffusion
+from sinkdlm.analysis.stats import DEFAULT_GU_THRESHOLD
 from sinkdlm.data.synthetic import NO_SOURCE, copy_sources
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
@@ -30,7 +31,9 @@ from sinkdlm.files import atomic_write
 MASK_LEVELS = (0.15, 0.5)  # the pre-registered levels (docs/study-mechanism.md)
 ELBO_BINS = 5  # t in [0, 0.2), [0.2, 0.4), ..., [0.8, 1.0]
 T_PER_BIN = 8  # t values per bin: the bin's midpoints of 8 equal parts
-GU_EPSILON = 0.3  # Gu et al. 2024: a head has a sink when its mean attention on one key exceeds this
+# Gu et al. 2024: a head has a sink when its mean attention on one key exceeds this; the analysis' threshold. The
+# probes count per (window, head) with their own key types (EOS is a type of the synthetic task)
+GU_EPSILON = DEFAULT_GU_THRESHOLD
 KEY_TYPES = ("sink", "mask", "eos", "first", "content")  # the winning key's type, in this precedence
 LEVEL_STREAM = 2**20  # keeps the probe masks apart from training's (seed, step, index) draws
 
