@@ -44,6 +44,9 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"  # a folder being deleted: hidden first, so it is never mistaken for a checkpoint
 NEEDED_CLASS = re.compile(r"GLOBAL (\S+)")  # how torch names the class a weights_only load refused
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# meta.json keys that carry the source tokenizer's chat settings (Hugging Face's tokenizer_config.json names):
+# convert records them, training from init_from keeps them, serve and export read them
+CHAT_KEYS = ("chat_template", "bos_token")
 # how a full disk reads when torch.save (C++ iostreams), safetensors (Rust) or torch.distributed.checkpoint
 # report it without an errno
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "basic_ios::clear", "os error 28",
@@ -218,6 +221,12 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         return json.loads((ckpt / META).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def chat_settings(path: str | Path) -> dict[str, Any]:
+    """The chat template (and the BOS text it may use) a checkpoint carries in its meta.json; {} if none."""
+    meta = load_meta(path)
+    return {key: meta[key] for key in CHAT_KEYS if meta.get(key)}
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

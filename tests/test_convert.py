@@ -265,3 +265,27 @@ def test_adaptation_recipes_load(recipe, tokens):
     assert (cfg.optim.lr, cfg.optim.min_lr) == (1e-4, 1e-5)
     if tokens:  # the paper's budget, to within one step
         assert abs(cfg.steps() * cfg.train.global_batch * cfg.seq_len - tokens) <= cfg.train.global_batch * cfg.seq_len
+
+
+def test_convert_records_the_chat_template_and_serve_and_export_read_it(tmp_path):
+    """tokenizer.json holds no chat template: convert keeps the source tokenizer's in meta.json, `sinkdlm
+    serve` answers chat with it, and an export writes it into tokenizer_config.json."""
+    import json
+
+    from sinkdlm.checkpoint import chat_settings
+    from sinkdlm.interop.convert import save_converted
+    from sinkdlm.interop.export import export
+    from sinkdlm.serve.text import chat_template
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer = hf_tokenizer()
+    tokenizer.chat_template = template
+    weights, cfg = convert_hf(hf_model("llama", tie=False))
+    ckpt = save_converted(tmp_path / "dlm", weights, cfg, tokenizer, "test")
+    assert chat_settings(ckpt) == {"chat_template": template}
+    assert chat_template(ckpt, None) == (template, "")
+    folder = export(ckpt, tmp_path / "export")
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert chat_template(folder, None) == (template, "")
+    plain = save_converted(tmp_path / "plain", weights, cfg, hf_tokenizer(), "test")  # no template: none
+    assert chat_settings(plain) == {} and chat_template(plain, None) == (None, "")

@@ -308,3 +308,17 @@ def test_loggers_are_checked_against_the_declared_names():
     assert set(LOGGER_DIRS) == set(LOGGERS) and set(LOGGER_INSTALL) < set(LOGGERS)
     with pytest.raises(UserError, match="train.loggers has \\['tensorbord'\\]; choose from"):
         load_config(None, ["train.loggers=[csv,tensorbord]"])
+
+
+def test_training_from_a_checkpoint_keeps_its_chat_template(tiny_data, tmp_path):
+    """An instruct model's chat template travels in meta.json (convert records it): a run trained from
+    it (adapt, SFT) keeps it, so `sinkdlm serve` can still answer chat requests."""
+    first = train(tiny_train_config(tiny_data, tmp_path / "first", steps=1))
+    meta_file = Path(first["checkpoint"]) / "meta.json"
+    chat = {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}", "bos_token": "<s>"}
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), **chat}))
+    assert ckpt.chat_settings(first["checkpoint"]) == chat
+    second = train(tiny_train_config(tiny_data, tmp_path / "second", steps=1, init_from=str(first["checkpoint"])))
+    assert ckpt.chat_settings(second["checkpoint"]) == chat
+    third = train(tiny_train_config(tiny_data, tmp_path / "third", steps=1))  # from scratch: none
+    assert ckpt.chat_settings(third["checkpoint"]) == {}

@@ -293,7 +293,8 @@ def save_converted(out_dir: str | Path, weights: dict[str, Tensor], cfg: ModelCo
     eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
     mask = MASK_INIT if cfg.mask_token_id is None else f"the model's own mask token, id {cfg.mask_token_id}"
     meta = {"eos_id": eos, "converted_from": source, "tokenizer_size": len(tokenizer),
-            "mask_init": mask, "sink_init": sink_init if cfg.sink_tokens else None, "tokens": 0}
+            "mask_init": mask, "sink_init": sink_init if cfg.sink_tokens else None, "tokens": 0,
+            **tokenizer_chat_settings(tokenizer)}
     with tempfile.TemporaryDirectory() as tmp:
         tok_file = Path(tmp) / "tokenizer.json"
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -302,6 +303,15 @@ def save_converted(out_dir: str | Path, weights: dict[str, Tensor], cfg: ModelCo
                             f"install `tokenizers` and convert a model that ships tokenizer.json")
         backend.save(str(tok_file))
         return save_checkpoint(out_dir, 0, weights, Config(model=cfg), meta, tokenizer=tok_file)
+
+
+def tokenizer_chat_settings(tokenizer: Any) -> dict[str, Any]:
+    """A transformers tokenizer's chat template (an instruct model's, e.g. LLaDA-8B-Instruct's) and BOS
+    text, for meta.json (checkpoint.CHAT_KEYS): tokenizer.json holds neither."""
+    template, bos = getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None)
+    if not template:
+        return {}
+    return {"chat_template": template, **({"bos_token": str(bos)} if bos else {})}
 
 
 def convert(source: str, out_dir: str | Path, sink_tokens: int = 0, sink_init: str = "mean",

@@ -31,6 +31,7 @@ from sinkdlm.checkpoint import (
     TOKENIZER,
     TRASH_PREFIX,
     WEIGHTS,
+    chat_settings,
     load_config_of,
     load_meta,
     load_tokenizer,
@@ -70,6 +71,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
     if not (ckpt / TOKENIZER).is_file():
         raise UserError(f"checkpoint {ckpt} has no {TOKENIZER}; a published model needs its tokenizer")
     tokenizer, tokenizer_config = hf_tokenizer(load_tokenizer(ckpt), cfg, meta.get("eos_id"))
+    tokenizer_config.update(exported_chat_settings(ckpt, tokenizer))
     weights = load_weights(ckpt)
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     files = {TOKENIZER: tokenizer.to_str(), TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=2),
@@ -82,6 +84,16 @@ def export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
                   CARD: model_card(cfg, meta, tokenizer_config["mask_token"]) + transformers_card(cfg),
                   **shipped_code()})
     return write_folder(out, files, hf_weights(weights))
+
+
+def exported_chat_settings(ckpt: Path, tokenizer) -> dict[str, Any]:
+    """The checkpoint's chat template for tokenizer_config.json (AutoTokenizer's apply_chat_template and
+    `sinkdlm serve` read it there); its BOS text only where the tokenizer has that token (else
+    AutoTokenizer would add a token past the mask id)."""
+    chat = chat_settings(ckpt)
+    if "bos_token" in chat and tokenizer.token_to_id(chat["bos_token"]) is None:
+        del chat["bos_token"]
+    return chat
 
 
 def check_out(ckpt: Path, out: Path, overwrite: bool) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sinkdlm.checkpoint import chat_settings
 from sinkdlm.errors import UserError
 from sinkdlm.interop.hf_tokenizer import MASK_TOKEN, TOKENIZER_CONFIG
 from sinkdlm.serve.schema import RequestError
@@ -109,10 +110,12 @@ class BlockStream:
 
 def chat_template(checkpoint: Path, override: str | None) -> tuple[str | None, str]:
     """(the chat template, the BOS text it may use): the file `override`, else the checkpoint's
-    tokenizer_config.json's template (Hugging Face's layout), else None."""
+    tokenizer_config.json's template (Hugging Face's layout: an exported folder), else the one its
+    meta.json carries (`convert` records the source tokenizer's), else None."""
     config = checkpoint / TOKENIZER_CONFIG
     try:
         settings = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        settings = settings if settings.get("chat_template") else {**settings, **chat_settings(checkpoint)}
         template, bos = settings.get("chat_template"), settings.get("bos_token") or ""
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise UserError(f"{config} is not a JSON object; fix it or remove it") from None
@@ -124,6 +127,8 @@ def chat_template(checkpoint: Path, override: str | None) -> tuple[str | None, s
         return path.read_text(encoding="utf-8"), bos
     if isinstance(template, list):  # [{name, template}]: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if isinstance(template, dict):  # {name: template}, as transformers holds several
+        template = template.get("default")
     return (template if isinstance(template, str) else None), bos
 
 

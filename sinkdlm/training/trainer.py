@@ -234,6 +234,8 @@ class Loop:
         self.run_dir = Path(cfg.train.out_dir)
         self.log = MetricsLog(self.run_dir, state["step"], cfg.train.loggers, fabric.global_rank == 0)
         self.last_checkpoint = resume_from
+        # the tokenizer is init_from's, and so is its chat template (an adapted or fine-tuned instruct model)
+        self.chat = ckpt.chat_settings(cfg.train.init_from) if cfg.train.init_from else {}
         self.saved_step: int | None = None  # the last checkpoint this run wrote
         self.val_loss = float("nan")
         if fabric.global_rank == 0:
@@ -364,7 +366,7 @@ class Loop:
             trainer_state["optimizer"] = self.optimizer.state_dict()
         weights = full_weights(self.model.module)
         meta = {"tokens": self.state["tokens"], "eos_id": self.source.eos_id, "val_loss": self.val_loss,
-                "objective": train_cfg.objective, "data": self.source.identity}
+                "objective": train_cfg.objective, "data": self.source.identity, **self.chat}
 
         def finish() -> Path:
             final = ckpt.finish_checkpoint(tmp, weights, self.cfg, meta, self.source.tokenizer_path,
