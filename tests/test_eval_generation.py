@@ -216,3 +216,22 @@ def test_prompted_completions_continue_their_window(tmp_path, checkpoint, judge_
         window = ids[i * 12:(i + 1) * 12]  # 4 prompt + 8 generated tokens per window
         assert row["prompt"] == tok.decode(window[:4]) and row["reference"] == tok.decode(window[4:])
         assert len(row["tokens"]) <= 8  # cut at an EOS, if one is drawn
+
+
+def test_window_flags_reach_the_sampler(tmp_path, checkpoint, judge_folder):
+    """--window/--window-anchors are the sampler's: the samples are those sinkdlm.sample.generate draws
+    with the same windowed SampleConfig, and the window is part of the folder's settings."""
+    from sinkdlm.sample import SampleConfig, generate, load_for_sampling
+
+    args = ("--limit", "3", "--gen-length", "12", "--block-length", "4", "--steps", "6")
+    out = tmp_path / "win"
+    assert run(tmp_path, checkpoint, judge_folder, out, *args, "--window", "2", "--window-anchors", "1") == 0
+    model, _, eos = load_for_sampling(checkpoint, "cpu")
+    cfg = SampleConfig(gen_length=12, block_length=4, steps=6, temperature=1.0, window=2, window_anchors=1)
+    direct = generate(model, [[eos]] * 3, cfg, model.mask_id, eos, indices=range(3))
+    assert [r["tokens"] for r in samples(out)] == [list(t) for t in direct]
+    settings = json.loads((out / generation.SETTINGS_FILE).read_text())["sampling"]
+    assert settings["window"] == 2 and settings["window_anchors"] == 1
+    full = generate(model, [[eos]] * 3, SampleConfig(gen_length=12, block_length=4, steps=6, temperature=1.0),
+                    model.mask_id, eos, indices=range(3))
+    assert [list(t) for t in full] != [list(t) for t in direct]  # the window changed what was drawn
