@@ -120,3 +120,26 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
         running = max(running, min(1.0, (len(ordered) - i) * p_values[name]))
         adjusted[name] = running
     return adjusted
+
+
+def t_test_one_sided_p(values: list[float], null: float = 0.0, greater: bool = True) -> float | None:
+    """One-sided p-value of Student's one-sample t test: that the mean of `values` exceeds `null`
+    (greater=True) or falls below it (greater=False); None with fewer than two values. All-equal
+    values give 0 when they lie on the claimed side of `null`, else 1."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    shift = mean - null if greater else null - mean
+    if sd == 0:
+        return 0.0 if shift > 0 else 1.0
+    return 1 - t_cdf(shift / (sd / math.sqrt(n)), n - 1)
+
+
+def tost_p(values: list[float], margin: float) -> float | None:
+    """Equivalence (TOST) p-value that the mean of `values` lies within ±margin: the larger of the
+    two one-sided t tests (mean > -margin, mean < +margin); None with fewer than two values."""
+    above = t_test_one_sided_p(values, -margin, greater=True)
+    below = t_test_one_sided_p(values, margin, greater=False)
+    return None if above is None or below is None else max(above, below)

@@ -298,3 +298,20 @@ def test_a_finished_study_renders_again_without_the_retired_columns(tmp_path):
     again = json.loads((tmp_path / "study.json").read_text())
     assert all("sink-set IoU" not in r["metrics"] for r in again["runs"])
     assert again["paired"]["sink − plain"]["val_elbo"]["mean"] == pytest.approx(-0.35 / 3)
+
+
+def test_one_sided_t_and_tost_by_hand():
+    from sinkdlm.intervals import t_test_one_sided_p, t_test_p, tost_p
+
+    values = [0.1, 0.3, 0.2, 0.25]  # mean 0.2125 > 0: the one-sided p is half the two-sided
+    assert t_test_one_sided_p(values) == pytest.approx(t_test_p(values) / 2, abs=1e-12)
+    assert t_test_one_sided_p(values, greater=False) == pytest.approx(1 - t_test_p(values) / 2, abs=1e-12)
+    # all equal: certain on the claimed side, never on the other; one value: no test
+    assert t_test_one_sided_p([0.4, 0.4], 0.3) == 0.0 and t_test_one_sided_p([0.4, 0.4], 0.5) == 1.0
+    assert t_test_one_sided_p([0.4]) is None and tost_p([0.4], 0.02) is None
+    # TOST of 0, 0.01, -0.01, 0 within ±0.02: t = 0.02 / (0.008165 / 2) = 4.899 on 3 df both ways, p = 0.00814
+    assert tost_p([0.0, 0.01, -0.01, 0.0], 0.02) == pytest.approx(0.0081383, abs=1e-6)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for null, greater in ((0.15, True), (0.3, False)):
+        expected = scipy_stats.ttest_1samp(values, null, alternative="greater" if greater else "less").pvalue
+        assert t_test_one_sided_p(values, null, greater) == pytest.approx(float(expected), abs=1e-9)

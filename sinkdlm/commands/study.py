@@ -38,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              f"mechanism)")
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
     parser.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per choice")
-    parser.add_argument("--analysis-texts", type=int, default=4, help="held-out windows for the sink metrics")
+    parser.add_argument("--analysis-texts", type=int, default=study.StudyConfig.analysis_texts,
+                        help="held-out windows (denoising trajectories) for the sink metrics")
     add_overrides_argument(parser, "config overrides applied to every run; every key: `sinkdlm config`")
 
 

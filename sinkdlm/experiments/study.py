@@ -56,6 +56,9 @@ PLAIN = {"sink_tokens": 0, "sink_position": "front", "sink_init": "learned", "si
 CURVE_POINTS = 8  # checkpoints kept per run for the sinks-over-training analysis (and the last one)
 EVAL_CACHE = "study-eval.json"
 CURVES_DIR = "training"
+# bumped whenever the sink metrics change meaning (issue 22's fixes: Gu rate, mid-ranks, analytic nulls,
+# event-locked change): part of the sinks evaluator's cache key, so an older study-eval.json is re-analysed
+SINK_METRICS_VERSION = 2
 # `cpu`: the demo model on BoolQ's Wikipedia passages for 3.3M tokens, where a check run formed a
 # dedicated sink (after 2.5M tokens; 1.6M were not enough; in the 3-seed study 1 seed of 3 did): about
 # 2.3 h on 2 idle cores for 8 variants x 3 seeds, about 5 min per run measured (docs/study-cpu.md)
@@ -89,7 +92,7 @@ class StudyConfig:
                                 unset=f"{DEFAULT_TASKS}; none at --preset mechanism")
     limit: int = setting(200, "documents per task", at_least=1)
     mc_num: int = setting(16, "Monte Carlo samples per choice", at_least=1)
-    analysis_texts: int = setting(4, "held-out windows for the sink metrics", at_least=1)
+    analysis_texts: int = setting(16, "held-out windows (trajectories) for the sink metrics", at_least=1)
     curves: bool = setting(True, "analyse every kept checkpoint (sinks over training)")
     command: str = setting("sinkdlm study", "as typed, for the table's header")
 
@@ -373,7 +376,7 @@ def sink_evaluator(n_texts: int) -> Evaluator:
         write_report(run.out / "analysis", metrics, trajectory)
         return sink_columns(metrics)
 
-    return Evaluator("sinks", {"texts": n_texts}, evaluate)
+    return Evaluator("sinks", {"texts": n_texts, "metrics_version": SINK_METRICS_VERSION}, evaluate)
 
 
 def sinks_over_training(runs: list[Run], out: Path, n_texts: int) -> None:
@@ -401,11 +404,12 @@ def run_study(s: StudyConfig) -> list[Run] | None:
     runs = train_runs(base, variants, s.seeds, s.folder, overrides)
     if not is_global_zero():  # several training processes: rank 0 alone evaluates and writes
         return None
-    evaluate_runs(runs, default_evaluators(s, _is_synthetic_data(runs)))
+    synthetic_data = _is_synthetic_data(runs)
+    evaluate_runs(runs, default_evaluators(s, synthetic_data))
     if s.curves:
         sinks_over_training(runs, s.folder / CURVES_DIR, s.analysis_texts)
     title = f"study {s.preset}: {', '.join(dict.fromkeys(variants))}; seeds {','.join(map(str, s.seeds))}"
-    text = write_study(s.folder, title, s.command, runs)
+    text = write_study(s.folder, title, s.command, runs, synthetic_data)
     print(f"\n{text}\ntable, plots and results in {s.folder}")
     return runs
 
@@ -421,7 +425,9 @@ def _is_synthetic_data(runs: list[Run]) -> bool:
         return False
 
 
-def write_study(out: Path, title: str, command: str, runs: list[Run]) -> str:
+def write_study(out: Path, title: str, command: str, runs: list[Run], synthetic_data: bool = False) -> str:
     """study.md (the table with its intervals, the command, the figures), study.json (every run and the
-    statistics) and the figures in `out`; returns the markdown."""
-    return report.write_outputs(out, title, command, runs)
+    statistics) and the figures in `out`; returns the markdown. On a synthetic copy task the report
+    carries the mechanism study's pre-registered tests P1-P5 (docs/study-mechanism.md), Holm over them."""
+    planned = report.mechanism_family(runs) if synthetic_data else None
+    return report.write_outputs(out, title, command, runs, planned)

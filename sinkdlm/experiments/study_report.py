@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkdlm.files import METRICS_LOG, atomic_write
-from sinkdlm.intervals import HOLM_NOTE, T_INTERVAL_NOTE, holm, t_interval, t_test_p
+from sinkdlm.intervals import HOLM_NOTE, T_INTERVAL_NOTE, holm, t_interval, t_test_one_sided_p, t_test_p, tost_p
 
 TABLE = "study.md"
 RESULTS = "study.json"
@@ -252,30 +252,85 @@ def runs_table(runs: list[Run]) -> str:
 
 
 # a pre-registered comparison: (label, row, column); the row is a paired comparison ("sink − plain") or
-# a variant of the within-variant table, the column one of that table's columns
+# a variant of the within-variant table, the column one of that table's columns; its test is the
+# two-sided t test of mean 0. A PlannedTest (below) brings its own per-seed values, test and criterion.
 Preregistered = tuple[str, str, str]
 
 
-def preregistered_results(planned: list[Preregistered], within: dict[str, dict[str, Interval]],
+@dataclass
+class PlannedTest:
+    """A pre-registered test computed from the runs: the per-seed statistic it tests, its p-value (the
+    pre-registered test's: one-sided, TOST or two-sided), and the outcome's criterion in words.
+    `supported`: whether the pre-registered criterion holds (None: a descriptive test without one);
+    the outcome also needs the Holm-adjusted p below ALPHA."""
+
+    label: str
+    row: str
+    column: str
+    values: list[float]
+    p: float | None
+    detail: str = ""
+    supported: bool | None = None
+    refuted: bool = False
+
+
+def preregistered_results(planned: list[Preregistered | PlannedTest], within: dict[str, dict[str, Interval]],
                           diffs: dict[str, dict[str, Interval]]) -> list[dict[str, Any]]:
     """Each planned comparison's interval, p and Holm-adjusted p over the family (those measured)."""
-    found = {label: (diffs.get(row) or within.get(row) or {}).get(col) for label, row, col in planned}
-    adjusted = holm({label: i.p for label, i in found.items() if i is not None and i.p is not None})
-    return [{"label": label, "row": row, "column": col, "interval": None if found[label] is None else
-             asdict(found[label]), "holm_p": adjusted.get(label)} for label, row, col in planned]
+    rows = []
+    for item in planned:
+        if isinstance(item, PlannedTest):
+            interval = Interval.of(item.values) if item.values else None
+            if interval is not None:
+                interval.p = item.p
+            rows.append({"label": item.label, "row": item.row, "column": item.column, "detail": item.detail,
+                         "supported": item.supported, "refuted": item.refuted,
+                         "interval": None if interval is None else asdict(interval)})
+        else:
+            label, row, col = item
+            found = (diffs.get(row) or within.get(row) or {}).get(col)
+            rows.append({"label": label, "row": row, "column": col,
+                         "interval": None if found is None else asdict(found)})
+    adjusted = holm({r["label"]: r["interval"]["p"] for r in rows
+                     if r["interval"] is not None and r["interval"]["p"] is not None})
+    for r in rows:
+        r["holm_p"] = adjusted.get(r["label"])
+        if "supported" in r:
+            r["outcome"] = outcome(r["supported"], r["refuted"], r["holm_p"])
+    return rows
+
+
+def outcome(supported: bool | None, refuted: bool, holm_p: float | None) -> str:
+    """A pre-registered outcome: refuted by its refutation clause; supported when its criterion holds
+    and its test resolves after Holm; else not supported; '' for a descriptive test."""
+    if refuted:
+        return "refuted"
+    if supported is None:
+        return ""
+    return "supported" if supported and holm_p is not None and holm_p < ALPHA else "not supported"
 
 
 def preregistered_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| | comparison | column | mean [95% t interval] | p | Holm p | verdict at 5% |", "|---" * 7 + "|"]
+    lines = ["| | comparison | tested | mean [95% t interval] | p | Holm p | verdict at 5% | outcome | criterion |",
+             "|---" * 9 + "|"]
     for r in results:
         interval = r["interval"]
+        tail = f" {r.get('outcome', '')} | {r.get('detail', '')} |"
         if interval is None:
-            lines.append(f"| {r['label']} | {r['row']} | {r['column']} | not measured | | | |")
+            lines.append(f"| {r['label']} | {r['row']} | {r['column']} | not measured | | | |" + tail)
             continue
-        cell, p, holm_p = Interval(**interval).cell(), interval["p"], r["holm_p"]
+        p, holm_p = interval["p"], r["holm_p"]
+        cell = (f"{interval['mean']:.4g} (n=1)" if interval["low"] is None else
+                f"{interval['mean']:.4g} [{interval['low']:.4g}, {interval['high']:.4g}]")
         verdict = "no interval" if holm_p is None else ("resolved" if holm_p < ALPHA else NOT_RESOLVED)
-        lines.append(f"| {r['label']} | {r['row']} | {r['column']} | {cell} | {_p(p)} | {_p(holm_p)} | {verdict} |")
-    return "\n".join(lines + ["", HOLM_NOTE + "."])
+        lines.append(f"| {r['label']} | {r['row']} | {r['column']} | {cell} | {_p(p)} | {_p(holm_p)} | {verdict} |"
+                     + tail)
+    return "\n".join(lines + ["", HOLM_NOTE + ". p: each test's own (one-sided, TOST or two-sided, in `tested`); "
+                                   "the interval is two-sided 95% over seeds. " + OUTCOME_NOTE])
+
+
+OUTCOME_NOTE = ("Outcome: `refuted` by the pre-registered refutation clause; `supported` when the criterion "
+                "holds and the Holm-adjusted p < 0.05; else `not supported` (docs/study-mechanism.md, section 1).")
 
 
 def _p(value: float | None) -> str:
@@ -314,7 +369,7 @@ def count_intervals(*tables: dict[str, dict[str, Interval]]) -> int:
 
 
 def render(title: str, command: str, runs: list[Run],
-           preregistered: list[Preregistered] | None = None) -> tuple[str, dict[str, Any]]:
+           preregistered: list[Preregistered | PlannedTest] | None = None) -> tuple[str, dict[str, Any]]:
     """study.md's text and study.json's content; `preregistered` comparisons get a Holm-corrected
     table, every other interval is marked exploratory."""
     columns, table = summarise(runs)
@@ -357,7 +412,7 @@ def runs_from_results(results: dict[str, Any]) -> list[Run]:
 
 
 def write_outputs(out: Path, title: str, command: str, runs: list[Run],
-                  preregistered: list[Preregistered] | None = None) -> str:
+                  preregistered: list[Preregistered | PlannedTest] | None = None) -> str:
     """study.md, study.json and the figures (the loss curves where every run's log is at hand);
     returns the markdown."""
     text, results = render(title, command, runs, preregistered)
@@ -548,7 +603,7 @@ RETIRED_COLUMNS = {
 }
 
 
-def rerender(folder: Path, preregistered: list[Preregistered] | None = None) -> str:
+def rerender(folder: Path, preregistered: list[Preregistered | PlannedTest] | None = None) -> str:
     """study.md, study.json and the figures of a finished study again from its study.json, with the
     retired columns left out (its title and command read from the old study.md); returns the markdown."""
     old = (folder / TABLE).read_text(encoding="utf-8").splitlines()
@@ -563,3 +618,138 @@ def rerender(folder: Path, preregistered: list[Preregistered] | None = None) -> 
     note = f"\nRendered again from study.json by the report code of issue 22; left out: {retired}.\n"
     atomic_write(folder / TABLE, text + note)
     return text + note
+
+
+# ---- the mechanism study's pre-registered family (docs/study-mechanism.md, section 1) ---------------
+# Column prefixes are study.probe_columns' (each measured at the two mask levels, "<prefix> @<level>");
+# the primary number of a probe is the mean over the levels (and over layers for the per-layer [MASK] ratio).
+
+P1_DORMANT, P1_ACTIVE, P1_SEEDS = 0.3, 0.1, 3  # dormant >= 0.3 and active <= 0.1 on the sink in >= 3 seeds
+P1_REFUTE_DORMANT, P1_REFUTE_COPY = 0.1, 0.9  # refuted: dormant < 0.1 while copy accuracy >= 0.9
+P2_RATIO, P2_REFUTE_STABILITY = 2.0, 0.9  # [MASK] mass >= 2x uniform; refuted: stability >= 0.9 twice
+P3_LOW, P3_REFUTE = 0.5, 1.0  # value-norm ratio < 0.5; refuted at >= 1
+P4_MARGIN = 0.02  # copy accuracy and nats
+DORMANT_ON_SINK, ACTIVE_ON_SINK = "copy head: dormant on sink", "copy head: active on sink"
+VALUE_RATIO, COPY_ACC, MASK_RATIO, ELBO_BIN = ("copy head: sink value ratio", "copy acc",
+                                                "dormant [MASK] x uniform L", "ELBO t ")
+STEPS_TO_COPY = "steps to 0.9 copy acc"
+
+
+def level_mean(metrics: dict[str, float], prefix: str) -> float | None:
+    """Mean of every column that starts with `prefix` (a probe over its mask levels, the [MASK] ratio
+    over layers and levels, the ELBO over its t-bins; a whole column name is its own prefix); None when
+    the run has none."""
+    values = [v for k, v in metrics.items() if k.startswith(prefix)]
+    return statistics.fmean(values) if values else None
+
+
+def _per_seed(runs: list[Run], variant: str, prefix: str) -> dict[int, float]:
+    """seed -> level_mean of `prefix` in the variant's run of that seed."""
+    values = {r.seed: level_mean(r.metrics, prefix) for r in runs if r.variant == variant}
+    return {seed: v for seed, v in values.items() if v is not None}
+
+
+def _paired_values(runs: list[Run], variant: str, reference: str, prefix: str) -> list[float]:
+    a, b = _per_seed(runs, variant, prefix), _per_seed(runs, reference, prefix)
+    return [a[s] - b[s] for s in sorted(a) if s in b]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _interval_text(values: list[float]) -> str:
+    bounds = t_interval(values)
+    return f"{_fmt(_mean(values))}" + ("" if bounds is None else f" [{bounds[0]:.3g}, {bounds[1]:.3g}]")
+
+
+def mechanism_family(runs: list[Run]) -> list[PlannedTest]:
+    """P1-P5 as pre-registered: one test each, Holm over the five (render applies it)."""
+    return [p1_sink_absorbs(runs), p2_moving_mask_sinks(runs), p3_low_value_norm(runs),
+            p4_zero_value_is_enough(runs), p5_where_the_gain_is(runs)]
+
+
+def p1_sink_absorbs(runs: list[Run]) -> PlannedTest:
+    """Sink model, copy head: dormant - active attention on the sink > 0 (one-sided t over seeds)."""
+    dormant, active = _per_seed(runs, "sink", DORMANT_ON_SINK), _per_seed(runs, "sink", ACTIVE_ON_SINK)
+    copy = _per_seed(runs, "sink", COPY_ACC)
+    seeds = [s for s in sorted(dormant) if s in active]
+    values = [dormant[s] - active[s] for s in seeds]
+    hits = sum(dormant[s] >= P1_DORMANT and active[s] <= P1_ACTIVE for s in seeds)
+    mean_dormant, mean_copy = _mean([dormant[s] for s in seeds]), _mean(list(copy.values()))
+    refuted = (mean_dormant is not None and mean_copy is not None
+               and mean_dormant < P1_REFUTE_DORMANT and mean_copy >= P1_REFUTE_COPY)
+    detail = (f"{hits} of {len(seeds)} seeds with dormant ≥ {P1_DORMANT} and active ≤ {P1_ACTIVE} (needs ≥ "
+              f"{P1_SEEDS}); dormant {_fmt(mean_dormant)}, active {_fmt(_mean([active[s] for s in seeds]))}, "
+              f"copy acc {_fmt(mean_copy)}; refuted if dormant < {P1_REFUTE_DORMANT} with copy acc ≥ {P1_REFUTE_COPY}")
+    return PlannedTest("P1", "sink", "copy head: dormant − active on sink > 0 (one-sided t)", values,
+                       t_test_one_sided_p(values, 0.0, greater=True), detail,
+                       bool(seeds) and hits >= P1_SEEDS, refuted)
+
+
+def p2_moving_mask_sinks(runs: list[Run]) -> PlannedTest:
+    """Plain model: dormant [MASK] mass over uniform, pooled over layers, > 2 (one-sided t); the
+    event-locked change's interval above its one-token-reveal null is the criterion's second half."""
+    ratio = _per_seed(runs, REFERENCE, MASK_RATIO)
+    values = [ratio[s] - P2_RATIO for s in sorted(ratio)]
+    plain = [r for r in runs if r.variant == REFERENCE]
+    locked = [r.metrics["event-locked change"] for r in plain if "event-locked change" in r.metrics]
+    null_key = "event-locked change, one-token-reveal null"
+    above = [r.metrics["event-locked change"] - r.metrics[null_key] for r in plain
+             if "event-locked change" in r.metrics and null_key in r.metrics]
+    above_bounds = t_interval(above)
+    moving = _mean(locked) is not None and _mean(locked) > 0 and above_bounds is not None and above_bounds[0] > 0
+    stable = [_mean([r.metrics[k] for r in plain if k in r.metrics])
+              for k in ("dominant-key stability", "stability, one-token-reveal null")]
+    refuted = all(v is not None and v >= P2_REFUTE_STABILITY for v in stable)
+    mean_ratio = _mean(list(ratio.values()))
+    detail = (f"[MASK] ratio {_fmt(mean_ratio)} (needs ≥ {P2_RATIO}); event-locked change {_interval_text(locked)}, "
+              f"minus its one-token-reveal null {_interval_text(above)} (needs > 0); stability {_fmt(stable[0])}, "
+              f"one-token-reveal null {_fmt(stable[1])} (refuted if both ≥ {P2_REFUTE_STABILITY})")
+    return PlannedTest("P2", REFERENCE, f"dormant [MASK] mass / uniform − {P2_RATIO:g} > 0 (one-sided t)", values,
+                       t_test_one_sided_p(values, 0.0, greater=True), detail,
+                       mean_ratio is not None and mean_ratio >= P2_RATIO and moving, refuted)
+
+
+def p3_low_value_norm(runs: list[Run]) -> PlannedTest:
+    """Sink model, copy head: the sink's value-norm ratio - 1 < 0 (one-sided t)."""
+    ratio = _per_seed(runs, "sink", VALUE_RATIO)
+    values = [ratio[s] - P3_REFUTE for s in sorted(ratio)]
+    mean_ratio = _mean(list(ratio.values()))
+    detail = f"value-norm ratio {_fmt(mean_ratio)} (supported below {P3_LOW}, refuted at ≥ {P3_REFUTE})"
+    return PlannedTest("P3", "sink", f"copy head: sink value-norm ratio − {P3_REFUTE:g} < 0 (one-sided t)", values,
+                       t_test_one_sided_p(values, 0.0, greater=False), detail,
+                       mean_ratio is not None and mean_ratio < P3_LOW,
+                       mean_ratio is not None and mean_ratio >= P3_REFUTE)
+
+
+def p4_zero_value_is_enough(runs: list[Run]) -> PlannedTest:
+    """sink_zero_value − sink within ±0.02 copy accuracy and ±0.02 nats validation ELBO: TOST per
+    quantity, p = the larger."""
+    acc = _paired_values(runs, "sink_zero_value", "sink", COPY_ACC)
+    elbo = _paired_values(runs, "sink_zero_value", "sink", VAL_ELBO)
+    p_acc, p_elbo = tost_p(acc, P4_MARGIN), tost_p(elbo, P4_MARGIN)
+    p = None if p_acc is None or p_elbo is None else max(p_acc, p_elbo)
+    within = [v is not None and abs(v) < P4_MARGIN for v in (_mean(acc), _mean(elbo))]
+    detail = (f"copy acc difference {_interval_text(acc)} (TOST p {_fmt(p_acc)}); val ELBO difference "
+              f"{_interval_text(elbo)} nats (TOST p {_fmt(p_elbo)}); margin ±{P4_MARGIN}")
+    return PlannedTest("P4", "sink_zero_value − sink", f"copy acc and val ELBO within ±{P4_MARGIN} (TOST, p = the "
+                       "larger; interval: copy acc)", acc, p, detail, all(within))
+
+
+def p5_where_the_gain_is(runs: list[Run]) -> PlannedTest:
+    """sink − plain: the probe ELBO pooled over the mask-ratio bins (two-sided paired t); per bin
+    and steps to 90% copy accuracy beside it (exploratory)."""
+    pooled = _paired_values(runs, "sink", REFERENCE, ELBO_BIN)
+    bins = sorted({k for r in runs for k in r.metrics if k.startswith(ELBO_BIN)})
+    per_bin = "; ".join(f"{k.removeprefix(ELBO_BIN)} {_fmt(_mean(_paired_values(runs, 'sink', REFERENCE, k)))}"
+                        for k in bins)
+    steps = _paired_values(runs, "sink", REFERENCE, STEPS_TO_COPY)
+    detail = (f"exploratory: per t-bin mean difference {per_bin or 'n/a'} nats; steps to 90% copy acc "
+              f"difference {_interval_text(steps)}")
+    return PlannedTest("P5", f"sink − {REFERENCE}", "probe ELBO pooled over t-bins, difference ≠ 0 (two-sided t)",
+                       pooled, t_test_p(pooled), detail)
