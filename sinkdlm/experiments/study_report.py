@@ -301,12 +301,15 @@ def preregistered_results(planned: list[Preregistered | PlannedTest], within: di
 
 
 def outcome(supported: bool | None, refuted: bool, holm_p: float | None) -> str:
-    """A pre-registered outcome: refuted by its refutation clause; supported when its criterion holds
-    and its test resolves after Holm; else not supported; '' for a descriptive test."""
+    """A pre-registered outcome: refuted by its refutation clause; '' for a descriptive test; not tested
+    without a p-value (one seed, or a variant that did not run); supported when its criterion holds and
+    its test resolves after Holm; else not supported."""
     if refuted:
         return "refuted"
     if supported is None:
         return ""
+    if holm_p is None:
+        return "not tested"
     return "supported" if supported and holm_p is not None and holm_p < ALPHA else "not supported"
 
 
@@ -330,7 +333,8 @@ def preregistered_table(results: list[dict[str, Any]]) -> str:
 
 
 OUTCOME_NOTE = ("Outcome: `refuted` by the pre-registered refutation clause; `supported` when the criterion "
-                "holds and the Holm-adjusted p < 0.05; else `not supported` (docs/study-mechanism.md, section 1).")
+                "holds and the Holm-adjusted p < 0.05; `not tested` without a p (one seed, or a variant missing); "
+                "else `not supported` (docs/study-mechanism.md, section 1).")
 
 
 def _p(value: float | None) -> str:
