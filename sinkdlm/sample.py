@@ -16,7 +16,9 @@ semi-autoregressive blocks of `block_length`; within a block each step
 Randomness is per prompt: its draws are a function of (seed, its index in the whole input, step)
 (`RowNoise`), so its completion does not depend on the batch size, its batch mates or their order.
 The exceptions are batch-level by design: flattened_batch ranking, and left padding with front
-sinks (its padding, and so its distance to the sinks, is set by the batch's longest prompt).
+sinks (its padding, and so its distance to the sinks, is set by the batch's longest prompt). The
+same keying lets `generate(keep=...)` drop a prompt nobody waits for any more (a server's client
+that left) from a running batch without changing the others' completions (LiveRows).
 
 Caching. The sink's per-layer keys (before RoPE) and values are constants of the model:
 `model.sink_cache()` computes them once. `cache="prefix"|"dual"` is Fast-dLLM's *approximate* KV
@@ -55,6 +57,7 @@ SEED_RANGE = 2**53  # a float64 uniform's bits, turned into a generator seed
 DEFAULT_BATCH = 8  # prompts per forward; completions do not depend on it
 
 StepCallback = Callable[[int, Tensor], None]
+KeepRows = Callable[[], Sequence[bool]]  # per row of the batch: still wanted? asked before every step
 
 
 @dataclass
@@ -164,6 +167,10 @@ class Canvas:
     is_prompt: Tensor  # (B, W) bool
     start: Tensor  # (B,) first generated position
     end: Tensor  # (B,) one past the last generated position
+
+    def select(self, rows: Tensor) -> Canvas:
+        """The canvas of `rows` (positions into this one's rows) only."""
+        return Canvas(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
 def build_canvas(prompts: list[list[int]], gen_lengths: list[int], padding: str, mask_id: int,
@@ -321,6 +328,7 @@ class Forward:
         valid = None if bool(canvas.valid.all()) else canvas.valid
         self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
         self.is_prompt = canvas.is_prompt
+        self.canvas_valid = canvas.valid
         self.cache = KVCache()
         self.calls = 0
         self.peak_cache_bytes = 0  # the most the KV cache held after any forward
@@ -340,6 +348,15 @@ class Forward:
             return logits
         cond, uncond = logits.chunk(2)  # both halves want the same number of positions
         return uncond + (self.cfg.guidance + 1) * (cond - uncond)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (positions into the current rows): their padding mask, prompt mask and
+        stored K/V (guidance's unconditional half too), so later forwards compute those rows alone."""
+        both = torch.cat([rows, rows + self.is_prompt.shape[0]]) if self.guided else rows
+        self.canvas_valid, self.is_prompt = self.canvas_valid[rows], self.is_prompt[rows]
+        valid = None if bool(self.canvas_valid.all()) else self.canvas_valid
+        self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
+        self.cache.layers = {layer: (k[both], v[both]) for layer, (k, v) in self.cache.layers.items()}
 
     def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
         if self.cfg.cache != "none" and not refresh:  # window = the first columns of queries
@@ -388,16 +405,47 @@ def _fill_after_eos(x: Tensor, canvas: Canvas, eos_id: int, mask_id: int) -> Ten
     return x.masked_fill(after_eos & region & (x == mask_id), eos_id)
 
 
+class LiveRows:
+    """The rows of a batch still being decoded. `keep()` (one bool per row of the whole batch) is asked
+    before every step; a row it no longer wants is dropped from the computation for good, its canvas
+    frozen as it was. The other rows' outputs do not change: their noise is keyed by their indices and
+    every per-row tensor, the KV cache included, is sliced alike (Forward.select)."""
+
+    def __init__(self, canvas: Canvas, indices: Sequence[int], keep: KeepRows | None) -> None:
+        self.canvas, self.indices, self.keep = canvas, list(indices), keep
+        self.alive = torch.arange(canvas.x.shape[0], device=canvas.x.device)  # live rows in the whole batch
+        self.whole_x = canvas.x  # (B, W): the dropped rows as they were when dropped
+
+    def whole(self, x: Tensor) -> Tensor:
+        """The whole batch's canvas, given the live rows' x."""
+        return self.whole_x.index_copy(0, self.alive, x)
+
+    def prune(self, x: Tensor) -> Tensor | None:
+        """Positions (into the live rows) that stay, when keep() drops some; else None."""
+        if self.keep is None:
+            return None
+        wanted = torch.as_tensor(list(self.keep()), dtype=torch.bool, device=x.device)[self.alive]
+        if bool(wanted.all()):
+            return None
+        self.whole_x = self.whole(x)
+        stay = wanted.nonzero().squeeze(1)
+        self.alive, self.canvas = self.alive[stay], self.canvas.select(stay)
+        self.indices = [self.indices[i] for i in stay.tolist()]
+        return stay
+
+
 @torch.no_grad()
-def _decode_block(x: Tensor, b: int, block: int, first: Tensor, canvas: Canvas, forward: Forward,
-                  cfg: SampleConfig, mask_id: int, eos_id: int, indices: Sequence[int], step0: int,
+def _decode_block(x: Tensor, b: int, block: int, first: Tensor, live: LiveRows, forward: Forward,
+                  cfg: SampleConfig, mask_id: int, eos_id: int, step0: int,
                   on_step: StepCallback | None) -> tuple[Tensor, int]:
-    """Decode block b, whose first position is column first (B,) of x; returns the canvas and the
-    running step count (for on_step and stats). The noise and EOS suppression use the block's
-    scheduled step b * steps + s instead, which does not depend on when the batch's other rows let an
-    earlier block finish early."""
+    """Decode block b, whose first position is column first (B,) of the live rows x (their canvas
+    live.canvas); returns their canvas (fewer rows
+    when live.keep dropped some) and the running step count (for on_step and stats). The noise and
+    EOS suppression use the block's scheduled step b * steps + s instead, which does not depend on
+    when the batch's other rows let an earlier block finish early."""
     steps = cfg.steps // cfg.n_blocks
     width = x.shape[1]
+    canvas = live.canvas
     window = (first[:, None] + torch.arange(block, device=x.device)).clamp(max=width - 1)
     in_block = (first[:, None] + torch.arange(block, device=x.device)) < canvas.end[:, None]
     generated_offset = torch.arange(block, device=x.device).expand_as(window) + b * block
@@ -405,6 +453,10 @@ def _decode_block(x: Tensor, b: int, block: int, first: Tensor, canvas: Canvas, 
     queries = (first[:, None] + torch.arange(max(tail, 1), device=x.device)).clamp(max=width - 1)
     step = step0
     for s in range(steps):
+        if (stay := live.prune(x)) is not None:
+            x, window, in_block, queries = x[stay], window[stay], in_block[stay], queries[stay]
+            generated_offset, canvas = generated_offset[stay], live.canvas
+            forward.select(stay)
         candidate = (x.gather(1, window) == mask_id) & in_block
         if not candidate.any():
             break
@@ -412,7 +464,7 @@ def _decode_block(x: Tensor, b: int, block: int, first: Tensor, canvas: Canvas, 
         logits = forward(x, window, queries, refresh, candidate)  # (n, V) at the masked positions
         scheduled = b * steps + s
         logits = _suppress_eos(logits, generated_offset[candidate], scheduled, cfg, eos_id)
-        noise = RowNoise(cfg.seed, scheduled, indices, candidate.sum(1))
+        noise = RowNoise(cfg.seed, scheduled, live.indices, candidate.sum(1))
         x0, confidence, score = (torch.zeros(candidate.shape, dtype=t.dtype, device=t.device)
                                  .masked_scatter(candidate, t) for t in propose(logits, cfg, noise))
         per_row = cfg.batch_ranking == "per_sequence"
@@ -444,7 +496,7 @@ def _completions(x: Tensor, canvas: Canvas, cfg: SampleConfig, eos_id: int) -> l
 @torch.no_grad()
 def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: int, eos_id: int,
              on_step: StepCallback | None = None, stats: dict | None = None,
-             indices: Sequence[int] | None = None) -> list[list[int]]:
+             indices: Sequence[int] | None = None, keep: KeepRows | None = None) -> list[list[int]]:
     """Generate after each prompt by reverse diffusion; returns the new tokens of each sequence.
 
     on_step(step, tokens (B, W)) sees the canvas after every step (mask id = not yet decoded).
@@ -453,6 +505,9 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     indices: each prompt's index in the whole input (default 0..B-1). A prompt's random draws are a
     function of (cfg.seed, its index, step), so a caller that splits a larger input into batches
     gets the same completions for every batch size and order (except with flattened_batch ranking).
+    keep() (one bool per prompt: still wanted?) is asked before every step; a prompt it drops is
+    computed no more (with a window: from its next block) and gets what it had decoded by then, mask
+    ids included, while the others get exactly what they would have got (LiveRows).
     """
     if mask_id != model.mask_id:
         raise UserError(f"mask id {mask_id} is not the model's ({model.mask_id})")
@@ -464,28 +519,36 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     device = next(model.parameters()).device
     canvas = build_canvas(prompts, gens, cfg.padding, mask_id, eos_id, device)
     block = cfg.block_length or int((canvas.end - canvas.start).max())
+    live = LiveRows(canvas, indices, keep)
+    report = None if on_step is None else lambda s, tokens: on_step(s, live.whole(tokens))
     x, step, forwards = canvas.x, 0, []
     with model.sink_cache():
         for b in range(cfg.n_blocks):
             if cfg.window is None:
                 forwards = forwards or [Forward(model, canvas, cfg)]
-                x, step = _decode_block(x, b, block, canvas.start + b * block, canvas, forwards[0], cfg, mask_id,
-                                        eos_id, indices, step, on_step)
+                x, step = _decode_block(x, b, block, live.canvas.start + b * block, live, forwards[0], cfg,
+                                        mask_id, eos_id, step, report)
             else:
-                x, step = _decode_block_windowed(x, b, block, canvas, model, cfg, mask_id, eos_id, indices, step,
-                                                 on_step, forwards)
+                x = x if (stay := live.prune(x)) is None else x[stay]
+                if len(live.alive):
+                    x, step = _decode_block_windowed(x, b, block, live, model, cfg, mask_id, eos_id, step, report,
+                                                     forwards)
+            if not len(live.alive):
+                break
     if stats is not None:
         stats.update(forward_calls=sum(f.calls for f in forwards), steps=step,
-                     peak_cache_bytes=max(f.peak_cache_bytes for f in forwards),
-                     widest_input=max(f.widest for f in forwards))
-    return _completions(x, canvas, cfg, eos_id)
+                     peak_cache_bytes=max((f.peak_cache_bytes for f in forwards), default=0),
+                     widest_input=max((f.widest for f in forwards), default=0))
+    return _completions(live.whole(x), canvas, cfg, eos_id)
 
 
-def _decode_block_windowed(x: Tensor, b: int, block: int, canvas: Canvas, model: DLM, cfg: SampleConfig,
-                           mask_id: int, eos_id: int, indices: Sequence[int], step0: int,
-                           on_step: StepCallback | None, forwards: list[Forward]) -> tuple[Tensor, int]:
-    """Decode block b on the small canvas of its window (sinkdlm.window); the rest of x is untouched.
-    The Forward (and its KV cache) lives for this block only, so evicted keys are gone."""
+def _decode_block_windowed(x: Tensor, b: int, block: int, live: LiveRows, model: DLM, cfg: SampleConfig,
+                           mask_id: int, eos_id: int, step0: int, on_step: StepCallback | None,
+                           forwards: list[Forward]) -> tuple[Tensor, int]:
+    """Decode block b of the live rows x on the small canvas of its window (sinkdlm.window); the rest
+    of x is untouched. The Forward (and its KV cache) lives for this block only, so evicted keys are
+    gone; rows are dropped at block starts only (the caller's live.prune)."""
+    canvas = live.canvas
     first = canvas.start + b * block
     kept = window_canvas(canvas.valid.int().argmax(1), first, torch.minimum(first + block, canvas.end),
                          cfg.window, cfg.window_anchors)
@@ -493,8 +556,8 @@ def _decode_block_windowed(x: Tensor, b: int, block: int, canvas: Canvas, model:
                    ((kept.columns < canvas.start[:, None]) & kept.valid).sum(1), kept.end)
     forwards.append(Forward(model, small, cfg))
     report = None if on_step is None else lambda s, tokens: on_step(s, kept.scatter(x, tokens))
-    tokens, step = _decode_block(small.x, b, block, kept.first, small, forwards[-1], cfg, mask_id, eos_id, indices,
-                                 step0, report)
+    tokens, step = _decode_block(small.x, b, block, kept.first, LiveRows(small, live.indices, None), forwards[-1],
+                                 cfg, mask_id, eos_id, step0, report)
     forwards[-1].cache = KVCache()  # its keys are evicted: only the counts stay
     x = kept.scatter(x, tokens)
     return (_fill_after_eos(x, canvas, eos_id, mask_id) if cfg.eos == "fill" else x), step

@@ -350,3 +350,44 @@ def test_cli_bad_input_exits_2(checkpoint, extra, monkeypatch, capsys):
     args = ["--checkpoint", checkpoint, *(["--prompt", "w1"] if "--prompt" not in extra else []), *extra]
     assert cli_in_process(monkeypatch, *args) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [
+    dict(), dict(cache="prefix"), dict(cache="dual", cache_refresh=2), dict(window=4),
+    dict(cache="dual", guidance=1.0, threshold=0.3, padding="left"), dict(window=4, cache="prefix"),
+], ids=str)
+@pytest.mark.parametrize("drop_at", [1, 4, 6])
+def test_a_dropped_row_stops_being_computed_and_the_others_get_what_they_get_alone(changes, drop_at):
+    """keep() drops the middle prompt after `drop_at` steps (mid-block or at a block start; with a
+    window at the next block start): the forwards take fewer rows from then on, the other two
+    prompts' completions equal theirs alone, and the dropped one keeps masks it never decoded."""
+    model = sharpened_model(sink=0) if changes.get("padding") == "left" else sharpened_model()
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, seed=3, temperature=0.7, **changes)
+    steps, rows, full = [], [], []
+    hook = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        got = generate(model, BATCH_PROMPTS, cfg, MASK, EOS, on_step=lambda s, x: steps.append(x),
+                       keep=lambda: [True, len(steps) < drop_at, True])
+    finally:
+        hook.remove()
+    alone = [generate(model, [p], cfg, MASK, EOS, indices=[i])[0] for i, p in enumerate(BATCH_PROMPTS)]
+    assert [got[0], got[2]] == [alone[0], alone[2]]
+    generate(model, BATCH_PROMPTS, cfg, MASK, EOS, on_step=lambda s, x: full.append(x))
+    block_steps = cfg.steps // cfg.n_blocks
+    frozen_after = min(drop_at if cfg.window is None else -(-drop_at // block_steps) * block_steps, len(full))
+    assert torch.equal(steps[-1][1], full[frozen_after - 1][1])  # the leaver: as it was when dropped
+    per_row = 2 if cfg.guidance else 1
+    left = 3 if frozen_after == len(full) else 2  # the batch ended first (threshold; a window's last block)
+    assert rows == sorted(rows, reverse=True) and rows[0] == 3 * per_row and rows[-1] == left * per_row
+    if cfg.window is None and cfg.threshold is None:  # one forward per step
+        assert rows.count(3 * per_row) == drop_at
+
+
+def test_keep_dropping_every_row_stops_the_batch():
+    model = sharpened_model()
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, cache="dual")
+    steps = []
+    stats = {}
+    got = generate(model, BATCH_PROMPTS, cfg, MASK, EOS, on_step=lambda s, x: steps.append(x.shape[0]),
+                   keep=lambda: [len(steps) < 2] * 3, stats=stats)
+    assert steps == [3, 3] and stats["forward_calls"] == 2 and all(MASK in g for g in got)

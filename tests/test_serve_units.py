@@ -136,6 +136,23 @@ def test_a_batch_whose_requests_all_left_stops_and_one_with_others_goes_on(model
         batcher.close()
 
 
+def test_a_leavers_rows_stop_being_computed_while_its_batch_goes_on(model, decoder):
+    """The leaver (n=2) cancels at its first step event: every later forward takes the stayer's row only."""
+    gens = [request([3], 1, n=2, temperature=0.9, stream=True, stream_steps=True), request([5, 6], 2, temperature=0.9)]
+    batcher = Batcher(model, decoder, window_s=0.2, max_rows=8)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        leaver, stayer = run_jobs(batcher, gens, leave={0})
+        assert stayer.done.wait(WAIT_S)
+    finally:
+        hook.remove()
+        batcher.close()
+    assert rows == [3] + [1] * (DEFAULTS.steps - 1)
+    assert final_text(stayer) == [decoder.choice(reference(model, gens[1])[0], 8, []).text]
+    assert [kind for kind, _ in leaver.events] == ["step"] and batcher.counts["cancelled_batches"] == 0
+
+
 @pytest.mark.parametrize("window", [{}, {"window": 4}], ids=["full", "windowed"])
 def test_streamed_blocks_add_up_to_the_final_text(model, decoder, window):
     gen = request([3, 4], 4, temperature=1.0, stream=True, stream_steps=True, max_tokens=16, steps=16, block_length=4,

@@ -5,9 +5,10 @@ together those whose sampling settings equal its own (one generate call has one 
 the maximum batch of rows (a request's prompts x n). Each row's noise is keyed by its request's seed
 (`Generation.indices`), so a response is the same alone or in any batch.
 
-Cancelling (a client that left): a waiting request leaves the queue; a running batch whose every
-request has left stops at its next denoising step; one that still has others goes on, and the
-leaver's rows are dropped when it ends (generate decodes a batch as one canvas).
+Cancelling (a client that left): a waiting request leaves the queue; in a running batch its rows are
+dropped before the next denoising step (with a window, at the next block's start: generate's `keep`),
+so they are computed no more, and the others go on with exactly the outputs they would have had; a
+batch whose every request has left stops there.
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ class Job:
     def key(self) -> Any:
         """The settings a batch shares: everything but the seed, which the noise indices carry."""
         return dataclasses.astuple(self.generation.sampling)
-
-
-class Cancelled(Exception):
-    """Every request of the running batch has left."""
 
 
 class Batcher:
@@ -115,18 +112,18 @@ class Batcher:
         watchers = self._watchers(jobs, cfg)
         self.counts["batches"] += 1
         self.counts["rows"] += len(rows)
+        leaving = [job.cancelled for job in jobs for _ in job.generation.rows]
         try:
             with torch.inference_mode():
                 out = generate(self.model, rows, cfg, self.model.mask_id, self.decoder.eos_id,
                                on_step=lambda step, x: self._on_step(jobs, watchers, rows, step, x),
-                               indices=indices)
-        except Cancelled:
-            self.counts["cancelled_batches"] += 1
-            return
+                               indices=indices, keep=lambda: [not left.is_set() for left in leaving])
         except Exception as e:  # a failed batch answers its requests; the server stays up
             for job in jobs:
                 job.on_event(("error", f"generation failed: {type(e).__name__}: {e}"))
             return
+        if all(job.cancelled.is_set() for job in jobs):
+            self.counts["cancelled_batches"] += 1
         start = 0
         for job, streams in zip(jobs, watchers):
             size = len(job.generation.rows)
@@ -144,8 +141,6 @@ class Batcher:
 
     def _on_step(self, jobs: list[Job], watchers: list[list[BlockStream] | None], rows: list[list[int]],
                  step: int, x: torch.Tensor) -> None:
-        if all(job.cancelled.is_set() for job in jobs):
-            raise Cancelled
         gen_length = jobs[0].generation.sampling.gen_length
         start = 0
         for job, streams in zip(jobs, watchers):
