@@ -192,3 +192,14 @@ def test_old_sink_metrics_are_not_reused(tmp_path, monkeypatch):
     run = Run("sink", 1, tmp_path)
     study.evaluate_runs([run], [study.Evaluator("sinks", key, lambda run: ({"x": 2.0}, {}))])
     assert run.metrics == {"x": 2.0} and study.StudyConfig().analysis_texts >= 16
+
+
+def test_a_synthetic_study_writes_the_family(tmp_path, monkeypatch):
+    for figure in ("plot_metric_bars", "plot_paired"):  # the figures have their own tests; ~10 s here
+        monkeypatch.setattr(study_report, figure, lambda *args: None)
+    runs = mechanism_runs()
+    for run in runs:
+        run.info = {"steps": 10, "tokens": 1280, "epochs": 0.5, "params": 1000}
+    text = study.write_study(tmp_path, "t", "sinkdlm study --preset mechanism", runs, synthetic_data=True)
+    assert "(Holm over 5)" in text and "| P5 | sink − plain |" in (tmp_path / "study.md").read_text()
+    assert "Pre-registered comparisons" not in study.write_study(tmp_path, "t", "c", runs)
