@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import Tensor
 from sinkdlm import intervals
 from sinkdlm.analysis.record import masked_inputs, record_inputs
 from sinkdlm.analysis.stats import DEFAULT_GU_THRESHOLD, KEY_TYPES, Cells, Trajectory, detect_gu
-from sinkdlm.errors import UserError
+from sinkdlm.errors import EXIT_BAD_INPUT, UserError
 
 LEVELS = (0.1, 0.25, 0.5, 0.75)
 SPLITS = ("visible", "masked")  # position 0 shown / replaced by [MASK]
@@ -183,10 +184,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     if (a.out / "results.json").exists() and not a.overwrite:
-        raise SystemExit(f"{a.out}/results.json exists; pass --overwrite to replace it")
+        raise UserError(f"{a.out}/results.json exists; pass --overwrite to replace it, or another --out")
+    if a.windows < 2 or not all(0 < level < 1 for level in a.levels):
+        raise UserError(f"--windows {a.windows} / --levels {a.levels}: need at least 2 windows (for an "
+                        "interval) and levels strictly between 0 and 1")
     specs = []
     for spec in a.model:
         name, _, path = spec.partition("=")
+        if not name or not path:
+            raise UserError(f"--model {spec!r}: write NAME=CHECKPOINT, or NAME=CHECKPOINT:causal")
         causal = path.endswith(":causal")
         specs.append((name, path.removesuffix(":causal"), causal))
     results = {"windows": a.windows, "length": a.length, "levels": a.levels, "seed": a.seed,
@@ -206,4 +212,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
