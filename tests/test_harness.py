@@ -243,3 +243,17 @@ def test_bad_eval_numbers_are_one_line_exit_2(tmp_path, monkeypatch, capsys, fla
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
+
+
+def test_a_second_import_of_the_harness_registers_its_class_again(monkeypatch):
+    """A re-import (importlib.reload; tests that purge sinkdlm modules) defines a new DiffusionLM under the
+    same alias: lm-eval refused it with 'already registered' before, failing whichever test came next."""
+    import importlib
+
+    from lm_eval.api.registry import get_model
+
+    import sinkdlm.eval.harness as harness
+
+    first = harness.DiffusionLM
+    reloaded = importlib.reload(harness)
+    assert reloaded.DiffusionLM is not first and get_model(harness.MODEL_NAME) is reloaded.DiffusionLM

@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import torch
+from lm_eval.api import registry as lm_eval_registry
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -201,6 +202,23 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def forget_earlier_import(alias: str, class_name: str) -> None:
+    """Drop `alias` from lm-eval's model registry when it holds this module's class from an earlier import
+    of it (importlib.reload, or a test that re-imports sinkdlm modules): lm-eval refuses a second class
+    under one alias, and the new class is the same code. Registries: `model_registry._objs` (lm-eval
+    0.4.9+), the MODEL_REGISTRY dict before."""
+    registry = getattr(lm_eval_registry, "model_registry", None)
+    entries = getattr(registry, "_objs", None)
+    if entries is None:
+        entries = getattr(lm_eval_registry, "MODEL_REGISTRY", None)
+    current = entries.get(alias) if isinstance(entries, dict) else None
+    if isinstance(current, type) and (current.__module__, current.__qualname__) == (__name__, class_name):
+        del entries[alias]
+
+
+forget_earlier_import(MODEL_NAME, "DiffusionLM")
 
 
 @register_model(MODEL_NAME)
