@@ -112,12 +112,15 @@ HOLM_NOTE = ("Holm: the k pre-registered p-values sorted ascending, the i-th (fr
              "when its adjusted p is below 0.05 (family-wise error <= 5% over the k)")
 
 
-def holm(p_values: dict[str, float]) -> dict[str, float]:
-    """Holm-Bonferroni adjusted p-values of a family of pre-registered tests (name -> p)."""
+def holm(p_values: dict[str, float], family_size: int | None = None) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values of a family of pre-registered tests (name -> p). family_size:
+    the tests the plan registered, when some have no p-value yet (a variant that did not run): they
+    still count, so a partial study is corrected as strictly as the whole one."""
     ordered = sorted(p_values, key=p_values.get)
+    m = max(len(ordered), family_size or 0)
     adjusted, running = {}, 0.0
     for i, name in enumerate(ordered):
-        running = max(running, min(1.0, (len(ordered) - i) * p_values[name]))
+        running = max(running, min(1.0, (m - i) * p_values[name]))
         adjusted[name] = running
     return adjusted
 

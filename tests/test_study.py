@@ -235,6 +235,8 @@ def test_holm_adjusts_a_family_of_p_values_by_hand():
     assert adjusted == pytest.approx({"P2": 0.04, "P4": 0.06, "P1": 0.08, "P3": 0.3})
     assert holm({"a": 0.2, "b": 0.5}) == pytest.approx({"a": 0.4, "b": 0.5})  # 0.2 x 2; max(0.4, 0.5 x 1)
     assert holm({"a": 0.6, "b": 0.6}) == pytest.approx({"a": 1.0, "b": 1.0})  # capped at 1
+    # a family of 5 registered tests of which 2 have a p-value: they are corrected as the 1st and 2nd of 5
+    assert holm({"a": 0.01, "b": 0.04}, family_size=5) == pytest.approx({"a": 0.05, "b": 0.16})
 
 
 def test_t_test_p_matches_the_t_interval():
@@ -260,10 +262,11 @@ def test_preregistered_comparisons_get_holm_and_the_rest_are_exploratory():
     text, results = study_report.render("t", "sinkdlm study", runs, planned)
     rows = {r["label"]: r for r in results["preregistered"]}
     p = {label: rows[label]["interval"]["p"] for label in ("P1", "P2", "P3")}
-    assert {label: rows[label]["holm_p"] for label in p} == pytest.approx(holm(p))  # over the 3 measured
+    # over the 4 registered: P4, not measured, still counts (a partial study is corrected as strictly)
+    assert {label: rows[label]["holm_p"] for label in p} == pytest.approx(holm(p, family_size=4))
     assert rows["P4"]["interval"] is None and "| P4 | sink − plain | not a column | not measured |" in text
     assert "## Pre-registered comparisons (Holm over 4)" in text and "exploratory" in text
-    # the differences -0.1, -0.15, -0.1 (sd 0.0289): t = -7.0 on 2 df, p = 0.0198; Holm x 3 (smallest p)
+    # the differences -0.1, -0.15, -0.1 (sd 0.0289): t = -7.0 on 2 df, p = 0.0198; Holm x 4 (smallest p)
     assert p["P1"] == pytest.approx(0.0198, abs=2e-4)
     plain_text, _ = study_report.render("t", "sinkdlm study", runs)
     assert "No comparison was pre-registered" in plain_text and "Pre-registered comparisons" not in plain_text

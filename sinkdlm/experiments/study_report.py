@@ -292,7 +292,7 @@ def preregistered_results(planned: list[Preregistered | PlannedTest], within: di
             rows.append({"label": label, "row": row, "column": col,
                          "interval": None if found is None else asdict(found)})
     adjusted = holm({r["label"]: r["interval"]["p"] for r in rows
-                     if r["interval"] is not None and r["interval"]["p"] is not None})
+                     if r["interval"] is not None and r["interval"]["p"] is not None}, family_size=len(rows))
     for r in rows:
         r["holm_p"] = adjusted.get(r["label"])
         if "supported" in r:
