@@ -91,15 +91,20 @@ def test_canvas_status_of_a_hand_made_trajectory():
 # ---- the page of a checkpoint ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def analyses(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("explorer")
+def sink_and_plain(tiny_data, root, settings: AnalysisConfig) -> list:
+    """A tiny sink model and a plain one in `root`, analysed on the same prompts: [(trajectory, metrics)] x 2."""
     torch.manual_seed(0)
     tiny_checkpoint(tiny_data, root / "sink", sink_tokens=1)
     tiny_checkpoint(tiny_data, root / "plain")
-    sink = run_analysis(root / "sink", settings=SETTINGS)
-    plain = run_analysis(root / "plain", prompts=sink[0]["prompts"], settings=SETTINGS)
-    return root, [(sink[1], sink[0]), (plain[1], plain[0])]
+    sink = run_analysis(root / "sink", settings=settings)
+    plain = run_analysis(root / "plain", prompts=sink[0]["prompts"], settings=settings)
+    return [(sink[1], sink[0]), (plain[1], plain[0])]
+
+
+@pytest.fixture(scope="module")
+def analyses(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer")
+    return root, sink_and_plain(tiny_data, root, SETTINGS)
 
 
 def test_page_holds_what_the_recording_says(analyses):

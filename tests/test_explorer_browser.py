@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 
-from sinkdlm.analysis import AnalysisConfig, run_analysis
+from sinkdlm.analysis import AnalysisConfig
 from sinkdlm.analysis import explorer as ex
 from sinkdlm.analysis.stats import dominant
-from tests.test_analysis import tiny_checkpoint
+from tests.test_explorer import sink_and_plain
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,12 +55,7 @@ def drawn(page) -> list[str]:
 @pytest.fixture(scope="module")
 def explorer_page(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    torch.manual_seed(0)
-    tiny_checkpoint(tiny_data, root / "sink", sink_tokens=1)
-    tiny_checkpoint(tiny_data, root / "plain")
-    sink = run_analysis(root / "sink", settings=SETTINGS)
-    plain = run_analysis(root / "plain", prompts=sink[0]["prompts"], settings=SETTINGS)
-    pair = [(sink[1], sink[0]), (plain[1], plain[0])]
+    pair = sink_and_plain(tiny_data, root, SETTINGS)
     return ex.write_explorer(root, pair), pair
 
 
