@@ -111,8 +111,6 @@ def check_out(ckpt: Path, out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} holds files but no earlier export; refusing to delete it, pick another --out")
 
 
-
-
 def trash_of(out: Path) -> Path:
     """Where write_folder moves an earlier export aside while the new one takes its place."""
     return out.parent / f"{TRASH_PREFIX}{out.name}"

@@ -15,8 +15,6 @@ MONITOR_WINDOWS = 2  # validation windows the sink monitor looks at
 MONITOR_T = 0.5  # their masking level
 
 
-
-
 def diffusion_loss(model: torch.nn.Module, cfg: Config, ids: Tensor, response: Tensor | None, step: int,
                    indices: list[int], attention: Tensor | None = None) -> Tensor:
     """The ELBO for one micro-batch: mask with p(t), predict the masked tokens, weight by 1/p.

@@ -26,8 +26,6 @@ LOCK_HOLDER_BYTES = 200  # enough for the "pid N on HOST" line the holder writes
 SAME_ON_RESUME = ("global_batch", "seed", "t_sampling", "eps", "random_length_prob", "objective")
 
 
-
-
 def check_run_flags(train_cfg: TrainConfig) -> None:
     """Contradictory flags and a run folder that cannot be one, refused before anything starts."""
     run = Path(train_cfg.out_dir)

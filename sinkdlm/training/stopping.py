@@ -18,8 +18,6 @@ TRAINING_COMMANDS = ("train", "sft", "adapt")  # the commands a stopped run is c
 EXIT_INTERRUPTED = 130  # what the CLI returns for Ctrl-C (128 + SIGINT)
 
 
-
-
 class StopSignals:
     """SIGTERM (what SLURM and Kubernetes send before preemption) is handled like Ctrl-C: it stops
     training with a KeyboardInterrupt. With train.checkpoint_on_signal the first one only asks the
