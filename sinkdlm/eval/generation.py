@@ -110,6 +110,32 @@ def self_bleu(texts: Sequence[str]) -> list[float]:
     return [bleu.sentence_score(t, list(texts[:i]) + list(texts[i + 1:])).score for i, t in enumerate(texts)]
 
 
+def rule_compliance(tokens: Sequence[int], start: int, task: Any) -> float | None:
+    """On a synthetic copy task (sinkdlm.data.synthetic), the share of the copy positions at or after
+    `start` (the completion) whose token is the one the task's rule copies there, the rule read over
+    the whole row (prompt and completion); None where the completion has no copy position."""
+    from sinkdlm.data.synthetic import NO_SOURCE, copy_sources
+
+    row = np.asarray([list(tokens)], dtype=np.int64)
+    sources = copy_sources(row, task.rule, task.triggers, task.eos)[0]
+    at = np.nonzero(sources[start:] != NO_SOURCE)[0] + start
+    return float(np.mean(row[0, at] == row[0, sources[at]])) if len(at) else None
+
+
+def synthetic_task(checkpoint: str | Path) -> tuple[Any, float | None] | None:
+    """(task, the bigram-alone accuracy at copy positions) when the checkpoint trained on a synthetic
+    copy task whose prepared folder is still there; else None."""
+    from sinkdlm.checkpoint import load_config_of
+    from sinkdlm.data.shards import PackedData
+    from sinkdlm.eval.probes import Task
+
+    try:
+        meta = PackedData(load_config_of(checkpoint).data.path).meta
+    except (UserError, OSError, KeyError):
+        return None
+    return (Task.from_meta(meta), meta["task"].get("bigram_copy_accuracy")) if "task" in meta else None
+
+
 def mean_interval(values: Sequence[float | None], low: float = -math.inf,
                   high: float = math.inf) -> dict[str, float | int | None]:
     """Mean and 95% t interval over the samples that have a value; the interval is cut to the metric's
@@ -317,8 +343,10 @@ def sample_all(model: Any, tok: Any, eos_id: int, windows: list[list[int]], prom
     return rows
 
 
-def summarize(rows: list[dict], nlls: list[np.ndarray], mauve: float | None, eos_id: int) -> dict[str, Any]:
-    """Every metric over the samples, each with its interval; per-sample values for the figure."""
+def summarize(rows: list[dict], nlls: list[np.ndarray], mauve: float | None, eos_id: int,
+              compliance: list[float | None] | None = None) -> dict[str, Any]:
+    """Every metric over the samples, each with its interval; per-sample values for the figure.
+    `compliance`: each sample's rule_compliance, on a synthetic copy task."""
     tokens = [[t for t in r["tokens"] if t != eos_id] for r in rows]
     words = [r["completion"].split() for r in rows]
     entropy = [unigram_entropy(t) for t in tokens]
@@ -328,6 +356,8 @@ def summarize(rows: list[dict], nlls: list[np.ndarray], mauve: float | None, eos
                **{f"distinct_{n}": mean_interval([distinct_n(w, n) for w in words], 0.0, 1.0) for n in DISTINCT_ORDERS},
                "self_bleu": mean_interval(self_bleu([r["completion"] for r in rows]), 0.0, BLEU_MAX),
                "tokens": mean_interval([len(t) for t in tokens], low=0.0)}
+    if compliance is not None:
+        metrics["rule_compliance"] = mean_interval(compliance, 0.0, 1.0)
     return {"metrics": metrics, "mauve": mauve, "empty_samples": sum(1 for a in nlls if not len(a)),
             "nll_histogram": nll_histogram(nlls),
             "per_sample": [{"index": r["index"], "entropy": e, "judge_nll": n, "judge_tokens": len(a)}
@@ -337,7 +367,8 @@ def summarize(rows: list[dict], nlls: list[np.ndarray], mauve: float | None, eos
 METRIC_NAMES = {"gen_ppl": "Gen-PPL (judge, pooled)", "judge_nll": "judge NLL / token (per-sample mean)",
                 "entropy": "unigram entropy (nats, model tokens)", "distinct_1": "distinct-1 (words)",
                 "distinct_2": "distinct-2 (words)", "distinct_3": "distinct-3 (words)",
-                "self_bleu": "self-BLEU (0-100)", "tokens": "sample length (model tokens)"}
+                "self_bleu": "self-BLEU (0-100)", "tokens": "sample length (model tokens)",
+                "rule_compliance": "copy-rule compliance (synthetic task: share of copy positions)"}
 
 
 def _fmt(x: float | None) -> str:
@@ -351,12 +382,18 @@ def markdown(result: dict[str, Any]) -> str:
              + ", ".join(f"{k}={v}" for k, v in result["sampling"].items()), "",
              "| metric | samples | 95% interval | n | held-out text (same windows) |", "|---|---|---|---|---|"]
     for key, name in METRIC_NAMES.items():
+        if key not in result["metrics"]:
+            continue
         m, ref = result["metrics"][key], result["reference"]["metrics"][key]
         lines.append(f"| {name} | {_fmt(m['mean'])} | [{_fmt(m['lo'])}, {_fmt(m['hi'])}] | {m['n']} | "
                      f"{_fmt(ref['mean'])} [{_fmt(ref['lo'])}, {_fmt(ref['hi'])}] |")
     mauve = result["mauve"]
     lines.append(f"| MAUVE (judge features) | {_fmt(mauve)} | one value per sample set | {result['samples']} | |")
     lines += ["", "Intervals: Gen-PPL by a percentile bootstrap over samples; the others Student t over samples."]
+    if result.get("task"):
+        lines.append(f"Copy-rule compliance: the {result['task']['rule']} rule read over prompt and completion, "
+                     f"over samples with a copy position; the bigram alone gets "
+                     f"{_fmt(result['task']['bigram_copy_accuracy'])} at copy positions (meta.json).")
     return "\n".join(lines) + "\n"
 
 
@@ -396,10 +433,18 @@ def evaluate_generation(checkpoint: str | Path, s: GenerationEvalConfig, samplin
     mauve = mauve_score(feats, ref_feats) if use_mauve else None
     references = [{"index": r["index"], "completion": r["reference"], "tokens": w[s.prompt_tokens:]}
                   for r, w in zip(rows, windows)]
+    task = synthetic_task(checkpoint)
+    compliance = ref_compliance = None
+    if task is not None:
+        prompts = [w[:s.prompt_tokens] if s.prompt_tokens else [eos] for w in windows]
+        compliance = [rule_compliance(p + r["tokens"], len(p), task[0]) for p, r in zip(prompts, rows)]
+        ref_compliance = [rule_compliance(w, s.prompt_tokens, task[0]) for w in windows]
     result = {"checkpoint": key["checkpoint"], "judge": s.judge,
               "judge_start": judge.tokenizer.convert_ids_to_tokens(judge.start_id), "samples": len(rows), "settings": asdict(s),
               "sampling": key["sampling"], "prompt_tokens": s.prompt_tokens, "text": key["text"],
-              **summarize(rows, nlls, mauve, eos), "reference": summarize(references, ref_nlls, None, eos),
+              "task": None if task is None else {"rule": task[0].rule, "bigram_copy_accuracy": task[1]},
+              **summarize(rows, nlls, mauve, eos, compliance),
+              "reference": summarize(references, ref_nlls, None, eos, ref_compliance),
               "seconds": round(time.perf_counter() - start, 1)}
     atomic_write(out / RESULTS_JSON, json.dumps(result, indent=1))
     atomic_write(out / RESULTS_MD, markdown(result))
@@ -412,6 +457,7 @@ def evaluate_generation(checkpoint: str | Path, s: GenerationEvalConfig, samplin
 
 COMPARE_MD = "comparison.md"
 COMPARE_COLUMNS = ("gen_ppl", "entropy", "distinct_2", "self_bleu")
+TASK_COLUMN = "rule_compliance"  # where every compared run has it
 
 
 def compare(folders: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
@@ -431,11 +477,12 @@ def compare(folders: Sequence[str | Path], out: str | Path, labels: Sequence[str
     if (out / COMPARE_MD).exists() and not overwrite:
         raise UserError(f"{out / COMPARE_MD} exists; pass --overwrite to replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    head = "| run | " + " | ".join(METRIC_NAMES[c] for c in COMPARE_COLUMNS) + " | MAUVE | samples |"
-    lines = [head, "|---" * (len(COMPARE_COLUMNS) + 3) + "|"]
+    columns = COMPARE_COLUMNS + ((TASK_COLUMN,) if all(TASK_COLUMN in r["metrics"] for _, r in runs) else ())
+    head = "| run | " + " | ".join(METRIC_NAMES[c] for c in columns) + " | MAUVE | samples |"
+    lines = [head, "|---" * (len(columns) + 3) + "|"]
     for label, r in runs:
         cells = [f"{_fmt(r['metrics'][c]['mean'])} [{_fmt(r['metrics'][c]['lo'])}, {_fmt(r['metrics'][c]['hi'])}]"
-                 for c in COMPARE_COLUMNS]
+                 for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(r['mauve'])} | {r['samples']} |")
     atomic_write(out / COMPARE_MD, "\n".join(lines) + "\n\n[lo, hi]: 95% intervals over samples\n")
     from sinkdlm.eval import generation_plots
