@@ -27,6 +27,7 @@ from sinkdlm.config import (
 )
 from sinkdlm.data import synthetic
 from sinkdlm.errors import UserError
+from sinkdlm.experiments import probe_plots
 from sinkdlm.experiments import study_report as report
 from sinkdlm.experiments.study_report import ACCURACY_SUFFIX, SINK_COLUMNS, VAL_ELBO, Run
 from sinkdlm.fields import check_choices, setting
@@ -408,6 +409,8 @@ def run_study(s: StudyConfig) -> list[Run] | None:
     evaluate_runs(runs, default_evaluators(s, synthetic_data))
     if s.curves:
         sinks_over_training(runs, s.folder / CURVES_DIR, s.analysis_texts)
+    if synthetic_data:  # the probes of every kept checkpoint, over training (docs/study-mechanism.md)
+        probe_plots.write_probe_report(runs, s.folder / probe_plots.PROBES_DIR)
     title = f"study {s.preset}: {', '.join(dict.fromkeys(variants))}; seeds {','.join(map(str, s.seeds))}"
     text = write_study(s.folder, title, s.command, runs, synthetic_data)
     print(f"\n{text}\ntable, plots and results in {s.folder}")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sinkdlm.experiments.probe_plots import report_links
 from sinkdlm.files import METRICS_LOG, atomic_write
 from sinkdlm.intervals import HOLM_NOTE, T_INTERVAL_NOTE, holm, t_interval, t_test_one_sided_p, t_test_p, tost_p
 
@@ -372,10 +373,10 @@ def count_intervals(*tables: dict[str, dict[str, Interval]]) -> int:
     return sum(1 for table in tables for row in table.values() for i in row.values() if i.low is not None)
 
 
-def render(title: str, command: str, runs: list[Run],
-           preregistered: list[Preregistered | PlannedTest] | None = None) -> tuple[str, dict[str, Any]]:
+def render(title: str, command: str, runs: list[Run], preregistered: list[Preregistered | PlannedTest] | None = None,
+           folder: Path | None = None) -> tuple[str, dict[str, Any]]:
     """study.md's text and study.json's content; `preregistered` comparisons get a Holm-corrected
-    table, every other interval is marked exploratory."""
+    table, every other interval is marked exploratory; the probe figures in `folder` are linked where they exist."""
     columns, table = summarise(runs)
     base, within, diffs = baselines(runs, columns), excess(runs), paired(runs)
     planned = preregistered_results(list(preregistered or []), within, diffs)
@@ -395,10 +396,11 @@ def render(title: str, command: str, runs: list[Run],
         + ("" if planned else " No comparison was pre-registered for this study.")]
     if noise:
         sections += ["## Analysis noise beside seed-to-seed spread", analysis_noise_table(noise)]
+    probes = report_links(folder) if folder else ""
     text = "\n\n".join(sections + [
         "## Runs", runs_table(runs),
         "![curves](loss_curves.png)\n\n![metrics](metrics.png)\n\n![paired](paired.png)\n\n"
-        "![sinks over training](training/training.png)"])
+        "![sinks over training](training/training.png)"] + ([probes] if probes else []))
     results = {"runs": [asdict(r) | {"out": str(r.out)} for r in runs],
                "per_variant": {v: {c: dict(zip(("mean", "sd", "n"), cell)) for c, cell in row.items()}
                                for v, row in table.items()},
@@ -419,7 +421,7 @@ def write_outputs(out: Path, title: str, command: str, runs: list[Run],
                   preregistered: list[Preregistered | PlannedTest] | None = None) -> str:
     """study.md, study.json and the figures (the loss curves where every run's log is at hand);
     returns the markdown."""
-    text, results = render(title, command, runs, preregistered)
+    text, results = render(title, command, runs, preregistered, out)
     columns, table = summarise(runs)
     if all((r.out / METRICS_LOG).is_file() for r in runs):
         plot_curves(runs, out / "loss_curves.png", title)
