@@ -38,6 +38,10 @@ def test_probe_columns_by_hand():
     assert values["ELBO t 0.0-0.2"] == 0.5 and values["ELBO t 0.8-1.0"] == 4.5
     never, _ = study.probe_columns([probed(125, 0.5), probed(250, 0.6)], None)
     assert never["steps to 0.9 copy acc"] == 375  # censored: one checkpoint interval past the last
+    plain = probed(125, 0.5)
+    for level in plain["levels"].values():  # a plain model: no sink, so no sink value ratio (probes give NaN)
+        level["copy_head"] = {**level["copy_head"], "sink_value_ratio": float("nan")}
+    assert not any(k.startswith("copy head: sink value ratio") for k in study.probe_columns([plain], None)[0])
 
 
 def test_mechanism_evaluators_are_the_probes_without_benchmarks():

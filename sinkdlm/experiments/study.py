@@ -321,6 +321,9 @@ def sink_columns(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, f
 
 
 COPY_TARGET = 0.9  # P5: the first kept checkpoint whose copy accuracy reaches this
+# part of the probes evaluator's cache key: 2 = undefined (NaN) columns left out, so a study-eval.json
+# that cached plain's NaN sink value ratio is evaluated again (from probes.json, no new probing)
+PROBE_COLUMNS_VERSION = 2
 
 
 def probe_columns(rows: list[dict[str, Any]], bigram_copy: float | None) -> tuple[dict[str, float], dict[str, float]]:
@@ -346,7 +349,8 @@ def probe_columns(rows: list[dict[str, Any]], bigram_copy: float | None) -> tupl
     values[f"steps to {COPY_TARGET} copy acc"] = reached[0] if reached else steps[-1] + (steps[-1] - steps[0]) / max(
         1, len(steps) - 1)
     baselines = {f"copy acc @{level}": bigram_copy for level in MASK_LEVELS} if bigram_copy is not None else {}
-    return {k: float(v) for k, v in values.items() if v is not None}, baselines
+    # undefined (None or NaN: no dedicated sink, no dormant query) is left out: a NaN would break the sd over seeds
+    return {k: float(v) for k, v in values.items() if v is not None and not math.isnan(v)}, baselines
 
 
 def probe_evaluator() -> Evaluator:
@@ -361,7 +365,8 @@ def probe_evaluator() -> Evaluator:
         meta = PackedData(load_config_of(run.out).data.path).meta["task"]
         return probe_columns(probe_run(run.out, progress=False), meta.get("bigram_copy_accuracy"))
 
-    return Evaluator("probes", {"windows": DEFAULT_WINDOWS, "levels": list(MASK_LEVELS)}, evaluate)
+    return Evaluator("probes", {"windows": DEFAULT_WINDOWS, "levels": list(MASK_LEVELS),
+                                "columns_version": PROBE_COLUMNS_VERSION}, evaluate)
 
 
 def sink_evaluator(n_texts: int) -> Evaluator:
