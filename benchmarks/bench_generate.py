@@ -1,14 +1,17 @@
-"""Generation speed: full recompute vs sink-constant K/V vs prefix/dual KV cache vs threshold decoding.
+"""Generation speed: full recompute vs sink-constant K/V vs prefix/dual KV cache vs parallel decoding.
 
 A demo-preset-shaped random model (vocab 4096), plain and with one sink, generates `--gen-length`
-tokens (block 32), scheduled one token per step (steps = length; threshold decoding may unmask more
-per step, and rows that hit EOS stop early: eos=fill). Settings are interleaved within each repeat so machine
+tokens (block 32), scheduled one token per step (steps = length; parallel decoding, by a confidence
+threshold or Fast-dLLM's factor rule, may unmask more per step, and rows that hit EOS stop early:
+eos=fill). Settings are interleaved within each repeat so machine
 load hits them alike; the table gives median tokens/s, its spread (min-max over repeats), forward
-calls, the speed-up over full recompute of the same model (the median over repeats of each repeat's
+calls and how many of them computed every position (all without a cache; with one the blocks' first
+and the refreshes), the speed-up over full recompute of the same model (the median over repeats of each repeat's
 ratio, with its min-max), and the share of generated tokens equal to
 the full-recompute output (exact settings must show 100%).
 
     python benchmarks/bench_generate.py [--repeats 3] [--batch 4] [--threads N] [--device cpu]
+        [--thresholds 0.9] [--factors 1 2] [--refresh 4] [--refresh-tokens 4 8]
 
 A random model's predictions are near uniform, so argmax ties flip under the tiny numerical changes
 of an approximate cache (low agreement) and no confidence passes a threshold (no saved steps).
@@ -43,22 +46,30 @@ BLOCK = 32
 PROMPT_LEN = 16
 
 
-def settings(gen_length: int, thresholds: list[float], refreshes: list[int] = ()) -> dict[str, tuple[SampleConfig, bool]]:
-    """name -> (sampling config, use the sink K/V constant cache)."""
+def settings(gen_length: int, thresholds: list[float], refreshes: list[int] = (), factors: list[float] = (),
+             refresh_tokens: list[int] = ()) -> dict[str, tuple[SampleConfig, bool]]:
+    """name -> (sampling config, use the sink K/V constant cache). Each parallel rule (a threshold, a factor)
+    runs alone, + prefix and + dual cache, + dual refreshed every N steps, and + prefix and + dual refreshed
+    after N committed tokens."""
     base = SampleConfig(gen_length=gen_length, steps=gen_length, block_length=BLOCK, eos="fill")
-    refreshed = {
-        f"threshold {t} + dual, refresh every {r}": (base.replace(threshold=t, cache="dual", cache_refresh=r), True)
-        for t in thresholds for r in refreshes
-    }
-    return {
+    rules = {f"threshold {t}": dict(threshold=t) for t in thresholds} | \
+        {f"factor {f:g}": dict(threshold_factor=f) for f in factors}
+    table = {
         "full recompute": (base, False),
         "sink K/V constant": (base, True),
         "prefix cache": (base.replace(cache="prefix"), True),
         "dual cache": (base.replace(cache="dual"), True),
-    } | {
-        f"threshold {t}{' + ' + cache if cache != 'none' else ''}": (base.replace(threshold=t, cache=cache), True)
-        for t in thresholds for cache in ("none", "prefix", "dual")
-    } | refreshed
+    }
+    for name, rule in rules.items():
+        for cache in ("none", "prefix", "dual"):
+            table[name + (f" + {cache}" if cache != "none" else "")] = (base.replace(**rule, cache=cache), True)
+        for r in refreshes:
+            table[f"{name} + dual, refresh every {r}"] = (base.replace(**rule, cache="dual", cache_refresh=r), True)
+        for n in refresh_tokens:
+            for cache in ("prefix", "dual"):
+                table[f"{name} + {cache}, refresh after {n} tokens"] = (
+                    base.replace(**rule, cache=cache, cache_refresh_tokens=n), True)
+    return table
 
 
 def build(sink: int, gen_length: int, device: str) -> DLM:
@@ -68,20 +79,23 @@ def build(sink: int, gen_length: int, device: str) -> DLM:
 
 
 def run_once(model: DLM, batches: list[list[list[int]]], cfg: SampleConfig, sink_cache: bool,
-             eos: int) -> tuple[float, int, list]:
-    """Seconds, forward calls and outputs of generating for every batch of prompts."""
+             eos: int, full_calls: list[int] | None = None) -> tuple[float, int, list]:
+    """Seconds, forward calls and outputs of generating for every batch of prompts; full_calls, when
+    given, receives the number of those calls that computed every position."""
     original = type(model).sink_cache
     if not sink_cache:  # the model recomputes the sink stream in every forward
         type(model).sink_cache = lambda self: contextlib.nullcontext()
     try:
-        calls, out = 0, []
+        calls, full, out = 0, 0, []
         started = time.perf_counter()
         for prompts in batches:
             stats: dict = {}
             out += generate(model, prompts, cfg, model.mask_id, eos, stats=stats)
-            calls += stats["forward_calls"]
+            calls, full = calls + stats["forward_calls"], full + stats["full_forward_calls"]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        if full_calls is not None:
+            full_calls.append(full)
         return time.perf_counter() - started, calls, out
     finally:
         type(model).sink_cache = original
@@ -153,8 +167,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random plain/sink pair")
     parser.add_argument("--synthetic-gsm8k", type=int, metavar="N",
                         help="with --checkpoint: prompts = N held-out synthetic SFT problems; adds accuracy")
+    parser.add_argument("--factors", type=float, nargs="*", default=[],
+                        help="Fast-dLLM factors (threshold_factor) to measure, as the thresholds are")
     parser.add_argument("--refresh", type=int, nargs="*", default=[],
-                        help="also threshold + dual cache recomputed every N steps of a block, for each N")
+                        help="also each threshold/factor + dual cache recomputed every N steps of a block, for each N")
+    parser.add_argument("--refresh-tokens", type=int, nargs="*", default=[],
+                        help="also each threshold/factor + prefix and + dual cache, a row's recomputed once N of its "
+                             "tokens were committed since its last refresh (cache_refresh_tokens), for each N")
     parser.add_argument("--kv-cache", action="store_true",
                         help="only measure the KV cache bytes of a Dream-7B-shaped attention, grouped vs repeated")
     args = parser.parse_args()
@@ -179,28 +198,30 @@ def main() -> None:
     else:
         models = {"plain": build(0, args.gen_length, args.device), "sink": build(1, args.gen_length, args.device)}
     batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
-    table = settings(args.gen_length, sorted(set(args.thresholds)), sorted(set(args.refresh)))
+    table = settings(args.gen_length, sorted(set(args.thresholds)), sorted(set(args.refresh)),
+                     sorted(set(args.factors)), sorted(set(args.refresh_tokens)))
     times = {(m, s): [] for m in models for s in table}
-    calls, outputs = {}, {}
+    calls, full, outputs = {}, {}, {}
     for _ in range(args.repeats):
         for m, model in models.items():
             for s, (cfg, sink_cache) in table.items():
-                seconds, calls[m, s], outputs[m, s] = run_once(model, batches, cfg, sink_cache, eos)
+                full[m, s] = []
+                seconds, calls[m, s], outputs[m, s] = run_once(model, batches, cfg, sink_cache, eos, full[m, s])
                 times[m, s].append(seconds)
     tokens = len(prompts) * args.gen_length
     print(f"gen length {args.gen_length}, block {BLOCK}, {len(prompts)} prompts in batches of {args.batch}, "
           f"{args.repeats} repeats, device {args.device}, threads {torch.get_num_threads()}\n")
     extra = (" accuracy |", "---:|") if gold else ("", "")
-    print("| model | setting | tokens/s (median) | spread (min-max) | forward calls | speed-up (paired, min-max) | "
-          "agreement |"
+    print("| model | setting | tokens/s (median) | spread (min-max) | forward calls | of them full | "
+          "speed-up (paired, min-max) | agreement |"
           + extra[0])
-    print("|---|---|---:|---:|---:|---:|---:|" + extra[1])
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + extra[1])
     for m in models:
         for s in table:
             t = times[m, s]
             rates = sorted(tokens / x for x in t)
             print(f"| {m} | {s} | {tokens / statistics.median(t):.0f} | {rates[0]:.0f}-{rates[-1]:.0f} | "
-                  f"{calls[m, s]} | {paired(times[m, 'full recompute'], t)} | "
+                  f"{calls[m, s]} | {full[m, s][0]} | {paired(times[m, 'full recompute'], t)} | "
                   f"{100 * agreement(outputs[m, s], outputs[m, 'full recompute']):.1f}% |"
                   + (f" {100 * accuracy(outputs[m, s], gold, tok):.1f}% |" if gold else ""))
 

@@ -10,8 +10,9 @@ semi-autoregressive blocks of `block_length`; within a block each step
    entropy: minus the entropy; random: uniform),
 3. unmasks the ceil(remaining / steps_left) best candidates of each sequence (this is exactly LLaDA's
    get_num_transfer_tokens schedule: the remainder goes to the first steps), plus, with `threshold`,
-   every candidate whose p(x0) exceeds it (Fast-dLLM parallel decoding: the schedule stays the
-   minimum, so nothing is left masked at the end of a block).
+   every candidate whose p(x0) exceeds it, or with `threshold_factor` F the n most confident with
+   (n + 1)(1 - c_n) <= F (Fast-dLLM parallel decoding: the schedule stays the minimum, so nothing is
+   left masked at the end of a block).
 
 Randomness is per prompt: its draws are a function of (seed, its index in the whole input, step)
 (`RowNoise`), so its completion does not depend on the batch size, its batch mates or their order.
@@ -26,7 +27,9 @@ cache (a `model.KVCache`): at the start of each block one full forward stores ev
 per-layer K/V; later steps of the block recompute only the block and everything after it (prefix)
 or only the block (dual), attending to the stored K/V of the rest. Stored K/V of positions decoded since the refresh are stale, so outputs can differ from full
 recompute; Fast-dLLM reports < 1 point GSM8K accuracy loss on LLaDA. Measure it for your model with
-benchmarks/bench_generate.py.
+benchmarks/bench_generate.py. The cache is also refreshed every `cache_refresh` steps of a block, and
+with `cache_refresh_tokens` N a row's once N of its tokens were committed since its last refresh
+(a staleness trigger: threshold decoding commits many tokens in some steps and few in others).
 
 Windowed decoding (`window=W`, sinkdlm.window): each block is decoded on a canvas of its own holding
 the row's first `window_anchors` tokens, its last W committed tokens and the block, re-indexed from
@@ -80,6 +83,10 @@ class SampleConfig:
                                    "(cond - un), the prompt masked for un; 0 = off", at_least=0)
     threshold: float | None = setting(None, "also unmask every candidate with p(x0) above this (Fast-dLLM "
                                             "parallel decoding)", unset="off", above=0, at_most=1)
+    threshold_factor: float | None = setting(
+        None, "also unmask a row's n most confident candidates, n the largest with (n + 1)(1 - c_n) <= F, c_n the "
+              "n-th highest p(x0) (Fast-dLLM's factor-based parallel decoding; not with threshold)",
+        unset="off", above=0)
     eos: Literal["stop", "fill"] = setting("stop", "stop: cut the output at the first EOS; fill: put EOS "
                                                    "after the first EOS at once")
     suppress_eos_steps: int = setting(0, "forbid EOS during the first N denoising steps", at_least=0)
@@ -92,6 +99,10 @@ class SampleConfig:
                 "the block only")
     cache_refresh: int = setting(0, "with cache=prefix|dual: also recompute every position (refreshing the stale "
                                     "cache) every N steps of a block; 0 = at the block's start only", at_least=0)
+    cache_refresh_tokens: int = setting(
+        0, "with cache=prefix|dual: also recompute a row's every position once N of its block's tokens have been "
+           "committed since its last refresh (a step may commit many under threshold decoding); 0 = off",
+        at_least=0)
     padding: Literal["right", "left"] = setting(
         "right", "where a shorter prompt's padding goes; left aligns the generated regions (LLaDA), which "
                  "makes front sinks' distance to a row's content depend on its batch")
@@ -124,6 +135,9 @@ class SampleConfig:
                             f"(got {self.temperature}, {self.top_p}, {self.top_k})")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise UserError(f"threshold={self.threshold} must be in (0, 1] (or None = off)")
+        if self.threshold is not None and self.threshold_factor is not None:
+            raise UserError(f"threshold={self.threshold} and threshold_factor={self.threshold_factor} are two rules "
+                            f"for the same choice; set one of them")
         self._check_window()
 
     def _check_window(self) -> None:
@@ -306,6 +320,33 @@ def select(score: Tensor, candidate: Tensor, n: Tensor, ranking: str) -> Tensor:
     return (rank < n[:, None]) & candidate
 
 
+def factor_count(confidence: Tensor, candidate: Tensor, factor: float) -> Tensor:
+    """(B,): per row, Fast-dLLM's factor rule (Wu et al. 2025, arXiv 2505.22618; `get_transfer_index_dynamic`
+    in NVlabs/Fast-dLLM's llada/generate.py): with c_1 >= c_2 >= ... the row's candidates' confidences, the
+    largest n with (n + 1)(1 - c_n) <= factor, at least 1 (0 for a row without candidates). Since c_n falls
+    with n, (n + 1)(1 - c_n) rises: the rule holds for a prefix of the sorted candidates, and n is its length.
+
+    Where Fast-dLLM's code differs: when every candidate but the last passes, it commits the last too
+    (its loop cannot tell "the last failed" from "none failed"); here the last stays masked, as the rule says.
+    Like theirs, a confidence equal to the bound 1 - factor / (n + 1) passes."""
+    c = confidence.masked_fill(~candidate, float("-inf")).sort(dim=1, descending=True).values
+    n = torch.arange(1, c.shape[1] + 1, device=c.device, dtype=c.dtype)
+    passes = c >= 1 - factor / (n + 1)
+    passes[:, 0] = True  # the most confident is always committed
+    return torch.minimum(passes.long().cumprod(1).sum(1), candidate.sum(1))
+
+
+def parallel_choice(confidence: Tensor, candidate: Tensor, cfg: SampleConfig) -> Tensor:
+    """Boolean (B, N): the candidates Fast-dLLM's parallel decoding adds to the schedule's, by p(x0) whatever the
+    remasking rule: those above `threshold`, or each row's factor_count most confident. The schedule stays
+    the minimum (Fast-dLLM drops it and loops until the block is done), so no block ends with masks."""
+    if cfg.threshold is not None:
+        return candidate & (confidence > cfg.threshold)
+    if cfg.threshold_factor is not None:
+        return select(confidence, candidate, factor_count(confidence, candidate, cfg.threshold_factor), "per_sequence")
+    return torch.zeros_like(candidate)
+
+
 def scheduled_count(remaining: Tensor, steps_left: int) -> Tensor:
     """ceil(remaining / steps_left): equals LLaDA's precomputed schedule (remainder first)."""
     return (remaining + steps_left - 1) // steps_left
@@ -331,17 +372,19 @@ class Forward:
         self.canvas_valid = canvas.valid
         self.cache = KVCache()
         self.calls = 0
+        self.full_calls = 0  # calls that computed every position (without a cache: all of them)
         self.peak_cache_bytes = 0  # the most the KV cache held after any forward
         self.widest = 0  # the widest input the model saw
 
-    def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool | Tensor, wanted: Tensor) -> Tensor:
         """Logits (n, V) at the `wanted` (B, Bl) window positions, row-major: the LM head runs there
-        only. queries: the cached path's recomputed positions (window first)."""
-        self.calls += 1
+        only. queries: the cached path's recomputed positions (window first). refresh: recompute every
+        position and store its K/V, for every row (True), none (False), or the rows a (B,) bool marks."""
         self.widest = max(self.widest, x.shape[1])
         if self.guided:
             x = torch.cat([x, x.masked_fill(self.is_prompt, self.model.mask_id)])
             window, queries, wanted = window.repeat(2, 1), queries.repeat(2, 1), wanted.repeat(2, 1)
+            refresh = refresh.repeat(2) if isinstance(refresh, Tensor) else refresh
         logits = self._logits(x, window, queries, refresh, wanted)
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache.nbytes())
         if not self.guided:
@@ -358,15 +401,45 @@ class Forward:
         self.valid = valid.repeat(2, 1) if valid is not None and self.guided else valid
         self.cache.layers = {layer: (k[both], v[both]) for layer, (k, v) in self.cache.layers.items()}
 
-    def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool, wanted: Tensor) -> Tensor:
-        if self.cfg.cache != "none" and not refresh:  # window = the first columns of queries
-            return self.model(x, attention_mask=self.valid, logits_at=wanted.nonzero(), cache=self.cache, query_index=queries)
+    def _logits(self, x: Tensor, window: Tensor, queries: Tensor, refresh: bool | Tensor, wanted: Tensor) -> Tensor:
+        if self.cfg.cache == "none":
+            return self._full(x, window, wanted, self.valid, None)
+        if isinstance(refresh, Tensor):
+            return self._some_refreshed(x, window, queries, refresh, wanted)
+        if not refresh:
+            return self._cached(x, queries, wanted, self.valid, self.cache)
+        self.cache = KVCache()
+        return self._full(x, window, wanted, self.valid, self.cache)
+
+    def _full(self, x: Tensor, window: Tensor, wanted: Tensor, valid: Tensor | None, cache: KVCache | None) -> Tensor:
+        """Every position computed (and stored in `cache` when given)."""
+        self.calls += 1
+        self.full_calls += 1
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
         at = torch.stack([rows[wanted], window[wanted]], dim=1)
-        if self.cfg.cache == "none":
-            return self.model(x, attention_mask=self.valid, logits_at=at)
-        self.cache = KVCache()
-        return self.model(x, attention_mask=self.valid, logits_at=at, cache=self.cache)
+        return self.model(x, attention_mask=valid, logits_at=at, cache=cache)
+
+    def _cached(self, x: Tensor, queries: Tensor, wanted: Tensor, valid: Tensor | None, cache: KVCache) -> Tensor:
+        """Only `queries` computed; the other positions' K/V read from `cache` (window = queries' first columns)."""
+        self.calls += 1
+        return self.model(x, attention_mask=valid, logits_at=wanted.nonzero(), cache=cache, query_index=queries)
+
+    def _some_refreshed(self, x: Tensor, window: Tensor, queries: Tensor, refresh: Tensor, wanted: Tensor) -> Tensor:
+        """The `refresh` rows recompute every position, the others read the cache: one forward for
+        each, on its rows only, so a row's logits never depend on which of its batch mates refresh."""
+        fresh, stale = refresh.nonzero().squeeze(1), (~refresh).nonzero().squeeze(1)
+        valid = (None, None) if self.valid is None else (self.valid[fresh], self.valid[stale])
+        renewed, kept = KVCache(), KVCache()
+        kept.layers = {layer: (k[stale], v[stale]) for layer, (k, v) in self.cache.layers.items()}
+        fresh_logits = self._full(x[fresh], window[fresh], wanted[fresh], valid[0], renewed)
+        stale_logits = self._cached(x[stale], queries[stale], wanted[stale], valid[1], kept)
+        for layer, (k, v) in self.cache.layers.items():
+            for rows, part in ((fresh, renewed), (stale, kept)):
+                k[rows], v[rows] = part.layers[layer]
+        by_row = refresh[wanted.nonzero()[:, 0]]  # each wanted position's row: refreshed?
+        logits = fresh_logits.new_empty(len(by_row), fresh_logits.shape[-1])
+        logits[by_row], logits[~by_row] = fresh_logits, stale_logits
+        return logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +507,21 @@ class LiveRows:
         return stay
 
 
+def _due_for_refresh(s: int, since_refresh: Tensor, candidate: Tensor, cfg: SampleConfig) -> Tensor:
+    """(B,) bool: the rows whose every position step s of a block recomputes (refreshing their cached
+    K/V): all at the block's start and every cache_refresh steps; a row once cache_refresh_tokens of its
+    tokens were committed since its last refresh (counted per row, so that a row's refreshes, and so its
+    output, never depend on its batch mates)."""
+    if s == 0 or (cfg.cache_refresh > 0 and s % cfg.cache_refresh == 0):
+        return torch.ones_like(since_refresh, dtype=torch.bool)
+    active = candidate.any(1)
+    due = active & (since_refresh >= cfg.cache_refresh_tokens) if cfg.cache_refresh_tokens else \
+        torch.zeros_like(active)
+    if due.any():  # rows done with the block never read their cache again: joining the refresh spares a forward
+        due |= ~active
+    return due
+
+
 @torch.no_grad()
 def _decode_block(x: Tensor, b: int, block: int, first: Tensor, live: LiveRows, forward: Forward,
                   cfg: SampleConfig, mask_id: int, eos_id: int, step0: int,
@@ -452,15 +540,17 @@ def _decode_block(x: Tensor, b: int, block: int, first: Tensor, live: LiveRows, 
     tail = int((canvas.end - first).max()) if cfg.cache == "prefix" else block
     queries = (first[:, None] + torch.arange(max(tail, 1), device=x.device)).clamp(max=width - 1)
     step = step0
+    since_refresh = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # per row, since its last refresh
     for s in range(steps):
         if (stay := live.prune(x)) is not None:
             x, window, in_block, queries = x[stay], window[stay], in_block[stay], queries[stay]
-            generated_offset, canvas = generated_offset[stay], live.canvas
+            generated_offset, canvas, since_refresh = generated_offset[stay], live.canvas, since_refresh[stay]
             forward.select(stay)
         candidate = (x.gather(1, window) == mask_id) & in_block
         if not candidate.any():
             break
-        refresh = s == 0 or (cfg.cache_refresh > 0 and s % cfg.cache_refresh == 0)
+        due = _due_for_refresh(s, since_refresh, candidate, cfg)
+        refresh = due if bool(due.any()) and not bool(due.all()) else bool(due.all())
         logits = forward(x, window, queries, refresh, candidate)  # (n, V) at the masked positions
         scheduled = b * steps + s
         logits = _suppress_eos(logits, generated_offset[candidate], scheduled, cfg, eos_id)
@@ -469,9 +559,8 @@ def _decode_block(x: Tensor, b: int, block: int, first: Tensor, live: LiveRows, 
                                  .masked_scatter(candidate, t) for t in propose(logits, cfg, noise))
         per_row = cfg.batch_ranking == "per_sequence"
         n = scheduled_count(candidate.sum(1) if per_row else candidate.sum(), steps - s)
-        chosen = select(score, candidate, n, cfg.batch_ranking)
-        if cfg.threshold is not None:
-            chosen |= candidate & (confidence > cfg.threshold)
+        chosen = select(score, candidate, n, cfg.batch_ranking) | parallel_choice(confidence, candidate, cfg)
+        since_refresh = since_refresh.masked_fill(due, 0) + chosen.sum(1)
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(window)
         x = x.index_put((rows[chosen], window[chosen]), x0[chosen])  # chosen positions are unique
         if cfg.eos == "fill":
@@ -500,8 +589,10 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
     """Generate after each prompt by reverse diffusion; returns the new tokens of each sequence.
 
     on_step(step, tokens (B, W)) sees the canvas after every step (mask id = not yet decoded).
-    stats, when given, receives {"forward_calls": n, "steps": n, "peak_cache_bytes": the most a KV
-    cache held (0 without one), "widest_input": the most positions one forward took}.
+    stats, when given, receives {"forward_calls": n, "full_forward_calls": those that computed every
+    position (without a KV cache all; with one a block's first and each refresh), "steps": n,
+    "peak_cache_bytes": the most a KV cache held (0 without one), "widest_input": the most positions one
+    forward took}.
     indices: each prompt's index in the whole input (default 0..B-1). A prompt's random draws are a
     function of (cfg.seed, its index, step), so a caller that splits a larger input into batches
     gets the same completions for every batch size and order (except with flattened_batch ranking).
@@ -537,6 +628,7 @@ def generate(model: DLM, prompts: list[list[int]], cfg: SampleConfig, mask_id: i
                 break
     if stats is not None:
         stats.update(forward_calls=sum(f.calls for f in forwards), steps=step,
+                     full_forward_calls=sum(f.full_calls for f in forwards),
                      peak_cache_bytes=max((f.peak_cache_bytes for f in forwards), default=0),
                      widest_input=max((f.widest for f in forwards), default=0))
     return _completions(live.whole(x), canvas, cfg, eos_id)

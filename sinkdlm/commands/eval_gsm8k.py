@@ -24,7 +24,8 @@ from sinkdlm.sample import DEFAULT_BATCH, SampleConfig
 
 # SampleConfig fields whose options override the preset's stage 1
 SAMPLE_FIELDS = ("gen_length", "steps", "block_length", "temperature", "remasking", "guidance", "threshold",
-                 "cache", "batch_ranking", "seed")
+                 "threshold_factor", "cache", "cache_refresh_tokens", "batch_ranking", "seed")
+RIVAL_RULES = ("threshold", "threshold_factor")  # one replaces the preset's other
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> GSM8KConfig:
     preset = GSM8K_PRESETS[preset_for(args.data, args.preset)]
     preset = exact(preset) if args.exact else preset
-    first = dataclasses.replace(preset.first, **fields.values_from(args, SAMPLE_FIELDS, given_only=True))
+    given = fields.values_from(args, SAMPLE_FIELDS, given_only=True)
+    for rule, rival in (RIVAL_RULES, RIVAL_RULES[::-1]):
+        if rule in given:
+            given.setdefault(rival, None)
+    first = dataclasses.replace(preset.first, **given)
     return dataclasses.replace(preset, first=first, second=None if args.one_stage else preset.second)
 
 

@@ -275,7 +275,8 @@ def preset_for(data: str | None, preset: str | None = None) -> str:
 
 def exact(settings: GSM8KConfig) -> GSM8KConfig:
     """The same decoding without confidence threshold and KV cache: the reference fast settings are measured against."""
-    stages = [s and dataclasses.replace(s, threshold=None, cache="none") for s in (settings.first, settings.second)]
+    stages = [s and dataclasses.replace(s, threshold=None, threshold_factor=None, cache="none")
+              for s in (settings.first, settings.second)]
     return dataclasses.replace(settings, first=stages[0], second=stages[1])
 
 
@@ -312,6 +313,7 @@ def _stages(settings: GSM8KConfig) -> list[SampleConfig]:
 def _describe(settings: GSM8KConfig) -> str:
     stages = _stages(settings)
     fast = [f"threshold {settings.first.threshold}"] if settings.first.threshold else []
+    fast += [f"threshold factor {settings.first.threshold_factor}"] if settings.first.threshold_factor else []
     fast += [f"{settings.first.cache} cache"] if settings.first.cache != "none" else []
     count = "1 stage" if len(stages) == 1 else f"{len(stages)} stages"
     return (f"{count} of {' + '.join(str(s.gen_length) for s in stages)} tokens in "
@@ -346,7 +348,7 @@ def plan_line(model, tokenizer, problems: list[dict[str, str]], settings: GSM8KC
     lengths = [len(tokenizer.encode(gsm8k_prompt(p["question"])).ids) for p in problems]
     forward, forwards = full_cost(model, lengths, settings, batch_size)
     batches = -(-len(problems) // batch_size)
-    fast = settings.first.threshold or settings.first.cache != "none"
+    fast = settings.first.threshold or settings.first.threshold_factor or settings.first.cache != "none"
     return (f"{len(problems)} problems in {batches} batches of up to {batch_size}; {_describe(settings)}; "
             f"~{_duration(forward * forwards)} here at full cost ({forwards} forwards x {1000 * forward:.0f} ms)"
             + ("; the threshold and cache cut this" if fast else ""))
