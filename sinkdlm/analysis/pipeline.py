@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sinkdlm import checkpoint as ckpt
-from sinkdlm.analysis import nulls
+from sinkdlm.analysis import nulls, query_classes
 from sinkdlm.analysis.record import RecordSettings, record_inputs, record_masked, record_trajectory
 from sinkdlm.analysis.stats import (
     DEFAULT_GU_THRESHOLD,
@@ -150,7 +150,10 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
         [w[: s.prompt_tokens].tolist() for w in windows[: s.max_prompts]]
     scored = None if windows is None else windows[: s.max_windows]  # masked mode and ELBO; prompts may use more
     sample_cfg = SampleConfig(gen_length=s.gen_length, steps=s.steps, temperature=s.temperature, seed=s.seed)
-    record = RecordSettings(layers=s.layers, map_steps=s.figure_steps())
+    task = query_classes.data_task(cfg.data.path)  # a synthetic copy task splits the queries by class
+    split = None if task is None else query_classes.classifier(task, model.mask_id,
+                                                                None if s.mode == "trajectory" else scored)
+    record = RecordSettings(layers=s.layers, map_steps=s.figure_steps(), query_classes=split)
     if s.mode == "trajectory":
         tr = record_trajectory(model, prompt_ids, sample_cfg, eos_id, record, progress=s.progress)
     else:
@@ -161,6 +164,9 @@ def run_analysis(path: str | Path, texts: Sequence[str] | None = None, prompts: 
                                            for t, n in metrics["sinks"]["sink_tokens"]]
     metrics["summary"] = moving_sink_summary(metrics)
     metrics["baselines"] = metrics["sinks"]["baselines"]
+    if task is not None:
+        source = "canvas" if s.mode == "trajectory" else "text"
+        metrics["query_classes"] = query_classes.class_metrics(tr, model.mask_id, s.gu_threshold, source)
     if s.nulls:
         metrics["nulls"] = null_summaries(model, tr, windows, s)
     metrics["record_seconds"] = round(time.perf_counter() - start, 2)

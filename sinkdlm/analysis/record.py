@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sinkdlm import diffusion
+from sinkdlm.analysis.query_classes import QueryClassifier, class_column_sums
 from sinkdlm.analysis.stats import Trajectory, column_sums, l2_norms
 from sinkdlm.errors import UserError
 from sinkdlm.model import DLM
@@ -31,6 +32,7 @@ class RecordSettings:
     layers: Sequence[int] | None = None  # None = every layer
     map_steps: Sequence[int] = ()  # steps whose attention maps (batch item 0) are kept
     map_layers: Sequence[int] | None = None  # layers whose maps are kept; None = every recorded layer
+    query_classes: QueryClassifier | None = None  # splits the column sums by query class; None = no split
 
 
 @dataclass
@@ -42,6 +44,8 @@ class _Step:
     value_norm: dict[int, Tensor] = field(default_factory=dict)
     key_norm: dict[int, Tensor] = field(default_factory=dict)
     maps: dict[int, Tensor] = field(default_factory=dict)
+    query_class: Tensor | None = None
+    class_colsum: dict[int, Tensor] = field(default_factory=dict)
 
 
 class Recorder:
@@ -75,6 +79,8 @@ class Recorder:
         key_content = query_valid if mask is None else mask.bool()
         sinks = torch.ones(b, self.model.cfg.sink_tokens, dtype=torch.bool, device=idx.device)
         self.steps.append(_Step(idx.detach().cpu(), query_valid.cpu(), torch.cat([sinks, key_content], 1).cpu()))
+        if self.settings.query_classes is not None:
+            self.steps[-1].query_class = self.settings.query_classes(idx.detach().cpu(), query_valid.cpu())
         return (idx,), {**kwargs, "attention_mask": mask, "observer": self._observe}
 
     def _observe(self, layer: int, probs: Tensor, keys: Tensor, values: Tensor, n_sink: int) -> None:
@@ -84,6 +90,8 @@ class Recorder:
         step.colsum[layer] = column_sums(probs, step.query_valid.to(probs.device)).cpu()
         step.value_norm[layer] = l2_norms(values).cpu()
         step.key_norm[layer] = l2_norms(keys).cpu()  # RoPE rotates pairs: norms as before it
+        if step.query_class is not None:
+            step.class_colsum[layer] = class_column_sums(probs, step.query_class).cpu()
         map_layers = self.settings.map_layers
         if index in self.settings.map_steps and (map_layers is None or layer in map_layers):
             step.maps[layer] = probs[0].float().cpu()
@@ -96,13 +104,16 @@ class Recorder:
             return torch.stack([torch.stack([getattr(s, name)[i] for i in self.layers]) for s in self.steps])
 
         maps = {i: torch.stack([s.maps[l] for l in sorted(s.maps)]) for i, s in enumerate(self.steps) if s.maps}
+        split = self.settings.query_classes is not None
         return Trajectory(
             layers=self.layers, n_sink=self.model.cfg.sink_tokens,
             tokens=torch.stack([s.tokens for s in self.steps]),
             key_valid=torch.stack([s.key_valid for s in self.steps]),
             query_valid=torch.stack([s.query_valid for s in self.steps]),
             colsum=stack("colsum"), value_norm=stack("value_norm"), key_norm=stack("key_norm"),
-            maps=maps, outputs=outputs)
+            maps=maps, outputs=outputs,
+            query_class=torch.stack([s.query_class for s in self.steps]) if split else None,
+            class_colsum=stack("class_colsum") if split else None)
 
 
 # ---- the two modes ------------------------------------------------------------------------------

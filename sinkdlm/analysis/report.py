@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sinkdlm.analysis import plots
 from sinkdlm.analysis.nulls import NULL_NAMES
+from sinkdlm.analysis.query_classes import CLASS_KEYS, SOURCES
 from sinkdlm.analysis.stats import DEFAULT_GU_THRESHOLD, MOVING_KEYS, Trajectory, column_margin_of, detect
 
 METRICS_FILE = "metrics.json"
@@ -196,6 +197,7 @@ def render_markdown(metrics: dict[str, Any], figs: dict[str, Path]) -> str:
     lines += _text_md(metrics)
     lines += _summary_md(metrics)
     lines += _per_layer_md(s)
+    lines += _query_classes_md(metrics.get("query_classes"), s["layers"])
     lines += ["Detection rules compared:", "",
               "| rule | sinks | content sinks | consecutive IoU | distinct positions |", "|---|---|---|---|---|"]
     lines += [f"| {r} | {_fmt(v['n_sinks'])} | {_fmt(v['content_sinks'])} | {_fmt(v['iou'])} | "
@@ -278,6 +280,37 @@ def _per_layer_md(s: dict[str, Any]) -> list[str]:
                         "uniform attention (#masks / #keys); same_top_key_as_next_layer: whether the layer's "
                         "most-attended key (heads summed) is the next recorded layer's (pooled: "
                         "cross_layer_stability).", ""]
+
+
+QUERY_CLASS_NOTE = (
+    "Active queries: masked copy targets whose rule inputs (trigger and copy source) are visible; dormant: the "
+    "other masked positions; visible: the unmasked ones (the copy-task probes' classification). queries: "
+    "(query, step) pairs over all sequences; per sequence and step: their mean where the class has any. Each "
+    "column is the summary metric of that name, from this class's queries only: a cell's Gu mean is over the "
+    "class's queries in it (cells without one are left out), so a class with one or two queries per sequence "
+    "and step crosses the threshold more easily than a mean over many; absorption_rate: the dedicated sink's "
+    "share, against absorption_uniform (#sinks / #keys); mask_absorption against mask_absorption_uniform "
+    "(#masks / #keys); n/a: undefined (no dedicated sink, no [MASK] key).")
+
+
+def _query_classes_md(split: dict[str, Any] | None, layers: list[int]) -> list[str]:
+    """The query-level metrics per class of a synthetic copy task, per layer and pooled."""
+    if not split:
+        return []
+    lines = ["## Query classes of the copy task", "",
+             f"Classes from {SOURCES[split['source']]}.", "",
+             "| class | queries (per sequence and step) | layer | " + " | ".join(CLASS_KEYS) + " |",
+             "|---" * (len(CLASS_KEYS) + 3) + "|"]
+    for name, c in split["classes"].items():
+        if not c["queries"]:
+            lines.append(f"| {name} | no queries | all | " + " | ".join(["no queries"] * len(CLASS_KEYS)) + " |")
+            continue
+        count = f"{c['queries']} ({c['queries_per_sequence_step']:.2f})"
+        rows = [(str(layer), {k: v[i] for k, v in c["per_layer"].items()}) for i, layer in enumerate(layers)]
+        for layer, values in rows + [("pooled", c["summary"])]:
+            lines.append(f"| {name} | {count} | {layer} | " + " | ".join(_fmt(values.get(k)) for k in CLASS_KEYS)
+                         + " |")
+    return lines + ["", QUERY_CLASS_NOTE, ""]
 
 
 def _interventions_md(results: dict[str, Any] | None, setup: dict[str, Any] | None) -> list[str]:

@@ -254,6 +254,9 @@ class Trajectory:
     key_norm: Tensor  # (S, L, B, H, K)
     maps: dict[int, Tensor] = field(default_factory=dict)  # step -> (L, H, T, K), batch item 0
     outputs: list[list[int]] | None = None  # generated tokens (trajectory mode)
+    # on a synthetic copy task (analysis.query_classes): each query's class, and the column sums per class
+    query_class: Tensor | None = None  # (S, B, T) index into query_classes.QUERY_CLASSES; -1 = padding
+    class_colsum: Tensor | None = None  # (S, L, B, H, C, K); summed over C it is colsum
 
     @property
     def n_steps(self) -> int:
@@ -371,11 +374,15 @@ class Cells:
         return out
 
     def gu_rates(self, dims: tuple[int, ...]) -> dict[str, Tensor]:
-        """Share of (step, sequence, head) cells with a Gu sink, and split by the winning key's type."""
-        out = {"gu_sink_rate": self.gu_sink.float().mean(dims)}
+        """Share of (step, sequence, head) cells with a Gu sink, and split by the winning key's type. A
+        cell without queries (a query class absent from a sequence at a step) has no mean attention
+        and is left out: NaN when no cell has a query."""
+        has_queries = (self.queries > 0).float()
+        out = {"gu_sink_rate": pooled(self.gu_sink * has_queries, has_queries, dims)}
         for index, kind in enumerate(KEY_TYPES):
             if kind != "dedicated" or self.tr.n_sink:
-                out[f"gu_sink_rate_{kind}"] = (self.gu_sink & (self.gu_type == index)).float().mean(dims)
+                won = self.gu_sink & (self.gu_type == index)
+                out[f"gu_sink_rate_{kind}"] = pooled(won * has_queries, has_queries, dims)
         return out
 
     def uniform_share(self, n_keys_of_kind: Tensor, dims: tuple[int, ...]) -> Tensor:
