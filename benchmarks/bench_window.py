@@ -22,8 +22,10 @@ degradations, each with a 95% interval over sequences:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -127,6 +129,10 @@ def elbo(args: argparse.Namespace) -> None:
             nll[a, p], nll[a, "no eviction"], nll[b, p], nll[b, "no eviction"])])]
             for p in patterns if p != "no eviction"]
         print(common.markdown_table(["pattern", f"{a} - {b}"], rows))
+    if args.json:  # per-sequence NLLs, for intervals over training seeds (docs/generation/window_seeds.py)
+        Path(args.json).write_text(json.dumps({
+            "data": args.data, "length": args.length, "prompt": args.prompt, "block": BLOCK, "mc": args.mc,
+            "checkpoints": checkpoints, "nll": {n: {p: nll[n, p] for p in patterns} for n in checkpoints}}, indent=1))
 
 
 def main() -> None:
@@ -147,6 +153,7 @@ def main() -> None:
     e.add_argument("--sequences", type=int, default=64)
     e.add_argument("--mc", type=int, default=32, help="MC samples per block")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--json", help="also write the per-sequence NLLs of every checkpoint and pattern here")
     for p in (s, e):
         p.add_argument("--device", default="cpu")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
