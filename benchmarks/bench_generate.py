@@ -47,11 +47,11 @@ PROMPT_LEN = 16
 
 
 def settings(gen_length: int, thresholds: list[float], refreshes: list[int] = (), factors: list[float] = (),
-             refresh_tokens: list[int] = ()) -> dict[str, tuple[SampleConfig, bool]]:
+             refresh_tokens: list[int] = (), block: int = BLOCK) -> dict[str, tuple[SampleConfig, bool]]:
     """name -> (sampling config, use the sink K/V constant cache). Each parallel rule (a threshold, a factor)
     runs alone, + prefix and + dual cache, + dual refreshed every N steps, and + prefix and + dual refreshed
     after N committed tokens."""
-    base = SampleConfig(gen_length=gen_length, steps=gen_length, block_length=BLOCK, eos="fill")
+    base = SampleConfig(gen_length=gen_length, steps=gen_length, block_length=block, eos="fill")
     rules = {f"threshold {t}": dict(threshold=t) for t in thresholds} | \
         {f"factor {f:g}": dict(threshold_factor=f) for f in factors}
     table = {
@@ -158,6 +158,7 @@ def accuracy(out: list[list[int]], gold: list[str], tok) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gen-length", type=int, default=256)
+    parser.add_argument("--block", type=int, default=BLOCK, help="block length; divides --gen-length")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -199,7 +200,7 @@ def main() -> None:
         models = {"plain": build(0, args.gen_length, args.device), "sink": build(1, args.gen_length, args.device)}
     batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
     table = settings(args.gen_length, sorted(set(args.thresholds)), sorted(set(args.refresh)),
-                     sorted(set(args.factors)), sorted(set(args.refresh_tokens)))
+                     sorted(set(args.factors)), sorted(set(args.refresh_tokens)), args.block)
     times = {(m, s): [] for m in models for s in table}
     calls, full, outputs = {}, {}, {}
     for _ in range(args.repeats):
@@ -209,7 +210,7 @@ def main() -> None:
                 seconds, calls[m, s], outputs[m, s] = run_once(model, batches, cfg, sink_cache, eos, full[m, s])
                 times[m, s].append(seconds)
     tokens = len(prompts) * args.gen_length
-    print(f"gen length {args.gen_length}, block {BLOCK}, {len(prompts)} prompts in batches of {args.batch}, "
+    print(f"gen length {args.gen_length}, block {args.block}, {len(prompts)} prompts in batches of {args.batch}, "
           f"{args.repeats} repeats, device {args.device}, threads {torch.get_num_threads()}\n")
     extra = (" accuracy |", "---:|") if gold else ("", "")
     print("| model | setting | tokens/s (median) | spread (min-max) | forward calls | of them full | "
@@ -222,7 +223,7 @@ def main() -> None:
             rates = sorted(tokens / x for x in t)
             print(f"| {m} | {s} | {tokens / statistics.median(t):.0f} | {rates[0]:.0f}-{rates[-1]:.0f} | "
                   f"{calls[m, s]} | {full[m, s][0]} | {paired(times[m, 'full recompute'], t)} | "
-                  f"{100 * agreement(outputs[m, s], outputs[m, 'full recompute']):.1f}% |"
+                  f"{100 * agreement(outputs[m, s], outputs[m, 'full recompute']):.2f}% |"
                   + (f" {100 * accuracy(outputs[m, s], gold, tok):.1f}% |" if gold else ""))
 
 
