@@ -43,3 +43,18 @@ def tiny_train_config(data, out, steps=6, **train):
                   "log_every": 1, "val_every": 3, "save_every": 3, "sink_monitor_every": 3,
                   "progress": False, **train},
     })
+
+
+def small_synthetic_corpus(tmp_path, monkeypatch, spec="synthetic:bigram-backcopy:length=31,k=2,vocab=8,docs=60"):
+    """A small synthetic copy-task corpus prepared into tmp_path/data from test_synthetic's short text
+    (its character bigram replaces the demo corpus's)."""
+    from sinkdlm.data import synthetic
+    from sinkdlm.data.prepare import prepare
+    from tests.test_synthetic import TEXT
+
+    monkeypatch.setattr(synthetic, "demo_text", lambda: TEXT)
+    synthetic.bigram_model.cache_clear()
+    try:
+        return prepare(spec, tmp_path / "data", val_fraction=0.2, progress=False)
+    finally:
+        synthetic.bigram_model.cache_clear()

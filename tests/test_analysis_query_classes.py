@@ -119,17 +119,10 @@ def test_a_non_synthetic_checkpoint_has_no_split(tiny_data, tmp_path):
 @pytest.fixture
 def synthetic_run(tmp_path, monkeypatch):
     """A tiny sink model trained 4 steps on a small bigram-backcopy corpus."""
-    from sinkdlm.data import synthetic
-    from sinkdlm.data.prepare import prepare
     from sinkdlm.training.trainer import train
-    from tests.conftest import tiny_train_config
-    from tests.test_synthetic import TEXT
+    from tests.conftest import small_synthetic_corpus, tiny_train_config
 
-    monkeypatch.setattr(synthetic, "demo_text", lambda: TEXT)
-    synthetic.bigram_model.cache_clear()
-    data = prepare("synthetic:bigram-backcopy:length=31,k=2,vocab=8,docs=60", tmp_path / "data",
-                   val_fraction=0.2, progress=False)
-    synthetic.bigram_model.cache_clear()
+    data = small_synthetic_corpus(tmp_path, monkeypatch)
     run = tmp_path / "run"
     train(tiny_train_config(data, run, steps=4, save_every=4, val_every=4, keep_last=0, sink_monitor_every=0))
     return run

@@ -259,20 +259,14 @@ def test_rule_compliance_by_hand():
 def test_rule_compliance_is_reported_on_a_synthetic_checkpoint(tmp_path, judge_folder, monkeypatch):
     """On a checkpoint trained on a synthetic copy task, eval-generation reports the samples' compliance
     with the rule, and the held-out text (which the rule generated) complies exactly."""
-    from sinkdlm.data import synthetic
-    from sinkdlm.data.prepare import prepare
     from sinkdlm.data.shards import PackedData
     from sinkdlm.eval.probes import Task
-    from tests.test_synthetic import TEXT as SYNTHETIC_TEXT
+    from tests.conftest import small_synthetic_corpus
 
     def synthetic_task_of(folder: Path) -> Task:
         return Task.from_meta(PackedData(folder).meta)
 
-    monkeypatch.setattr(synthetic, "demo_text", lambda: SYNTHETIC_TEXT)
-    synthetic.bigram_model.cache_clear()
-    data = prepare("synthetic:bigram-backcopy:length=31,k=2,vocab=8,docs=60", tmp_path / "data",
-                   val_fraction=0.2, progress=False)
-    synthetic.bigram_model.cache_clear()
+    data = small_synthetic_corpus(tmp_path, monkeypatch)
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     cfg = Config(model=tiny(vocab_size=vocab, sink_tokens=1))
     cfg.data.path = str(data)

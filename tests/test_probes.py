@@ -130,17 +130,10 @@ def test_probe_on_a_real_model_and_batch_invariance():
 
 def test_probe_command_on_a_trained_run_caches_per_checkpoint(tmp_path, monkeypatch, capsys):
     from sinkdlm.cli import main
-    from sinkdlm.data import synthetic
-    from sinkdlm.data.prepare import prepare
     from sinkdlm.training.trainer import train
-    from tests.conftest import tiny_train_config
-    from tests.test_synthetic import TEXT
+    from tests.conftest import small_synthetic_corpus, tiny_train_config
 
-    monkeypatch.setattr(synthetic, "demo_text", lambda: TEXT)
-    synthetic.bigram_model.cache_clear()
-    data = prepare("synthetic:bigram-backcopy:length=31,k=2,vocab=8,docs=60", tmp_path / "data",
-                   val_fraction=0.2, progress=False)
-    synthetic.bigram_model.cache_clear()
+    data = small_synthetic_corpus(tmp_path, monkeypatch)
     run = tmp_path / "run"
     train(tiny_train_config(data, run, steps=4, save_every=2, val_every=2, keep_last=0, sink_monitor_every=0))
     logged = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in row]

@@ -22,15 +22,6 @@ PROMPT = PATTERN[:4]
 TRAIN_STEPS = 200
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~100x slower on 2 threads when the CPU is shared (spinning OpenMP workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_model(sink: int = 1, **kw) -> DLM:
     torch.manual_seed(0)
     return DLM(tiny(sink_tokens=sink, **kw)).eval()

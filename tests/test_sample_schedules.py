@@ -22,14 +22,6 @@ EOS = 0
 PROMPTS = [[3, 7, 11, 2, 9], [5, 1, 8, 13, 4]]  # equal lengths: the reference's canvas has no padding
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trajectory(model, cfg, prompts=PROMPTS, stats=None):
     steps = []
     generate(model, prompts, cfg, MASK, EOS, on_step=lambda _, x: steps.append(x.clone()), stats=stats)
