@@ -9,9 +9,9 @@ import torch
 
 from sinkdlm.analysis import query_classes as qc
 from sinkdlm.analysis.stats import Trajectory
-from sinkdlm.eval.probes import Task
+from sinkdlm.data.synthetic import CopyRule
 
-TASK = Task("bigram-backcopy", triggers=[1], eos=9)
+TASK = CopyRule("bigram-backcopy", triggers=[1], eos=9)
 M = 10  # the [MASK] id
 ACTIVE, DORMANT, VISIBLE = (qc.QUERY_CLASSES.index(c) for c in ("active", "dormant", "visible"))
 
@@ -137,8 +137,7 @@ def test_analyze_splits_a_synthetic_checkpoint_and_changes_nothing_else(syntheti
     from sinkdlm.analysis import AnalysisConfig, run_analysis
     from sinkdlm.analysis.pipeline import held_out_windows
     from sinkdlm.cli import main
-    from sinkdlm.data.synthetic import NO_SOURCE
-    from sinkdlm.eval.probes import active_sources
+    from sinkdlm.data.synthetic import NO_SOURCE, active_sources
 
     out = tmp_path / "report"
     assert main(["analyze", "--checkpoint", str(synthetic_run), "--out", str(out), "--steps", "4",
@@ -159,7 +158,7 @@ def test_analyze_splits_a_synthetic_checkpoint_and_changes_nothing_else(syntheti
     # masked mode classifies on the true text, as the probes do: their active queries under the same masks
     model, cfg = ckpt.load_model(synthetic_run)
     windows = held_out_windows(synthetic_run, cfg, None, None, 0, settings.max_prompts)[:settings.max_windows]
-    task = Task.from_meta(json.loads((tmp_path / "data" / "meta.json").read_text()))
+    task = CopyRule.from_meta(json.loads((tmp_path / "data" / "meta.json").read_text()))
     for step in range(2):
         active = active_sources(windows, tr.tokens[step] == model.mask_id, task) != NO_SOURCE
         assert torch.equal(active, tr.query_class[step] == ACTIVE)

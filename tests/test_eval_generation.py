@@ -241,14 +241,14 @@ def test_window_flags_reach_the_sampler(tmp_path, checkpoint, judge_folder):
 
 
 def test_rule_compliance_by_hand():
-    from sinkdlm.eval.probes import Task
+    from sinkdlm.data.synthetic import CopyRule
 
-    back = Task("bigram-backcopy", [1], 9)
+    back = CopyRule("bigram-backcopy", [1], 9)
     # trigger 1 at positions 1 and 4: position 2 must copy position 0 (5 = 5), position 5 position 3 (3 != 7)
     assert generation.rule_compliance([5, 1, 5, 7, 1, 3], 0, back) == 0.5
     assert generation.rule_compliance([5, 1, 5, 7, 1, 3], 3, back) == 0.0  # only the completion's copy position
     assert generation.rule_compliance([5, 1, 5, 7, 1, 3], 6, back) is None  # none in the completion
-    induction = Task("bigram-induction", [1], 9)
+    induction = CopyRule("bigram-induction", [1], 9)
     # trigger 1 at 1 and 5: each follower must repeat the other occurrence's follower
     assert generation.rule_compliance([4, 1, 6, 2, 4, 1, 6], 0, induction) == 1.0
     assert generation.rule_compliance([4, 1, 6, 2, 4, 1, 8], 0, induction) == 0.0
@@ -260,11 +260,11 @@ def test_rule_compliance_is_reported_on_a_synthetic_checkpoint(tmp_path, judge_f
     """On a checkpoint trained on a synthetic copy task, eval-generation reports the samples' compliance
     with the rule, and the held-out text (which the rule generated) complies exactly."""
     from sinkdlm.data.shards import PackedData
-    from sinkdlm.eval.probes import Task
+    from sinkdlm.data.synthetic import CopyRule
     from tests.conftest import small_synthetic_corpus
 
-    def synthetic_task_of(folder: Path) -> Task:
-        return Task.from_meta(PackedData(folder).meta)
+    def synthetic_task_of(folder: Path) -> CopyRule:
+        return CopyRule.from_meta(PackedData(folder).meta)
 
     data = small_synthetic_corpus(tmp_path, monkeypatch)
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]

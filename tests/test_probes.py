@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sinkdlm.data.synthetic import NO_SOURCE
+from sinkdlm.data.synthetic import NO_SOURCE, CopyRule
 from sinkdlm.eval import probes
-from sinkdlm.eval.probes import Task
 from sinkdlm.model import DLM
 from tests.conftest import tiny
 
-TASK = Task("bigram-backcopy", triggers=[1], eos=9)
+TASK = CopyRule("bigram-backcopy", triggers=[1], eos=9)
 WINDOWS = torch.tensor([[1, 5, 1, 5, 2, 1, 6, 3, 4, 1, 4, 9, 1, 6, 2, 1],
                         [3, 1, 3, 7, 1, 7, 1, 7, 8, 1, 8, 2, 5, 1, 5, 9]])
 
@@ -111,7 +110,7 @@ def test_head_attention_by_hand():
 def test_probe_on_a_real_model_and_batch_invariance():
     torch.manual_seed(0)
     model = DLM(tiny(vocab_size=10, sink_tokens=1)).eval()
-    task = Task("bigram-backcopy", [1], eos=9)
+    task = CopyRule("bigram-backcopy", [1], eos=9)
     out = probes.probe(model, WINDOWS, task, levels=(0.5,), seed=2)
     level = out["levels"]["0.5"]
     assert len(level["layers"]) == model.cfg.n_layer

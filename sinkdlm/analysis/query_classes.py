@@ -3,7 +3,7 @@ queries put their attention (issue 22; the copy-task probes split the same way o
 
 **Active** queries are masked copy targets whose rule inputs (trigger and copy source) are visible,
 **dormant** ones every other masked position, **visible** ones the unmasked positions; the
-classification is the probes' own (`sinkdlm.eval.probes.active_sources`). In trajectory mode a step's
+classification is the probes' own (`sinkdlm.data.synthetic.active_sources`). In trajectory mode a step's
 classes come from its canvas (masked = not yet decoded: the rule reads the decoded tokens, as the
 model does); in masked mode from the true text under that level's mask, as the probes classify.
 The recorder sums each layer's attention over the queries of each class (`class_column_sums`), and
@@ -24,7 +24,7 @@ from torch import Tensor
 from sinkdlm.analysis.stats import GU_KEYS, POOLING, Cells, Trajectory, to_py
 
 if TYPE_CHECKING:
-    from sinkdlm.eval.probes import Task
+    from sinkdlm.data.synthetic import CopyRule
 
 QUERY_CLASSES = ("active", "dormant", "visible")
 NO_CLASS = -1  # a padding query
@@ -38,12 +38,12 @@ SOURCES = {"canvas": "each step's model input (masked = not yet decoded; the rul
 QueryClassifier = Callable[[Tensor, Tensor], Tensor]
 
 
-def data_task(data_path: str | Path) -> Task | None:
+def data_task(data_path: str | Path) -> CopyRule | None:
     """The copy task of a prepared corpus (its meta.json's `task`); None when the corpus is not
     synthetic or its folder is gone (the analysis then has no query classes)."""
     from sinkdlm.data.shards import PackedData
+    from sinkdlm.data.synthetic import CopyRule
     from sinkdlm.errors import UserError
-    from sinkdlm.eval.probes import Task
 
     if not data_path:  # a converted checkpoint trained on nothing of ours
         return None
@@ -51,14 +51,13 @@ def data_task(data_path: str | Path) -> Task | None:
         meta = PackedData(data_path).meta
     except (UserError, OSError):
         return None
-    return Task.from_meta(meta) if "task" in meta else None
+    return CopyRule.from_meta(meta) if "task" in meta else None
 
 
-def classify(text: Tensor, masked: Tensor, query_valid: Tensor, task: Task) -> Tensor:
+def classify(text: Tensor, masked: Tensor, query_valid: Tensor, task: CopyRule) -> Tensor:
     """(B, T) index into QUERY_CLASSES of each query: `text` is what the rule reads at the visible
     positions, `masked` the positions the model must predict."""
-    from sinkdlm.data.synthetic import NO_SOURCE
-    from sinkdlm.eval.probes import active_sources
+    from sinkdlm.data.synthetic import NO_SOURCE, active_sources
 
     active = active_sources(text.cpu(), masked.cpu(), task) != NO_SOURCE
     classes = torch.where(masked.cpu(), QUERY_CLASSES.index("dormant"), QUERY_CLASSES.index("visible"))
@@ -66,7 +65,7 @@ def classify(text: Tensor, masked: Tensor, query_valid: Tensor, task: Task) -> T
     return classes.masked_fill(~query_valid.cpu(), NO_CLASS)
 
 
-def classifier(task: Task, mask_id: int, text: Tensor | None = None) -> QueryClassifier:
+def classifier(task: CopyRule, mask_id: int, text: Tensor | None = None) -> QueryClassifier:
     """Classes from each forward's input (the canvas), or from the true `text` (B, T) it masks."""
     return lambda idx, query_valid: classify(idx if text is None else text, idx == mask_id, query_valid, task)
 

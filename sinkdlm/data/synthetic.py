@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from sinkdlm.data.tokenizer import BPE_EOS
@@ -232,6 +233,29 @@ def copy_sources(tokens: np.ndarray, rule: str, triggers: list[int], eos: int,
         if len(pairs):
             out[r, t] = int(pairs[np.argmin(np.abs(pairs - (t - 1)) * 2 + (pairs > t - 1))]) + 1
     return out
+
+
+@dataclass(frozen=True)
+class CopyRule:
+    """A prepared corpus's copy rule, as its meta.json `task` records it: what the probes, the query
+    classes of `analyze` and eval-generation's rule compliance need."""
+
+    rule: str
+    triggers: list[int]
+    eos: int
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> CopyRule:
+        task = meta["task"]
+        return cls(task["rule"], list(task["triggers"]), int(task["eos"]))
+
+
+def active_sources(windows: torch.Tensor, masked: torch.Tensor, rule: CopyRule) -> torch.Tensor:
+    """(n, T) source position of each active query (a masked copy target whose rule inputs are
+    visible), else NO_SOURCE."""
+    visible = ~masked.numpy()
+    sources = copy_sources(windows.numpy(), rule.rule, rule.triggers, rule.eos, visible=visible)
+    return torch.from_numpy(np.where(masked.numpy(), sources, NO_SOURCE))
 
 
 def task_meta(source: str, sample_docs: int = 2000) -> dict[str, Any]:

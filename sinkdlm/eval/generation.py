@@ -127,13 +127,13 @@ def synthetic_task(checkpoint: str | Path) -> tuple[Any, float | None] | None:
     copy task whose prepared folder is still there; else None."""
     from sinkdlm.checkpoint import load_config_of
     from sinkdlm.data.shards import PackedData
-    from sinkdlm.eval.probes import Task
+    from sinkdlm.data.synthetic import CopyRule
 
     try:
         meta = PackedData(load_config_of(checkpoint).data.path).meta
     except (UserError, OSError, KeyError):
         return None
-    return (Task.from_meta(meta), meta["task"].get("bigram_copy_accuracy")) if "task" in meta else None
+    return (CopyRule.from_meta(meta), meta["task"].get("bigram_copy_accuracy")) if "task" in meta else None
 
 
 def mean_interval(values: Sequence[float | None], low: float = -math.inf,

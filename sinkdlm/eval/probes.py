@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sinkdlm import diffusion
 from sinkdlm.analysis.stats import DEFAULT_GU_THRESHOLD
-from sinkdlm.data.synthetic import NO_SOURCE, copy_sources
+from sinkdlm.data.synthetic import NO_SOURCE, CopyRule, active_sources
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
 
@@ -38,20 +36,6 @@ KEY_TYPES = ("sink", "mask", "eos", "first", "content")  # the winning key's typ
 LEVEL_STREAM = 2**20  # keeps the probe masks apart from training's (seed, step, index) draws
 
 
-@dataclass(frozen=True)
-class Task:
-    """What a probe needs of meta.json's `task`."""
-
-    rule: str
-    triggers: list[int]
-    eos: int
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> Task:
-        task = meta["task"]
-        return cls(task["rule"], list(task["triggers"]), int(task["eos"]))
-
-
 def masked_windows(windows: Tensor, level: float, seed: int, mask_id: int) -> tuple[Tensor, Tensor]:
     """(noisy, masked): each token masked with probability `level`, drawn per (seed, level, window)."""
     n, length = windows.shape
@@ -59,16 +43,8 @@ def masked_windows(windows: Tensor, level: float, seed: int, mask_id: int) -> tu
     return diffusion.mask_tokens(windows, torch.full((n,), float(level)), uniforms, mask_id)
 
 
-def active_sources(windows: Tensor, masked: Tensor, task: Task) -> Tensor:
-    """(n, T) source position of each active query (a masked copy target whose rule inputs are
-    visible), else NO_SOURCE."""
-    visible = ~masked.numpy()
-    sources = copy_sources(windows.numpy(), task.rule, task.triggers, task.eos, visible=visible)
-    return torch.from_numpy(np.where(masked.numpy(), sources, NO_SOURCE))
-
-
 @torch.no_grad()
-def copy_accuracy(model, windows: Tensor, task: Task, level: float, seed: int = 0,
+def copy_accuracy(model, windows: Tensor, task: CopyRule, level: float, seed: int = 0,
                   mask_id: int | None = None) -> tuple[int, int]:
     """(correct, active queries): the argmax prediction equals the true token at active queries.
     `mask_id`: the model's unless given (a wrapped model has none of its own)."""
@@ -177,7 +153,7 @@ def head_attention(probs: Tensor, norms: Tensor, noisy: Tensor, sources: Tensor,
             "sink_value_ratio": (sink_norm / norms.mean(-1)).mean(0)}
 
 
-def probe(model, windows: Tensor, task: Task, levels: Sequence[float] = MASK_LEVELS, seed: int = 0,
+def probe(model, windows: Tensor, task: CopyRule, levels: Sequence[float] = MASK_LEVELS, seed: int = 0,
           epsilon: float = GU_EPSILON) -> dict[str, Any]:
     """Every probe at each mask level (docs/study-mechanism.md): copy accuracy, per layer the Gu
     rate by key type, the sink share against uniform, the dormant [MASK] ratio, and the copy head's
@@ -214,7 +190,7 @@ DEFAULT_WINDOWS = 64
 PROBE_CACHE = "probes.json"
 
 
-def task_windows(data_path: str | Path, seq_len: int, n: int) -> tuple[Task, Tensor]:
+def task_windows(data_path: str | Path, seq_len: int, n: int) -> tuple[CopyRule, Tensor]:
     """The task of a prepared synthetic corpus and n fixed windows of its validation split."""
     from sinkdlm.data.shards import PackedData, fixed_windows
 
@@ -222,7 +198,7 @@ def task_windows(data_path: str | Path, seq_len: int, n: int) -> tuple[Task, Ten
     if "task" not in data.meta:
         raise UserError(f"{data_path} was not prepared from a synthetic source; the probes need one: "
                         f"sinkdlm prepare --source synthetic:bigram-backcopy --out DIR")
-    return Task.from_meta(data.meta), fixed_windows(data.tokens("val"), seq_len, n)
+    return CopyRule.from_meta(data.meta), fixed_windows(data.tokens("val"), seq_len, n)
 
 
 def probe_checkpoint(path: str | Path, n_windows: int = DEFAULT_WINDOWS, levels: Sequence[float] = MASK_LEVELS,

@@ -16,13 +16,19 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sinkdlm.errors import UserError
 from sinkdlm.files import atomic_write
 
-if TYPE_CHECKING:
-    from sinkdlm.experiments.study_report import Run
+
+class Run(Protocol):
+    """What the figures read of a study run (sinkdlm.experiments.study_report.Run has it)."""
+
+    variant: str
+    seed: int
+    out: Path
+
 
 PROBES_DIR = "probes"  # inside the study folder
 FIGURE = "probes_over_training.png"

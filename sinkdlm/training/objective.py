@@ -88,9 +88,10 @@ def copy_task_metrics(model: torch.nn.Module, val_ids: Tensor, task_meta: dict, 
                       seed: int) -> dict:
     """On a synthetic copy task (meta.json `task`): copy accuracy at each probe mask level and the
     ELBO per mask-ratio bin of the validation windows (sinkdlm.eval.probes)."""
-    from sinkdlm.eval.probes import MASK_LEVELS, Task, copy_accuracy, elbo_by_bin
+    from sinkdlm.data.synthetic import CopyRule
+    from sinkdlm.eval.probes import MASK_LEVELS, copy_accuracy, elbo_by_bin
 
-    task = Task.from_meta({"task": task_meta})
+    task = CopyRule.from_meta({"task": task_meta})
     accuracy = {}
     for level in MASK_LEVELS:
         correct, total = copy_accuracy(model, val_ids, task, level, seed, mask_id=mask_id)
