@@ -129,7 +129,7 @@ def elbo(args: argparse.Namespace) -> None:
             nll[a, p], nll[a, "no eviction"], nll[b, p], nll[b, "no eviction"])])]
             for p in patterns if p != "no eviction"]
         print(common.markdown_table(["pattern", f"{a} - {b}"], rows))
-    if args.json:  # per-sequence NLLs, for intervals over training seeds (docs/generation/window_seeds.py)
+    if args.json:  # per-sequence NLLs, for intervals over training seeds (docs/generation/seed_intervals.py)
         Path(args.json).write_text(json.dumps({
             "data": args.data, "length": args.length, "prompt": args.prompt, "block": BLOCK, "mc": args.mc,
             "checkpoints": checkpoints, "nll": {n: {p: nll[n, p] for p in patterns} for n in checkpoints}}, indent=1))

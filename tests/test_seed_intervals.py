@@ -1,5 +1,5 @@
-"""docs/generation/window_seeds.py: the windowed-ELBO degradation over training seeds, against
-hand-computed means and t intervals."""
+"""docs/generation/seed_intervals.py: the windowed-ELBO degradation and the copy-rule compliance over
+training seeds, against hand-computed means and t intervals."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import math
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "generation" / "window_seeds.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "generation" / "seed_intervals.py"
 T_975_1DF = 12.706204736174694  # Student t quantile 0.975, 1 degree of freedom
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("window_seeds", SCRIPT)
+    spec = importlib.util.spec_from_file_location("seed_intervals", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -31,7 +31,7 @@ def test_degradations_and_seed_intervals_by_hand(tmp_path, capsys):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"length": 64, "prompt": 16, "block": 16, "mc": 4, "nll": nll}))
         paths.append(str(path))
-    load().main(paths)
+    load().elbo(paths)
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| window 8"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     half = T_975_1DF * math.sqrt(0.125) / math.sqrt(2)
@@ -44,7 +44,26 @@ def test_one_seed_gives_no_interval(tmp_path, capsys):
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"length": 8, "prompt": 4, "block": 4, "mc": 1, "nll": {
         "sink": {"window 0": [1.5], "no eviction": [1.0]}, "plain": {"window 0": [1.2], "no eviction": [1.0]}}}))
-    load().main([str(path)])
+    load().elbo([str(path)])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| window 0"))
     assert [c.strip() for c in row.strip("|").split("|")][3] == "+0.300"
 
+
+
+def test_compliance_over_seeds_by_hand(tmp_path, capsys):
+    # seed 1: sink 0.9 / 0.8 (full / W8), plain 0.7 / 0.4; seed 2: sink 0.8 / 0.8, plain 0.8 / 0.6
+    means = {("sink", 1, "full"): 0.9, ("sink", 1, "W8"): 0.8, ("plain", 1, "full"): 0.7, ("plain", 1, "W8"): 0.4,
+             ("sink", 2, "full"): 0.8, ("sink", 2, "W8"): 0.8, ("plain", 2, "full"): 0.8, ("plain", 2, "W8"): 0.6}
+    for (variant, seed, decoding), mean in means.items():
+        folder = tmp_path / f"{variant}-seed{seed}-{decoding}"
+        folder.mkdir()
+        (folder / "generation.json").write_text(json.dumps({"metrics": {"rule_compliance": {"mean": mean}}}))
+    load().compliance(str(tmp_path))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    # full: sink - plain = +0.2, 0.0 -> mean +0.1, sd 0.1414, half-width 12.706 * 0.1
+    half = T_975_1DF * 0.1
+    assert rows["full"][3] == f"+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}] (2)"
+    assert rows["W8"][3].startswith("+0.300 [")  # +0.4, +0.2
+    assert rows["W8 - full, plain"][3].startswith("-0.250 [")  # -0.3, -0.2
+    assert rows["W8 - full, sink - plain"][3].startswith("+0.200 [")  # -0.1 - (-0.3), 0 - (-0.2)
