@@ -346,6 +346,7 @@ def test_cli_bad_input_exits_2(checkpoint, extra, monkeypatch, capsys):
 @pytest.mark.parametrize("changes", [
     dict(), dict(cache="prefix"), dict(cache="dual", cache_refresh=2), dict(window=4),
     dict(cache="dual", guidance=1.0, threshold=0.3, padding="left"), dict(window=4, cache="prefix"),
+    dict(cache="dual", threshold_factor=2.0, cache_refresh_tokens=2),
 ], ids=str)
 @pytest.mark.parametrize("drop_at", [1, 4, 6])
 def test_a_dropped_row_stops_being_computed_and_the_others_get_what_they_get_alone(changes, drop_at):

@@ -109,14 +109,14 @@ def fastdllm_factor_generate(model, prompts, gen_length, block_length, factor):
 
 @pytest.mark.parametrize("model_kw", [dict(sink_tokens=1), dict(sink_tokens=0)], ids=str)
 @pytest.mark.parametrize("shape", [(16, 16), (16, 8), (12, 4)], ids=str)
-@pytest.mark.parametrize("factor", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("factor", [2.0, 3.0, 4.0])
 def test_factor_decoding_commits_fastdllms_tokens_at_every_step(model_kw, shape, factor):
     gen_length, block_length = shape
     model = sharp_model(**model_kw)
     ref = fastdllm_factor_generate(model, PROMPTS, gen_length, block_length, factor)
     cfg = SampleConfig(gen_length=gen_length, steps=gen_length, block_length=block_length, threshold_factor=factor)
     assert same(trajectory(model, cfg), ref)
-    if factor >= 4:  # not vacuous: the rule committed several tokens a step (n = 2, 3 pass whatever c_n)
+    if factor >= 3:  # not vacuous: some step committed several tokens (at 2 all but one case do; below, seldom)
         assert len(ref) < gen_length
 
 
