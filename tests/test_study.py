@@ -318,3 +318,17 @@ def test_one_sided_t_and_tost_by_hand():
     for null, greater in ((0.15, True), (0.3, False)):
         expected = scipy_stats.ttest_1samp(values, null, alternative="greater" if greater else "less").pvalue
         assert t_test_one_sided_p(values, null, greater) == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_the_table_header_names_limit_and_mc_num_only_where_benchmarks_run():
+    import argparse
+
+    from sinkdlm.commands.study import _argv
+
+    def argv(preset, tasks):
+        return _argv(argparse.Namespace(preset=preset, variants=None, seeds="1", steps=None, flops=None, tasks=tasks,
+                                        limit=200, mc_num=16, overrides=[]))
+
+    assert argv("mechanism", None) == ["--preset mechanism", "--seeds 1"]
+    assert argv("demo", "") == ["--preset demo", "--seeds 1", "--tasks "]
+    assert argv("demo", None)[-2:] == ["--limit 200", "--mc-num 16"]

@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    flags = ["preset", "variants", "seeds", "steps", "flops", "tasks", "limit", "mc_num"]
+    """The command as the table's header shows it; --limit and --mc-num only where benchmarks run."""
+    tasks = args.tasks if args.tasks is not None else study.PRESET_TASKS.get(args.preset, study.DEFAULT_TASKS)
+    flags = ["preset", "variants", "seeds", "steps", "flops", "tasks"] + (["limit", "mc_num"] if tasks else [])
     parts = [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in flags if getattr(args, f) is not None]
     return parts + list(args.overrides)
