@@ -35,10 +35,11 @@ def degradation(nll: dict[str, list[float]], pattern: str) -> float:
     return statistics.fmean(a - b for a, b in zip(nll[pattern], nll[REFERENCE]))
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], sign: str = "+") -> str:
+    """Mean [95% t interval]; sign "+" for a difference, "" for a level."""
     ci = t_interval(values, 0.95)
     mean = statistics.fmean(values)
-    return f"{mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f"{mean:+.3f}"
+    return f"{mean:{sign}.3f} [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]" if ci else f"{mean:{sign}.3f}"
 
 
 def elbo(paths: list[str]) -> None:
@@ -85,7 +86,7 @@ def compliance(root: str) -> None:
     print("|---|---|---|---|")
     for d in decodings:
         sink, plain = values["sink", d], values["plain", d]
-        cells = [f"{cell(list(x.values()))} ({len(x)})" if x else "-" for x in (sink, plain)]
+        cells = [f"{cell(list(x.values()), '')} ({len(x)})" if x else "-" for x in (sink, plain)]
         diff = paired(sink, plain)
         print(f"| {d} | {cells[0]} | {cells[1]} | {cell(diff) + f' ({len(diff)})' if diff else '-'} |")
     for d in decodings[1:]:
