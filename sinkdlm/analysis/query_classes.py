@@ -41,17 +41,10 @@ QueryClassifier = Callable[[Tensor, Tensor], Tensor]
 def data_task(data_path: str | Path) -> CopyRule | None:
     """The copy task of a prepared corpus (its meta.json's `task`); None when the corpus is not
     synthetic or its folder is gone (the analysis then has no query classes)."""
-    from sinkdlm.data.shards import PackedData
-    from sinkdlm.data.synthetic import CopyRule
-    from sinkdlm.errors import UserError
+    from sinkdlm.data.synthetic import CopyRule, corpus_task
 
-    if not data_path:  # a converted checkpoint trained on nothing of ours
-        return None
-    try:
-        meta = PackedData(data_path).meta
-    except (UserError, OSError):
-        return None
-    return CopyRule.from_meta(meta) if "task" in meta else None
+    task = corpus_task(data_path)  # None too for a converted checkpoint trained on nothing of ours
+    return None if task is None else CopyRule.from_meta({"task": task})
 
 
 def classify(text: Tensor, masked: Tensor, query_valid: Tensor, task: CopyRule) -> Tensor:

@@ -27,6 +27,7 @@ import math
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,6 +249,19 @@ class CopyRule:
     def from_meta(cls, meta: dict[str, Any]) -> CopyRule:
         task = meta["task"]
         return cls(task["rule"], list(task["triggers"]), int(task["eos"]))
+
+
+def corpus_task(data_path: str | Path | None) -> dict[str, Any] | None:
+    """meta.json's `task` of a prepared corpus; None when the corpus is not synthetic, or its folder is
+    unset or gone (a checkpoint whose training data is not at hand)."""
+    from sinkdlm.data.shards import PackedData
+
+    if not data_path:
+        return None
+    try:
+        return PackedData(data_path).meta.get("task")
+    except (UserError, OSError):
+        return None
 
 
 def active_sources(windows: torch.Tensor, masked: torch.Tensor, rule: CopyRule) -> torch.Tensor:

@@ -126,14 +126,13 @@ def synthetic_task(checkpoint: str | Path) -> tuple[Any, float | None] | None:
     """(task, the bigram-alone accuracy at copy positions) when the checkpoint trained on a synthetic
     copy task whose prepared folder is still there; else None."""
     from sinkdlm.checkpoint import load_config_of
-    from sinkdlm.data.shards import PackedData
-    from sinkdlm.data.synthetic import CopyRule
+    from sinkdlm.data.synthetic import CopyRule, corpus_task
 
     try:
-        meta = PackedData(load_config_of(checkpoint).data.path).meta
-    except (UserError, OSError, KeyError):
+        task = corpus_task(load_config_of(checkpoint).data.path)
+    except (UserError, OSError):
         return None
-    return (CopyRule.from_meta(meta), meta["task"].get("bigram_copy_accuracy")) if "task" in meta else None
+    return None if task is None else (CopyRule.from_meta({"task": task}), task.get("bigram_copy_accuracy"))
 
 
 def mean_interval(values: Sequence[float | None], low: float = -math.inf,

@@ -224,15 +224,15 @@ def plot_copy(points: Points, levels: list[str], bigram_copy: float | None, path
 def bigram_copy_accuracy(runs: list[Run]) -> float | None:
     """meta.json task.bigram_copy_accuracy of the first run whose corpus says it (None where none does)."""
     from sinkdlm.checkpoint import load_config_of
-    from sinkdlm.data.shards import PackedData
+    from sinkdlm.data.synthetic import corpus_task
 
     for run in runs:
         try:
-            value = PackedData(load_config_of(run.out).data.path).meta["task"].get("bigram_copy_accuracy")
-        except (UserError, OSError, KeyError, AttributeError):
+            task = corpus_task(load_config_of(run.out).data.path)
+        except (UserError, OSError):
             continue
-        if value is not None:
-            return float(value)
+        if task is not None and task.get("bigram_copy_accuracy") is not None:
+            return float(task["bigram_copy_accuracy"])
     return None
 
 

@@ -425,10 +425,10 @@ def run_study(s: StudyConfig) -> list[Run] | None:
 def _is_synthetic_data(runs: list[Run]) -> bool:
     """Whether the runs trained on a synthetic corpus (its meta.json has a `task`)."""
     from sinkdlm.checkpoint import load_config_of
-    from sinkdlm.data.shards import PackedData
+    from sinkdlm.data.synthetic import corpus_task
 
     try:
-        return "task" in PackedData(load_config_of(runs[0].out).data.path).meta
+        return corpus_task(load_config_of(runs[0].out).data.path) is not None
     except (UserError, OSError, IndexError):
         return False
 
